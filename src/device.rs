@@ -1,0 +1,178 @@
+//! Device selection: `--device auto|cpu|wgpu[:N]`.
+//!
+//! `auto` takes the first wgpu adapter (Vulkan, Metal, DX12 or GL, in that order of preference)
+//! and falls back to the CPU (`flex`). `wgpu:N` picks the N-th adapter of `ual devices`'s list on
+//! the graphics API that wgpu itself settles on.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use burn::tensor::wgpu::wgpu;
+use burn::tensor::{Device, DeviceKind};
+
+/// What the user asked for with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Wgpu(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu(0)),
+            _ => s
+                .strip_prefix("wgpu:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Wgpu)
+                .ok_or_else(|| format!("invalid device {s:?}: expected auto, cpu, wgpu or wgpu:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Wgpu(n) => write!(f, "wgpu:{n}"),
+        }
+    }
+}
+
+/// One wgpu adapter as `ual devices` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub shader_f16: bool,
+    /// The largest storage buffer one shader may bind, in bytes (DESIGN §7).
+    pub max_storage_buffer_binding_size: u64,
+    #[serde(skip)]
+    kind: Option<DeviceKind>,
+}
+
+/// A device ready for tensors, with a human-readable description of what was chosen.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    pub device: Device,
+    pub description: String,
+    pub is_wgpu: bool,
+}
+
+/// The graphics APIs wgpu may use, in the order cubecl prefers them.
+const BACKENDS: [wgpu::Backend; 4] = [
+    wgpu::Backend::Vulkan,
+    wgpu::Backend::Metal,
+    wgpu::Backend::Dx12,
+    wgpu::Backend::Gl,
+];
+
+/// Lists the adapters of the first graphics API that has any (the one burn will use).
+pub fn adapters() -> Vec<AdapterReport> {
+    BACKENDS
+        .iter()
+        .map(|&backend| adapters_on(backend))
+        .find(|list| !list.is_empty())
+        .unwrap_or_default()
+}
+
+fn adapters_on(backend: wgpu::Backend) -> Vec<AdapterReport> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: backend.into(),
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let found = pollster::block_on(instance.enumerate_adapters(backend.into()));
+    let mut per_type: Vec<(wgpu::DeviceType, usize)> = Vec::new();
+    found
+        .iter()
+        .enumerate()
+        .map(|(index, adapter)| {
+            let info = adapter.get_info();
+            // burn addresses an adapter as the n-th one of its type.
+            let nth = per_type.iter().filter(|(t, _)| *t == info.device_type).count();
+            per_type.push((info.device_type, index));
+            let kind = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => Some(DeviceKind::DiscreteGpu(nth)),
+                wgpu::DeviceType::IntegratedGpu => Some(DeviceKind::IntegratedGpu(nth)),
+                wgpu::DeviceType::VirtualGpu => Some(DeviceKind::VirtualGpu(nth)),
+                wgpu::DeviceType::Cpu => Some(DeviceKind::Cpu),
+                wgpu::DeviceType::Other => None,
+            };
+            AdapterReport {
+                index,
+                name: info.name.clone(),
+                backend: format!("{:?}", info.backend),
+                device_type: format!("{:?}", info.device_type),
+                shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
+                max_storage_buffer_binding_size: adapter.limits().max_storage_buffer_binding_size,
+                kind,
+            }
+        })
+        .collect()
+}
+
+/// Resolves `--device` to a burn device, saying which one was chosen.
+pub fn select(spec: DeviceSpec) -> Result<Selected> {
+    let cpu = || Selected {
+        device: Device::flex(),
+        description: "cpu (flex)".to_string(),
+        is_wgpu: false,
+    };
+    match spec {
+        DeviceSpec::Cpu => Ok(cpu()),
+        DeviceSpec::Auto => Ok(adapters()
+            .into_iter()
+            .find_map(|a| wgpu_device(&a))
+            .unwrap_or_else(cpu)),
+        DeviceSpec::Wgpu(n) => {
+            let list = adapters();
+            let Some(adapter) = list.get(n) else {
+                bail!(
+                    "no wgpu adapter {n}: {} found (see `ual devices`; on Linux install mesa-vulkan-drivers)",
+                    list.len()
+                );
+            };
+            match wgpu_device(adapter) {
+                Some(selected) => Ok(selected),
+                None => bail!("wgpu adapter {n} ({}) has a device type burn cannot address", adapter.name),
+            }
+        }
+    }
+}
+
+fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
+    let kind = adapter.kind.clone()?;
+    Some(Selected {
+        device: Device::wgpu(kind),
+        description: format!(
+            "wgpu:{} {} ({}, {})",
+            adapter.index, adapter.name, adapter.backend, adapter.device_type
+        ),
+        is_wgpu: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("wgpu".parse(), Ok(DeviceSpec::Wgpu(0)));
+        assert_eq!("wgpu:2".parse(), Ok(DeviceSpec::Wgpu(2)));
+        assert!("cuda".parse::<DeviceSpec>().is_err());
+        assert!("wgpu:x".parse::<DeviceSpec>().is_err());
+    }
+}

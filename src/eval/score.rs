@@ -1,0 +1,47 @@
+//! `ual score`: the log-probability a model assigns to each token of a text.
+
+use anyhow::Result;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::model::{Llama, Tokenizer};
+
+/// One scored text: `logprobs[j] = log p(ids[j] | ids[<j])`, and `None` for the first token.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenScores {
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<Option<f32>>,
+}
+
+/// Tokenises `text` with the model's special tokens and scores every token after the first.
+pub fn score_text(model: &Llama, tokenizer: &Tokenizer, text: &str) -> Result<TokenScores> {
+    let ids = tokenizer.encode(text)?;
+    Ok(TokenScores { logprobs: token_logprobs(model, &ids), ids })
+}
+
+/// `log p(ids[j] | ids[<j])` for each position, `None` at position 0.
+pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
+    let n = ids.len();
+    if n < 2 {
+        return vec![None; n];
+    }
+    let device = model.device();
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+        &device,
+    );
+    let targets = Tensor::<3, Int>::from_data(
+        TensorData::new(ids[1..].iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n - 1, 1]),
+        &device,
+    );
+    // Only the first n-1 positions predict a token that exists.
+    let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
+    let logprobs = log_softmax(model.logits(hidden), 2).gather(2, targets);
+    let values = logprobs
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 read-back");
+    std::iter::once(None).chain(values.into_iter().map(Some)).collect()
+}

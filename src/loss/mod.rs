@@ -1,0 +1,123 @@
+//! The UAL loss (DESIGN §3): cross-entropy with a per-row label-smoothing value ε, over the
+//! rows a mask selects.
+//!
+//! For a row with target y, logits z and lse = log Σ_k exp z_k, the target distribution is
+//! q = (1 − ε)·onehot(y) + ε/V (PyTorch's convention) and
+//!
+//! ```text
+//! loss = (1 − ε)·(lse − z_y) + ε·(lse − mean_k z_k)        ∂loss/∂z = softmax(z) − q
+//! ```
+//!
+//! [`ual_loss_sum`] returns the *sum* over counted rows and the count, because the reduction
+//! is a mean over every response token of an optimizer step, across gradient-accumulation
+//! micro-batches: callers divide by the step's total, not by each micro-batch's own count.
+
+pub mod fused;
+pub mod reference;
+mod wgsl;
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+/// Per-row targets, smoothing values and mask, validated at the API boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLabels {
+    targets: Vec<u32>,
+    smoothing: Vec<f32>,
+    mask: Vec<bool>,
+}
+
+impl RowLabels {
+    /// Checks lengths and that every ε lies in [0, 1).
+    pub fn new(targets: Vec<u32>, smoothing: Vec<f32>, mask: Vec<bool>) -> Result<Self> {
+        if smoothing.len() != targets.len() || mask.len() != targets.len() {
+            bail!(
+                "UAL loss: {} targets, {} smoothing values and {} mask values must have one length",
+                targets.len(),
+                smoothing.len(),
+                mask.len()
+            );
+        }
+        if let Some((row, eps)) = smoothing.iter().enumerate().find(|(_, e)| !(0.0..1.0).contains(*e)) {
+            bail!("UAL loss: smoothing {eps} at row {row} is outside [0, 1)");
+        }
+        Ok(Self { targets, smoothing, mask })
+    }
+
+    /// Every row counted, with one ε for all (ε = 0 is plain cross-entropy).
+    pub fn uniform(targets: Vec<u32>, eps: f32) -> Result<Self> {
+        let n = targets.len();
+        Self::new(targets, vec![eps; n], vec![true; n])
+    }
+
+    pub fn rows(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// How many rows the mask counts.
+    pub fn count(&self) -> usize {
+        self.mask.iter().filter(|&&m| m).count()
+    }
+
+    pub fn targets(&self) -> &[u32] {
+        &self.targets
+    }
+
+    pub fn smoothing(&self) -> &[f32] {
+        &self.smoothing
+    }
+
+    pub fn mask(&self) -> &[bool] {
+        &self.mask
+    }
+
+    /// The `[rows, 3]` f32 tensor (target, ε, mask) the fused kernels read. Ids below 2^24
+    /// are exact in f32, far above any vocabulary ual supports.
+    pub(crate) fn packed(&self, device: &Device) -> Tensor<2> {
+        let values: Vec<f32> = (0..self.rows())
+            .flat_map(|r| [self.targets[r] as f32, self.smoothing[r], f32::from(u8::from(self.mask[r]))])
+            .collect();
+        Tensor::from_data(TensorData::new(values, [self.rows(), 3]), (device, DType::F32))
+    }
+
+    fn check_against(&self, logits_dims: [usize; 2]) -> Result<()> {
+        let [rows, vocab] = logits_dims;
+        if rows != self.rows() {
+            bail!("UAL loss: logits have {rows} rows but labels have {}", self.rows());
+        }
+        if vocab < 2 || vocab >= 1 << 24 {
+            bail!("UAL loss: vocabulary size {vocab} is outside [2, 2^24)");
+        }
+        if let Some((row, t)) = self.targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            bail!("UAL loss: target {t} at row {row} is outside the vocabulary of {vocab}");
+        }
+        Ok(())
+    }
+}
+
+/// The summed loss over counted rows, and how many rows were counted.
+pub struct LossSum {
+    /// Shape `[1]`; differentiable with respect to the logits.
+    pub sum: Tensor<1>,
+    pub count: usize,
+}
+
+/// The UAL loss summed over counted rows, computed by the fused kernels (WGSL on wgpu, a
+/// tuned loop on the CPU) with a hand-written backward.
+pub fn ual_loss_sum(logits: Tensor<2>, labels: &RowLabels) -> Result<LossSum> {
+    let per_row = ual_row_losses(logits, labels)?;
+    Ok(LossSum { sum: per_row.sum(), count: labels.count() })
+}
+
+/// The fused per-row losses `[rows]` (zero on masked rows), for callers that report per sample.
+pub fn ual_row_losses(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
+    labels.check_against(logits.dims())?;
+    let packed = labels.packed(&logits.device());
+    Ok(fused::row_losses(logits, packed))
+}
+
+/// The mean UAL loss over counted rows; 0 (not NaN) when nothing is counted.
+pub fn ual_loss_mean(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
+    let LossSum { sum, count } = ual_loss_sum(logits, labels)?;
+    Ok(sum.div_scalar(count.max(1) as f32))
+}

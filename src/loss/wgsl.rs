@@ -1,0 +1,133 @@
+//! Launches of the fused UAL loss kernels (`shaders/ual_ce_*.wgsl`) on wgpu devices.
+//!
+//! Other CubeCL devices fall back to the host loop: the kernels are WGSL source and only the
+//! wgpu runtime compiles WGSL.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::wgpu::{
+    CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous, kernel_source,
+};
+use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArguments};
+use burn::tensor::{DType, Shape};
+use derive_new::new;
+
+use super::fused::{UalLossBackend, host, stats_shape};
+
+kernel_source!(ForwardSource, "../../shaders/ual_ce_forward.wgsl");
+kernel_source!(BackwardSource, "../../shaders/ual_ce_backward.wgsl");
+
+/// Threads per row. A power of two, as the tree reduction requires; any vocabulary size works.
+const WORKGROUP: u32 = 256;
+/// The most workgroups one dispatch dimension may hold (WebGPU's guaranteed limit).
+const MAX_GROUPS_PER_DIM: usize = 65_535;
+
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// One of the two kernels, specialised for the logits' element type.
+#[derive(Debug)]
+struct UalCeKernel {
+    pass: Pass,
+    dtype: DType,
+}
+
+impl KernelSource for UalCeKernel {
+    fn source(&self) -> SourceTemplate {
+        let source = match self.pass {
+            Pass::Forward => ForwardSource::new().source(),
+            Pass::Backward => BackwardSource::new().source(),
+        };
+        let enable_f16 = if self.dtype == DType::F16 { "enable f16;" } else { "" };
+        source
+            .register("wg", WORKGROUP.to_string())
+            .register("elem", self.dtype.name())
+            .register("enable_f16", enable_f16)
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((matches!(self.pass, Pass::Forward), WORKGROUP, self.dtype))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+fn is_wgpu(t: &CubeTensor) -> bool {
+    matches!(t.device, burn::cubecl::Device::Wgpu(_))
+}
+
+/// One workgroup per row, folded into two dimensions past the per-dimension limit.
+fn row_groups(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_GROUPS_PER_DIM);
+    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
+}
+
+fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
+    let handle = like.client.empty(shape.num_elements() * dtype.size());
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
+}
+
+impl UalLossBackend for CubeBackend {
+    fn ual_ce_forward(logits: FloatTensor<Self>, labels: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !is_wgpu(&logits) {
+            return host::forward::<Self>(logits, labels);
+        }
+        let logits = into_contiguous(logits);
+        let labels = into_contiguous(labels);
+        let shape = logits.meta.shape().clone();
+        let (rows, vocab) = (shape[0], shape[1]);
+        let stats = empty(&logits, stats_shape(&shape), DType::F32);
+        let info = [rows as u32, vocab as u32];
+        let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
+        let kernel = UalCeKernel { pass: Pass::Forward, dtype: logits.dtype };
+        logits.client.launch(
+            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+            row_groups(rows),
+            KernelArguments::new().with_buffers(vec![
+                logits.handle.clone().binding(),
+                labels.handle.clone().binding(),
+                stats.handle.clone().binding(),
+                info.binding(),
+            ]),
+        );
+        stats
+    }
+
+    fn ual_ce_backward(
+        logits: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad_stats: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !is_wgpu(&logits) {
+            return host::backward::<Self>(logits, labels, stats, grad_stats);
+        }
+        let logits = into_contiguous(logits);
+        let labels = into_contiguous(labels);
+        let stats = into_contiguous(stats);
+        let grad_stats = into_contiguous(grad_stats);
+        let shape = logits.meta.shape().clone();
+        let (rows, vocab) = (shape[0], shape[1]);
+        let grad = empty(&logits, shape, logits.dtype);
+        let info = [rows as u32, vocab as u32];
+        let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
+        let kernel = UalCeKernel { pass: Pass::Backward, dtype: logits.dtype };
+        logits.client.launch(
+            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+            row_groups(rows),
+            KernelArguments::new().with_buffers(vec![
+                logits.handle.clone().binding(),
+                labels.handle.clone().binding(),
+                stats.handle.clone().binding(),
+                grad_stats.handle.clone().binding(),
+                grad.handle.clone().binding(),
+                info.binding(),
+            ]),
+        );
+        grad
+    }
+}

@@ -1,0 +1,171 @@
+//! The LLaMA-family decoder: embeddings, RMSNorm, rotate-half RoPE, grouped-query causal
+//! attention, a SwiGLU MLP and a tied or untied LM head. Mistral (sliding window) and Qwen2
+//! (q/k/v bias) are the same network with different switches in [`ModelConfig`].
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::config::ModelConfig;
+use super::rope::RotaryHalf;
+
+/// Self-attention with `num_key_value_heads` shared by groups of query heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// `x: [batch, len, hidden]`, `mask: [len, len]` additive (0 or -inf-like) → `[batch, len, hidden]`.
+    pub fn forward(&self, x: Tensor<3>, rope: &(Tensor<2>, Tensor<2>), mask: &Tensor<2>) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = RotaryHalf::apply(q, &rope.0, &rope.1);
+        let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
+        let v = self.repeat_kv(v);
+
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let scores = scores + mask.clone().unsqueeze::<4>().expand([b, self.num_heads, s, s]);
+        let context = softmax(scores, 3).matmul(v);
+        let context = context.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        self.o_proj.forward(context)
+    }
+
+    /// `[batch, len, heads * head_dim]` → `[batch, heads, len, head_dim]`.
+    fn heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
+        let [b, s, _] = x.dims();
+        x.reshape([b, s, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// Shares each key/value head with its group of query heads, as transformers' `repeat_kv`.
+    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
+        let group = self.num_heads / self.num_kv_heads;
+        if group == 1 {
+            return x;
+        }
+        let [b, kv, s, d] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, group, s, d])
+            .reshape([b, kv * group, s, d])
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: Tensor<3>, rope: &(Tensor<2>, Tensor<2>), mask: &Tensor<2>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to the embedding matrix.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub rope: RotaryHalf,
+}
+
+impl Llama {
+    /// Final-norm hidden states `[batch, len, hidden]` for right-padded `ids: [batch, len]`.
+    ///
+    /// Right padding needs no padding mask: under the causal mask a real token never sees a later
+    /// pad, and the pads' own outputs are ignored by every caller.
+    pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let device = ids.device();
+        let [_, s] = ids.dims();
+        let rope = self.rope.tables(0, s, &device);
+        let mask = causal_mask(s, self.config.sliding_window, &device);
+        let mut x = self.embed_tokens.forward(ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, &mask);
+        }
+        self.norm.forward(x)
+    }
+
+    /// The LM head applied to hidden states of any leading shape `[.., hidden]`.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embedding_transposed::<D>()),
+        }
+    }
+
+    /// The embedding matrix as a `[1, .., hidden, vocab]` head weight.
+    fn embedding_transposed<const D: usize>(&self) -> Tensor<D> {
+        let w = self.embed_tokens.weight.val().transpose();
+        let [h, v] = w.dims();
+        let mut shape = [1usize; D];
+        shape[D - 2] = h;
+        shape[D - 1] = v;
+        w.reshape(shape)
+    }
+
+    /// Logits `[batch, len, vocab]` for right-padded `ids`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.logits(self.hidden_states(ids))
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.val().device()
+    }
+}
+
+/// Additive causal mask `[len, len]`: 0 where query `i` may attend key `j`, a large negative
+/// number elsewhere. With a sliding window `w`, key `j` is visible only when `i - j < w`.
+pub fn causal_mask(len: usize, sliding_window: Option<usize>, device: &Device) -> Tensor<2> {
+    // Not -inf: a fully masked row must stay finite rather than turn into NaN.
+    const MASKED: f32 = -1e30;
+    let window = sliding_window.unwrap_or(usize::MAX);
+    let values: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j <= i && i - j < window { 0.0 } else { MASKED }))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [len, len]), device)
+}
+
+/// Wraps a loaded tensor as a parameter.
+pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::from_tensor(t)
+}

@@ -1,0 +1,235 @@
+//! Loading Hugging Face safetensors checkpoints, single-file or sharded.
+//!
+//! Files are memory-mapped and each tensor is converted to f32 on its own, so peak host memory is
+//! the mapped pages in use plus one tensor, never a second copy of the whole checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::{Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use super::config::ModelConfig;
+use super::llama::{Attention, DecoderLayer, Llama, Mlp, param};
+use super::rope::RotaryHalf;
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+/// The tensors of a checkpoint directory, looked up by their Hugging Face names.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    location: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join(INDEX_FILE);
+        let files = if index.exists() {
+            shard_files(&index)?
+        } else if dir.join(SINGLE_FILE).exists() {
+            vec![dir.join(SINGLE_FILE)]
+        } else {
+            bail!("{}: no {SINGLE_FILE} or {INDEX_FILE}", dir.display());
+        };
+        let mut shards = Vec::new();
+        let mut location = HashMap::new();
+        for path in files {
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the checkpoint is read-only input; a concurrent writer is outside our contract.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map)
+                .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+            for name in metadata.tensors().keys() {
+                location.insert(name.clone(), shards.len());
+            }
+            shards.push(Shard { path, map, header_len, metadata });
+        }
+        Ok(Self { shards, location })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Reads tensor `name` as f32, checking that its shape is `shape`.
+    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let shard = self.shard_of(name)?;
+        let info = shard.metadata.info(name).expect("indexed tensor has metadata");
+        if info.shape != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, expected {shape:?}",
+                shard.path.display(),
+                info.shape
+            );
+        }
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        to_f32(&shard.map[start..end], info.dtype)
+            .with_context(|| format!("{}: tensor `{name}`", shard.path.display()))
+    }
+
+    /// The dtype tensor `name` is stored in.
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        let shard = self.shard_of(name)?;
+        Ok(shard.metadata.info(name).expect("indexed tensor has metadata").dtype)
+    }
+
+    fn shard_of(&self, name: &str) -> Result<&Shard> {
+        match self.location.get(name) {
+            Some(&i) => Ok(&self.shards[i]),
+            None => bail!(
+                "{}: tensor `{name}` is missing from the checkpoint",
+                self.shards.first().map(|s| s.path.display().to_string()).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+    let parsed: Index = serde_json::from_str(&text)
+        .with_context(|| format!("{}: field `weight_map` missing or invalid", index.display()))?;
+    let mut files: Vec<String> = parsed.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    files
+        .into_iter()
+        .map(|f| {
+            let path = dir.join(&f);
+            if path.exists() {
+                Ok(path)
+            } else {
+                bail!("{}: shard {f} listed in `weight_map` does not exist", index.display())
+            }
+        })
+        .collect()
+}
+
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    let words = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => words(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => words(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("unsupported dtype {other:?}; supported: F32, F16, BF16"),
+    })
+}
+
+/// Builds the decoder of `config` from `checkpoint`, converting every weight to f32 on `device`.
+pub fn load_llama(config: &ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Llama> {
+    let loader = Loader { checkpoint, device };
+    let c = config;
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| loader.layer(c, &format!("model.layers.{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(loader.linear("lm_head", c.hidden_size, c.vocab_size, false)?)
+    };
+    Ok(Llama {
+        embed_tokens: Embedding {
+            weight: param(loader.tensor2("model.embed_tokens.weight", [c.vocab_size, c.hidden_size])?),
+        },
+        layers,
+        norm: loader.rms_norm("model.norm", c)?,
+        lm_head,
+        config: c.clone(),
+        rope: RotaryHalf::new(c),
+    })
+}
+
+struct Loader<'a> {
+    checkpoint: &'a Checkpoint,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn tensor2(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
+        let values = self.checkpoint.read(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+    }
+
+    fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>> {
+        let values = self.checkpoint.read(name, &[len])?;
+        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
+    }
+
+    /// A Hugging Face `[out, in]` projection, stored in burn's `[in, out]` layout.
+    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let hf = self.checkpoint.read(&name, &[d_out, d_in])?;
+        let mut transposed = vec![0f32; hf.len()];
+        for (o, row) in hf.chunks_exact(d_in).enumerate() {
+            for (i, &w) in row.iter().enumerate() {
+                transposed[i * d_out + o] = w;
+            }
+        }
+        drop(hf);
+        let weight = Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), self.device);
+        let bias = if bias {
+            Some(param(self.tensor1(&format!("{prefix}.bias"), d_out)?))
+        } else {
+            None
+        };
+        Ok(Linear { weight: param(weight), bias })
+    }
+
+    fn rms_norm(&self, prefix: &str, c: &ModelConfig) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            gamma: param(self.tensor1(&format!("{prefix}.weight"), c.hidden_size)?),
+            epsilon: c.rms_norm_eps,
+        })
+    }
+
+    fn layer(&self, c: &ModelConfig, prefix: &str) -> Result<DecoderLayer> {
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let attn = format!("{prefix}.self_attn");
+        let mlp = format!("{prefix}.mlp");
+        Ok(DecoderLayer {
+            input_layernorm: self.rms_norm(&format!("{prefix}.input_layernorm"), c)?,
+            self_attn: Attention {
+                q_proj: self.linear(&format!("{attn}.q_proj"), h, q_dim, c.attention_bias)?,
+                k_proj: self.linear(&format!("{attn}.k_proj"), h, kv_dim, c.attention_bias)?,
+                v_proj: self.linear(&format!("{attn}.v_proj"), h, kv_dim, c.attention_bias)?,
+                o_proj: self.linear(&format!("{attn}.o_proj"), q_dim, h, false)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            },
+            post_attention_layernorm: self.rms_norm(&format!("{prefix}.post_attention_layernorm"), c)?,
+            mlp: Mlp {
+                gate_proj: self.linear(&format!("{mlp}.gate_proj"), h, c.intermediate_size, false)?,
+                up_proj: self.linear(&format!("{mlp}.up_proj"), h, c.intermediate_size, false)?,
+                down_proj: self.linear(&format!("{mlp}.down_proj"), c.intermediate_size, h, false)?,
+            },
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! LLaMA-family models loaded from Hugging Face directories.
+
+pub mod config;
+pub mod llama;
+pub mod load;
+pub mod rope;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use burn::tensor::Device;
+
+pub use config::ModelConfig;
+pub use llama::Llama;
+pub use tokenizer::Tokenizer;
+
+/// A model directory loaded onto a device: the decoder and its tokenizer.
+pub struct Pretrained {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+impl Pretrained {
+    /// Loads `config.json`, `tokenizer.json` and the safetensors weights of `dir`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
+        let checkpoint = load::Checkpoint::open(dir)?;
+        let model = load::load_llama(&config, &checkpoint, device)?;
+        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer })
+    }
+}
