@@ -67,6 +67,18 @@ pub struct Selected {
     pub device: Device,
     pub description: String,
     pub is_wgpu: bool,
+    /// The largest buffer one shader may bind (DESIGN §7); `None` on the CPU.
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Selected {
+    /// How many rows of a `[rows, width]` f32 tensor fit in one binding.
+    pub fn rows_per_binding(&self, width: usize) -> usize {
+        match self.max_binding_bytes {
+            Some(limit) => ((limit / (width as u64 * 4)) as usize).max(1),
+            None => usize::MAX,
+        }
+    }
 }
 
 /// The graphics APIs wgpu may use, in the order cubecl prefers them.
@@ -99,7 +111,10 @@ fn adapters_on(backend: wgpu::Backend) -> Vec<AdapterReport> {
         .map(|(index, adapter)| {
             let info = adapter.get_info();
             // burn addresses an adapter as the n-th one of its type.
-            let nth = per_type.iter().filter(|(t, _)| *t == info.device_type).count();
+            let nth = per_type
+                .iter()
+                .filter(|(t, _)| *t == info.device_type)
+                .count();
             per_type.push((info.device_type, index));
             let kind = match info.device_type {
                 wgpu::DeviceType::DiscreteGpu => Some(DeviceKind::DiscreteGpu(nth)),
@@ -127,6 +142,7 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
         device: Device::flex(),
         description: "cpu (flex)".to_string(),
         is_wgpu: false,
+        max_binding_bytes: None,
     };
     match spec {
         DeviceSpec::Cpu => Ok(cpu()),
@@ -144,7 +160,10 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
             };
             match wgpu_device(adapter) {
                 Some(selected) => Ok(selected),
-                None => bail!("wgpu adapter {n} ({}) has a device type burn cannot address", adapter.name),
+                None => bail!(
+                    "wgpu adapter {n} ({}) has a device type burn cannot address",
+                    adapter.name
+                ),
             }
         }
     }
@@ -159,6 +178,7 @@ fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
             adapter.index, adapter.name, adapter.backend, adapter.device_type
         ),
         is_wgpu: true,
+        max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
     })
 }
 

@@ -7,7 +7,12 @@
 //! Data flows one way: `data` → `model` → `loss` → `train`; `uncertainty` only supplies the
 //! per-sample number that becomes the smoothing value.
 
+pub mod bench;
+pub mod data;
 pub mod device;
 pub mod eval;
 pub mod loss;
 pub mod model;
+pub mod train;
+pub mod uncertainty;
+pub mod util;

@@ -59,7 +59,8 @@ fn splitmix64(x: u64) -> u64 {
 fn hashed_logits(seed: u64, rows: usize, vocab: usize, scale: f32) -> Vec<f32> {
     (0..(rows * vocab) as u64)
         .map(|i| {
-            let u = (splitmix64(i.wrapping_add(seed.wrapping_mul(1 << 40))) >> 40) as f32 / (1u32 << 24) as f32;
+            let u = (splitmix64(i.wrapping_add(seed.wrapping_mul(1 << 40))) >> 40) as f32
+                / (1u32 << 24) as f32;
             (u * 2.0 - 1.0) * scale
         })
         .collect()
@@ -70,17 +71,26 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 fn labels(case: &Case) -> RowLabels {
-    RowLabels::new(case.targets.clone(), case.smoothing.clone(), case.mask.clone()).unwrap()
+    RowLabels::new(
+        case.targets.clone(),
+        case.smoothing.clone(),
+        case.mask.clone(),
+    )
+    .unwrap()
 }
 
 fn check_case(case: &Case, device: &Device, device_name: &str) {
     let device = device.clone().autodiff();
     let values = hashed_logits(case.seed, case.rows, case.vocab, case.scale);
-    let logits = Tensor::<2>::from_data(TensorData::new(values, [case.rows, case.vocab]), &device).require_grad();
+    let logits = Tensor::<2>::from_data(TensorData::new(values, [case.rows, case.vocab]), &device)
+        .require_grad();
     let labels = labels(case);
     let rows = to_vec(ual_row_losses(logits.clone(), &labels).unwrap());
     for (r, (&a, &b)) in rows.iter().zip(&case.row_losses).enumerate() {
@@ -107,7 +117,11 @@ fn check_case(case: &Case, device: &Device, device_name: &str) {
         }
         let ss: f64 = row.iter().map(|&g| (g as f64).powi(2)).sum();
         assert!(
-            close(ss, expected.sum_squares, 1e-4 * expected.sum_squares.max(1e-6)),
+            close(
+                ss,
+                expected.sum_squares,
+                1e-4 * expected.sum_squares.max(1e-6)
+            ),
             "{} on {device_name}: row {r} Σgrad² {ss} vs torch {}",
             case.name,
             expected.sum_squares
@@ -115,7 +129,11 @@ fn check_case(case: &Case, device: &Device, device_name: &str) {
     }
     let total = case.loss_sum;
     let ours: f64 = rows.iter().map(|&v| v as f64).sum();
-    assert!(close(ours, total, LOSS_RTOL * total.abs().max(1.0)), "{}: sum {ours} vs {total}", case.name);
+    assert!(
+        close(ours, total, LOSS_RTOL * total.abs().max(1.0)),
+        "{}: sum {ours} vs {total}",
+        case.name
+    );
 }
 
 #[test]
@@ -130,7 +148,10 @@ fn fused_loss_and_gradient_match_pytorch() {
 
 /// Random logits of small magnitude, for the comparisons that need no fixture.
 fn random_logits(rows: usize, vocab: usize, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(hashed_logits(99, rows, vocab, 6.0), [rows, vocab]), device)
+    Tensor::from_data(
+        TensorData::new(hashed_logits(99, rows, vocab, 6.0), [rows, vocab]),
+        device,
+    )
 }
 
 #[test]
@@ -149,12 +170,21 @@ fn fused_gradient_equals_reference_autodiff() {
             let (a, b) = (z.clone().require_grad(), z.require_grad());
             let fused = ual_loss_sum(a.clone(), &labels).unwrap().sum;
             let refer = reference::ual_loss_sum(b.clone(), &labels).unwrap().sum;
-            let (lf, lr) = (to_vec(fused.clone())[0] as f64, to_vec(refer.clone())[0] as f64);
-            assert!(close(lf, lr, 1e-5 * lr.abs().max(1.0)), "{device_name} V={vocab}: {lf} vs {lr}");
+            let (lf, lr) = (
+                to_vec(fused.clone())[0] as f64,
+                to_vec(refer.clone())[0] as f64,
+            );
+            assert!(
+                close(lf, lr, 1e-5 * lr.abs().max(1.0)),
+                "{device_name} V={vocab}: {lf} vs {lr}"
+            );
             let (gf, gr) = (fused.backward(), refer.backward());
             let (gf, gr) = (to_vec(a.grad(&gf).unwrap()), to_vec(b.grad(&gr).unwrap()));
             for (i, (x, y)) in gf.iter().zip(&gr).enumerate() {
-                assert!((x - y).abs() <= 1e-6, "{device_name} V={vocab}: grad[{i}] {x} vs reference {y}");
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "{device_name} V={vocab}: grad[{i}] {x} vs reference {y}"
+                );
             }
         }
     }
@@ -164,13 +194,15 @@ fn fused_gradient_equals_reference_autodiff() {
 fn finite_differences_agree_with_fused_gradient() {
     let device = Device::flex().autodiff();
     let (rows, vocab) = (3, 7);
-    let labels = RowLabels::new(vec![1, 6, 3], vec![0.0, 0.3, 0.9], vec![true, true, true]).unwrap();
+    let labels =
+        RowLabels::new(vec![1, 6, 3], vec![0.0, 0.3, 0.9], vec![true, true, true]).unwrap();
     let base = hashed_logits(5, rows, vocab, 3.0);
     let loss_at = |values: Vec<f32>| -> f64 {
         let z = Tensor::<2>::from_data(TensorData::new(values, [rows, vocab]), &device);
         to_vec(ual_loss_sum(z, &labels).unwrap().sum)[0] as f64
     };
-    let z = Tensor::<2>::from_data(TensorData::new(base.clone(), [rows, vocab]), &device).require_grad();
+    let z = Tensor::<2>::from_data(TensorData::new(base.clone(), [rows, vocab]), &device)
+        .require_grad();
     let grads = ual_loss_sum(z.clone(), &labels).unwrap().sum.backward();
     let analytic = to_vec(z.grad(&grads).unwrap());
     let h = 1e-2f32;
@@ -180,7 +212,11 @@ fn finite_differences_agree_with_fused_gradient() {
         minus[i] -= h;
         let numeric = (loss_at(plus) - loss_at(minus)) / (2.0 * h as f64);
         // Central differences in f32 carry O(h²) truncation and ~1e-5 rounding: 2e-3 absolute.
-        assert!((numeric - analytic[i] as f64).abs() < 2e-3, "entry {i}: fd {numeric} vs {}", analytic[i]);
+        assert!(
+            (numeric - analytic[i] as f64).abs() < 2e-3,
+            "entry {i}: fd {numeric} vs {}",
+            analytic[i]
+        );
     }
 }
 
@@ -191,13 +227,25 @@ fn zero_smoothing_is_plain_cross_entropy() {
         let (rows, vocab) = (16, 300);
         let targets: Vec<u32> = (0..rows as u32).map(|r| r * 17 % vocab as u32).collect();
         let z = random_logits(rows, vocab, &device);
-        let ours = to_vec(ual_loss_mean(z.clone(), &RowLabels::uniform(targets.clone(), 0.0).unwrap()).unwrap())[0];
+        let ours = to_vec(
+            ual_loss_mean(
+                z.clone(),
+                &RowLabels::uniform(targets.clone(), 0.0).unwrap(),
+            )
+            .unwrap(),
+        )[0];
         let ids = Tensor::<1, burn::tensor::Int>::from_data(
-            TensorData::new(targets.iter().map(|&t| t as i64).collect::<Vec<_>>(), [rows]),
+            TensorData::new(
+                targets.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [rows],
+            ),
             &device,
         );
         let plain = to_vec(CrossEntropyLossConfig::new().init(&device).forward(z, ids))[0];
-        assert!((ours - plain).abs() <= 1e-5 * plain.abs().max(1.0), "{device_name}: {ours} vs burn CE {plain}");
+        assert!(
+            (ours - plain).abs() <= 1e-5 * plain.abs().max(1.0),
+            "{device_name}: {ours} vs burn CE {plain}"
+        );
     }
 }
 
@@ -211,7 +259,10 @@ fn all_masked_batch_is_zero_not_nan() {
         assert_eq!(sum.count, 0);
         assert_eq!(to_vec(sum.sum.clone())[0], 0.0, "{device_name}");
         let grad = to_vec(z.grad(&sum.sum.backward()).unwrap());
-        assert!(grad.iter().all(|&g| g == 0.0), "{device_name}: masked rows get zero gradient");
+        assert!(
+            grad.iter().all(|&g| g == 0.0),
+            "{device_name}: masked rows get zero gradient"
+        );
         assert_eq!(to_vec(ual_loss_mean(z, &labels).unwrap())[0], 0.0);
     }
 }
@@ -224,7 +275,9 @@ fn smoothing_outside_unit_interval_is_rejected() {
         assert!(msg.contains("row 1") && msg.contains("[0, 1)"), "{msg}");
     }
     let z = random_logits(2, 4, &Device::flex());
-    let err = ual_loss_sum(z, &RowLabels::uniform(vec![0, 4], 0.1).unwrap()).err().unwrap();
+    let err = ual_loss_sum(z, &RowLabels::uniform(vec![0, 4], 0.1).unwrap())
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("target 4 at row 1"));
 }
 
@@ -235,7 +288,12 @@ fn f16_logits_accumulate_in_f32() {
         panic!("this adapter lacks SHADER_F16; lavapipe and every CI adapter have it");
     }
     let (rows, vocab) = (4, 70_000); // Σexp over 70k entries would overflow f16.
-    let labels = RowLabels::new(vec![3, 9, 69_999, 0], vec![0.0, 0.1, 0.2, 0.9], vec![true; 4]).unwrap();
+    let labels = RowLabels::new(
+        vec![3, 9, 69_999, 0],
+        vec![0.0, 0.1, 0.2, 0.9],
+        vec![true; 4],
+    )
+    .unwrap();
     let z32 = random_logits(rows, vocab, &device);
     let z16 = z32.clone().cast(burn::tensor::DType::F16);
     // Compare against f32 logits rounded to f16, so only accumulation precision differs.
@@ -243,6 +301,9 @@ fn f16_logits_accumulate_in_f32() {
     let a = to_vec(ual_row_losses(z16, &labels).unwrap());
     let b = to_vec(ual_row_losses(rounded, &labels).unwrap());
     for (x, y) in a.iter().zip(&b) {
-        assert!(x.is_finite() && (x - y).abs() <= 1e-4 * y.abs().max(1.0), "f16 {x} vs f32 {y}");
+        assert!(
+            x.is_finite() && (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+            "f16 {x} vs f32 {y}"
+        );
     }
 }

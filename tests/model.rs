@@ -37,7 +37,10 @@ fn logprobs_match_transformers_on_every_device() {
             let pretrained = Pretrained::load(&dir, &device).unwrap();
             for case in expected(&dir).texts {
                 let ids = pretrained.tokenizer.encode(&case.text).unwrap();
-                assert_eq!(ids, case.ids, "{name}: token ids differ from the HF tokenizer's");
+                assert_eq!(
+                    ids, case.ids,
+                    "{name}: token ids differ from the HF tokenizer's"
+                );
                 let ours = token_logprobs(&pretrained.model, &ids);
                 assert_eq!(ours[0], None);
                 let mut worst = 0f64;

@@ -24,7 +24,8 @@ fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut config);
     std::fs::write(path, config.to_string()).unwrap();
 }
@@ -41,7 +42,10 @@ fn unsupported_model_type_lists_the_supported_ones() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
     edit_config(&dir, |c| c["model_type"] = "gpt_neox".into());
     let msg = load_error(&dir);
-    assert!(msg.contains("config.json") && msg.contains("gpt_neox"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("gpt_neox"),
+        "{msg}"
+    );
     assert!(msg.contains("llama, mistral, qwen2"), "{msg}");
 }
 
@@ -52,7 +56,11 @@ fn missing_tensor_is_named() {
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let dropped = "model.layers.1.mlp.up_proj.weight";
-    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != dropped)
+        .collect();
     safetensors::serialize_to_file(kept, None, &path).unwrap();
     let msg = load_error(&dir);
     assert!(msg.contains(dropped) && msg.contains("missing"), "{msg}");
@@ -63,7 +71,10 @@ fn wrong_shape_is_named() {
     let (_tmp, dir) = copy_fixture("qwen2-bias");
     edit_config(&dir, |c| c["intermediate_size"] = 30.into());
     let msg = load_error(&dir);
-    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("shape"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("shape"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -71,7 +82,10 @@ fn tokenizer_larger_than_embedding_is_an_error() {
     let (_tmp, dir) = copy_fixture("mistral-f16");
     edit_config(&dir, |c| c["vocab_size"] = 1000.into());
     let msg = load_error(&dir);
-    assert!(msg.contains("tokenizer.json") && msg.contains("1000"), "{msg}");
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("1000"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -96,17 +110,32 @@ fn cli_reports_one_line_and_fails() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("falcon") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        errors[0].contains("falcon") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn cli_scores_json() {
     let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(["score", "--device", "cpu", "--json", "--text", "Hello world", "--model"])
+        .args([
+            "score",
+            "--device",
+            "cpu",
+            "--json",
+            "--text",
+            "Hello world",
+            "--model",
+        ])
         .arg(fixture_model("llama-gqa"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids = line["ids"].as_array().unwrap();
     let lps = line["logprobs"].as_array().unwrap();

@@ -5,6 +5,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::data::batch::{Batch, Sample};
+use crate::loss::{RowLabels, ual_row_losses};
 use crate::model::{Llama, Tokenizer};
 
 /// One scored text: `logprobs[j] = log p(ids[j] | ids[<j])`, and `None` for the first token.
@@ -17,7 +19,10 @@ pub struct TokenScores {
 /// Tokenises `text` with the model's special tokens and scores every token after the first.
 pub fn score_text(model: &Llama, tokenizer: &Tokenizer, text: &str) -> Result<TokenScores> {
     let ids = tokenizer.encode(text)?;
-    Ok(TokenScores { logprobs: token_logprobs(model, &ids), ids })
+    Ok(TokenScores {
+        logprobs: token_logprobs(model, &ids),
+        ids,
+    })
 }
 
 /// `log p(ids[j] | ids[<j])` for each position, `None` at position 0.
@@ -32,7 +37,10 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
         &device,
     );
     let targets = Tensor::<3, Int>::from_data(
-        TensorData::new(ids[1..].iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n - 1, 1]),
+        TensorData::new(
+            ids[1..].iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [1, n - 1, 1],
+        ),
         &device,
     );
     // Only the first n-1 positions predict a token that exists.
@@ -43,5 +51,41 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 read-back");
-    std::iter::once(None).chain(values.into_iter().map(Some)).collect()
+    std::iter::once(None)
+        .chain(values.into_iter().map(Some))
+        .collect()
+}
+
+/// One scored data line: the mean response-token NLL and the UAL loss with the line's ε.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleScore {
+    /// 0-based index of the line among the file's non-blank lines.
+    pub index: usize,
+    pub response_tokens: usize,
+    pub nll: f64,
+    pub loss: f64,
+    pub smoothing: f32,
+}
+
+/// Scores each sample on its own: the same rows, targets and ε the trainer would use.
+pub fn score_sample(model: &Llama, sample: &Sample, index: usize) -> Result<SampleScore> {
+    let batch = Batch::new(&[sample], &model.device())?;
+    let n = batch.labels.rows();
+    let hidden = model.hidden_states(batch.ids.clone());
+    let [b, s, h] = hidden.dims();
+    let logits = model.logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
+    let mean = |labels: &RowLabels| -> Result<f64> {
+        let sum = ual_row_losses(logits.clone(), labels)?
+            .sum()
+            .into_scalar::<f32>() as f64;
+        Ok(sum / n.max(1) as f64)
+    };
+    let plain = RowLabels::uniform(batch.labels.targets().to_vec(), 0.0)?;
+    Ok(SampleScore {
+        index,
+        response_tokens: n,
+        nll: mean(&plain)?,
+        loss: mean(&batch.labels)?,
+        smoothing: sample.smoothing,
+    })
 }

@@ -6,11 +6,11 @@
 //! host loop with the same arithmetic. Autodiff gets a hand-written backward that keeps only the
 //! logits handle and the `[rows, 2]` statistics, never a softmax.
 
+use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
@@ -50,12 +50,20 @@ impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C>
         impl<B: UalLossBackend> Backward<B, 1> for UalCeBackward {
             type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [logits_node] = ops.parents;
                 let grad_stats = grads.consume::<B>(&ops.node);
                 let (logits, labels, stats) = ops.state;
                 if let Some(node) = logits_node {
-                    grads.register::<B>(node.id, B::ual_ce_backward(logits, labels, stats, grad_stats));
+                    grads.register::<B>(
+                        node.id,
+                        B::ual_ce_backward(logits, labels, stats, grad_stats),
+                    );
                 }
             }
         }
@@ -63,7 +71,11 @@ impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C>
         let (logits, logits_node) = logits.into_parts();
         let (labels, _) = labels.into_parts();
         let stats = B::ual_ce_forward(logits.clone(), labels.clone());
-        match UalCeBackward.prepare::<C>([logits_node]).compute_bound().stateful() {
+        match UalCeBackward
+            .prepare::<C>([logits_node])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => prep.finish((logits, labels, stats.clone()), stats),
             OpsKind::UnTracked(prep) => prep.finish(stats),
         }
@@ -84,8 +96,8 @@ pub fn row_losses(logits: Tensor<2>, labels: Tensor<2>) -> Tensor<1> {
 /// backend and by any non-wgpu device; it never allocates more than the gradient it returns.
 pub(crate) mod host {
     use burn::backend::Backend;
-    use burn::backend::tensor::FloatTensor;
     use burn::backend::TensorMetadata;
+    use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
     use rayon::prelude::*;
 
@@ -106,7 +118,11 @@ pub(crate) mod host {
     fn rows_of(labels: &[f32]) -> Vec<Row> {
         labels
             .chunks_exact(3)
-            .map(|l| Row { target: l[0] as usize, eps: l[1], counted: l[2] != 0.0 })
+            .map(|l| Row {
+                target: l[0] as usize,
+                eps: l[1],
+                counted: l[2] != 0.0,
+            })
             .collect()
     }
 
@@ -123,7 +139,8 @@ pub(crate) mod host {
                     return [0.0, 0.0];
                 }
                 let (lse, z_sum) = lse_and_sum(z);
-                let loss = (1.0 - row.eps) * (lse - z[row.target]) + row.eps * (lse - z_sum / vocab as f32);
+                let loss = (1.0 - row.eps) * (lse - z[row.target])
+                    + row.eps * (lse - z_sum / vocab as f32);
                 [loss, lse]
             })
             .collect();
@@ -160,19 +177,22 @@ pub(crate) mod host {
         let labels = rows_of(&read::<B>(labels));
         let stats = read::<B>(stats);
         let grad_stats = read::<B>(grad_stats);
-        grad.par_chunks_exact_mut(vocab).enumerate().for_each(|(r, g)| {
-            let row = &labels[r];
-            if !row.counted {
-                g.fill(0.0);
-                return;
-            }
-            let (g_loss, g_lse, lse) = (grad_stats[2 * r], grad_stats[2 * r + 1], stats[2 * r + 1]);
-            let uniform = g_loss * row.eps / vocab as f32;
-            for z in g.iter_mut() {
-                *z = (g_loss + g_lse) * (*z - lse).exp() - uniform;
-            }
-            g[row.target] -= g_loss * (1.0 - row.eps);
-        });
+        grad.par_chunks_exact_mut(vocab)
+            .enumerate()
+            .for_each(|(r, g)| {
+                let row = &labels[r];
+                if !row.counted {
+                    g.fill(0.0);
+                    return;
+                }
+                let (g_loss, g_lse, lse) =
+                    (grad_stats[2 * r], grad_stats[2 * r + 1], stats[2 * r + 1]);
+                let uniform = g_loss * row.eps / vocab as f32;
+                for z in g.iter_mut() {
+                    *z = (g_loss + g_lse) * (*z - lse).exp() - uniform;
+                }
+                g[row.target] -= g_loss * (1.0 - row.eps);
+            });
         let data = TensorData::new(grad, shape).convert_dtype(dtype);
         B::float_from_data(data, &device)
     }

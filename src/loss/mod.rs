@@ -38,16 +38,33 @@ impl RowLabels {
                 mask.len()
             );
         }
-        if let Some((row, eps)) = smoothing.iter().enumerate().find(|(_, e)| !(0.0..1.0).contains(*e)) {
+        if let Some((row, eps)) = smoothing
+            .iter()
+            .enumerate()
+            .find(|(_, e)| !(0.0..1.0).contains(*e))
+        {
             bail!("UAL loss: smoothing {eps} at row {row} is outside [0, 1)");
         }
-        Ok(Self { targets, smoothing, mask })
+        Ok(Self {
+            targets,
+            smoothing,
+            mask,
+        })
     }
 
     /// Every row counted, with one ε for all (ε = 0 is plain cross-entropy).
     pub fn uniform(targets: Vec<u32>, eps: f32) -> Result<Self> {
         let n = targets.len();
         Self::new(targets, vec![eps; n], vec![true; n])
+    }
+
+    /// The labels of rows `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        Self {
+            targets: self.targets[range.clone()].to_vec(),
+            smoothing: self.smoothing[range.clone()].to_vec(),
+            mask: self.mask[range].to_vec(),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -75,20 +92,37 @@ impl RowLabels {
     /// are exact in f32, far above any vocabulary ual supports.
     pub(crate) fn packed(&self, device: &Device) -> Tensor<2> {
         let values: Vec<f32> = (0..self.rows())
-            .flat_map(|r| [self.targets[r] as f32, self.smoothing[r], f32::from(u8::from(self.mask[r]))])
+            .flat_map(|r| {
+                [
+                    self.targets[r] as f32,
+                    self.smoothing[r],
+                    f32::from(u8::from(self.mask[r])),
+                ]
+            })
             .collect();
-        Tensor::from_data(TensorData::new(values, [self.rows(), 3]), (device, DType::F32))
+        Tensor::from_data(
+            TensorData::new(values, [self.rows(), 3]),
+            (device, DType::F32),
+        )
     }
 
     fn check_against(&self, logits_dims: [usize; 2]) -> Result<()> {
         let [rows, vocab] = logits_dims;
         if rows != self.rows() {
-            bail!("UAL loss: logits have {rows} rows but labels have {}", self.rows());
+            bail!(
+                "UAL loss: logits have {rows} rows but labels have {}",
+                self.rows()
+            );
         }
         if vocab < 2 || vocab >= 1 << 24 {
             bail!("UAL loss: vocabulary size {vocab} is outside [2, 2^24)");
         }
-        if let Some((row, t)) = self.targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        if let Some((row, t)) = self
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= vocab)
+        {
             bail!("UAL loss: target {t} at row {row} is outside the vocabulary of {vocab}");
         }
         Ok(())
@@ -106,7 +140,10 @@ pub struct LossSum {
 /// tuned loop on the CPU) with a hand-written backward.
 pub fn ual_loss_sum(logits: Tensor<2>, labels: &RowLabels) -> Result<LossSum> {
     let per_row = ual_row_losses(logits, labels)?;
-    Ok(LossSum { sum: per_row.sum(), count: labels.count() })
+    Ok(LossSum {
+        sum: per_row.sum(),
+        count: labels.count(),
+    })
 }
 
 /// The fused per-row losses `[rows]` (zero on masked rows), for callers that report per sample.

@@ -11,11 +11,25 @@ pub fn row_losses(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
     labels.check_against(logits.dims())?;
     let device = logits.device();
     let [rows, vocab] = logits.dims();
-    let column = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [rows, 1]), &device);
+    let column =
+        |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [rows, 1]), &device);
     let eps = column(labels.smoothing().to_vec());
-    let mask = column(labels.mask().iter().map(|&m| f32::from(u8::from(m))).collect());
+    let mask = column(
+        labels
+            .mask()
+            .iter()
+            .map(|&m| f32::from(u8::from(m)))
+            .collect(),
+    );
     let targets = Tensor::<2, Int>::from_data(
-        TensorData::new(labels.targets().iter().map(|&t| t as i64).collect::<Vec<_>>(), [rows, 1]),
+        TensorData::new(
+            labels
+                .targets()
+                .iter()
+                .map(|&t| t as i64)
+                .collect::<Vec<_>>(),
+            [rows, 1],
+        ),
         &device,
     );
 
@@ -31,5 +45,8 @@ pub fn row_losses(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
 
 /// The reference counterpart of [`super::ual_loss_sum`].
 pub fn ual_loss_sum(logits: Tensor<2>, labels: &RowLabels) -> Result<LossSum> {
-    Ok(LossSum { sum: row_losses(logits, labels)?.sum(), count: labels.count() })
+    Ok(LossSum {
+        sum: row_losses(logits, labels)?.sum(),
+        count: labels.count(),
+    })
 }

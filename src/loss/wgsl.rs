@@ -5,7 +5,8 @@
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{
-    CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous, kernel_source,
+    CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+    kernel_source,
 };
 use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArguments};
 use burn::tensor::{DType, Shape};
@@ -40,7 +41,11 @@ impl KernelSource for UalCeKernel {
             Pass::Forward => ForwardSource::new().source(),
             Pass::Backward => BackwardSource::new().source(),
         };
-        let enable_f16 = if self.dtype == DType::F16 { "enable f16;" } else { "" };
+        let enable_f16 = if self.dtype == DType::F16 {
+            "enable f16;"
+        } else {
+            ""
+        };
         source
             .register("wg", WORKGROUP.to_string())
             .register("elem", self.dtype.name())
@@ -68,7 +73,13 @@ fn row_groups(rows: usize) -> CubeCount {
 
 fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
     let handle = like.client.empty(shape.num_elements() * dtype.size());
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        dtype,
+    )
 }
 
 impl UalLossBackend for CubeBackend {
@@ -83,7 +94,10 @@ impl UalLossBackend for CubeBackend {
         let stats = empty(&logits, stats_shape(&shape), DType::F32);
         let info = [rows as u32, vocab as u32];
         let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
-        let kernel = UalCeKernel { pass: Pass::Forward, dtype: logits.dtype };
+        let kernel = UalCeKernel {
+            pass: Pass::Forward,
+            dtype: logits.dtype,
+        };
         logits.client.launch(
             Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
             row_groups(rows),
@@ -115,7 +129,10 @@ impl UalLossBackend for CubeBackend {
         let grad = empty(&logits, shape, logits.dtype);
         let info = [rows as u32, vocab as u32];
         let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
-        let kernel = UalCeKernel { pass: Pass::Backward, dtype: logits.dtype };
+        let kernel = UalCeKernel {
+            pass: Pass::Backward,
+            dtype: logits.dtype,
+        };
         logits.client.launch(
             Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
             row_groups(rows),

@@ -205,14 +205,20 @@ mod tests {
         );
         let c = ModelConfig::from_json(&json).unwrap();
         assert_eq!(c.rope_theta, 500_000.0);
-        assert_eq!(c.rope_scaling.unwrap().original_max_position_embeddings, 8192);
+        assert_eq!(
+            c.rope_scaling.unwrap().original_max_position_embeddings,
+            8192
+        );
     }
 
     #[test]
     fn unknown_model_type_lists_supported() {
         let err = ModelConfig::from_json(&LLAMA.replace("llama", "gpt2")).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("gpt2") && msg.contains("llama, mistral, qwen2"), "{msg}");
+        assert!(
+            msg.contains("gpt2") && msg.contains("llama, mistral, qwen2"),
+            "{msg}"
+        );
     }
 
     #[test]

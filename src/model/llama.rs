@@ -2,8 +2,10 @@
 //! attention, a SwiGLU MLP and a tied or untied LM head. Mistral (sliding window) and Qwen2
 //! (q/k/v bias) are the same network with different switches in [`ModelConfig`].
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
+
+use super::lora::LoraLinear;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -13,10 +15,10 @@ use super::rope::RotaryHalf;
 /// Self-attention with `num_key_value_heads` shared by groups of query heads.
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -27,7 +29,12 @@ pub struct Attention {
 
 impl Attention {
     /// `x: [batch, len, hidden]`, `mask: [len, len]` additive (0 or -inf-like) → `[batch, len, hidden]`.
-    pub fn forward(&self, x: Tensor<3>, rope: &(Tensor<2>, Tensor<2>), mask: &Tensor<2>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<2>, Tensor<2>),
+        mask: &Tensor<2>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
@@ -38,9 +45,15 @@ impl Attention {
 
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = scores + mask.clone().unsqueeze::<4>().expand([b, self.num_heads, s, s]);
+        let scores = scores
+            + mask
+                .clone()
+                .unsqueeze::<4>()
+                .expand([b, self.num_heads, s, s]);
         let context = softmax(scores, 3).matmul(v);
-        let context = context.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        let context = context
+            .swap_dims(1, 2)
+            .reshape([b, s, self.num_heads * self.head_dim]);
         self.o_proj.forward(context)
     }
 
@@ -66,9 +79,9 @@ impl Attention {
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
 }
 
 impl Mlp {
@@ -88,8 +101,16 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rope: &(Tensor<2>, Tensor<2>), mask: &Tensor<2>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask);
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<2>, Tensor<2>),
+        mask: &Tensor<2>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -160,12 +181,33 @@ pub fn causal_mask(len: usize, sliding_window: Option<usize>, device: &Device) -
     const MASKED: f32 = -1e30;
     let window = sliding_window.unwrap_or(usize::MAX);
     let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j <= i && i - j < window { 0.0 } else { MASKED }))
+        .flat_map(|i| {
+            (0..len).map(move |j| {
+                if j <= i && i - j < window {
+                    0.0
+                } else {
+                    MASKED
+                }
+            })
+        })
         .collect();
     Tensor::from_data(TensorData::new(values, [len, len]), device)
 }
 
-/// Wraps a loaded tensor as a parameter.
-pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
-    Param::from_tensor(t)
+/// Wraps a tensor as a parameter whose id is derived from its Hugging Face `name`.
+///
+/// Optimizer state is keyed by parameter id. Ids that follow from names, rather than from a
+/// process-wide counter, let a restarted run hand its saved optimizer state back to the same
+/// parameters, which is what makes `--resume` exact.
+pub(crate) fn param<const D: usize>(name: &str, t: Tensor<D>) -> Param<Tensor<D>> {
+    let mut param = Param::from_tensor(t);
+    param.id = ParamId::from(stable_id(name));
+    param
+}
+
+/// FNV-1a: a fixed hash, unlike std's randomly keyed one.
+fn stable_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

@@ -11,11 +11,12 @@ use anyhow::{Context, Result, bail};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Device, Tensor, TensorData};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
 use super::llama::{Attention, DecoderLayer, Llama, Mlp, param};
+use super::lora::LoraLinear;
 use super::rope::RotaryHalf;
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -45,20 +46,39 @@ impl Checkpoint {
         } else {
             bail!("{}: no {SINGLE_FILE} or {INDEX_FILE}", dir.display());
         };
+        Self::open_files(files)
+    }
+
+    fn open_files(files: Vec<PathBuf>) -> Result<Self> {
         let mut shards = Vec::new();
         let mut location = HashMap::new();
         for path in files {
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the checkpoint is read-only input; a concurrent writer is outside our contract.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
             let (header_len, metadata) = SafeTensors::read_metadata(&map)
                 .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
             for name in metadata.tensors().keys() {
                 location.insert(name.clone(), shards.len());
             }
-            shards.push(Shard { path, map, header_len, metadata });
+            shards.push(Shard {
+                path,
+                map,
+                header_len,
+                metadata,
+            });
         }
         Ok(Self { shards, location })
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: file not found", path.display());
+        }
+        Self::open_files(vec![path.to_path_buf()])
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -68,7 +88,10 @@ impl Checkpoint {
     /// Reads tensor `name` as f32, checking that its shape is `shape`.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let shard = self.shard_of(name)?;
-        let info = shard.metadata.info(name).expect("indexed tensor has metadata");
+        let info = shard
+            .metadata
+            .info(name)
+            .expect("indexed tensor has metadata");
         if info.shape != shape {
             bail!(
                 "{}: tensor `{name}` has shape {:?}, expected {shape:?}",
@@ -85,7 +108,11 @@ impl Checkpoint {
     /// The dtype tensor `name` is stored in.
     pub fn dtype(&self, name: &str) -> Result<Dtype> {
         let shard = self.shard_of(name)?;
-        Ok(shard.metadata.info(name).expect("indexed tensor has metadata").dtype)
+        Ok(shard
+            .metadata
+            .info(name)
+            .expect("indexed tensor has metadata")
+            .dtype)
     }
 
     fn shard_of(&self, name: &str) -> Result<&Shard> {
@@ -93,7 +120,10 @@ impl Checkpoint {
             Some(&i) => Ok(&self.shards[i]),
             None => bail!(
                 "{}: tensor `{name}` is missing from the checkpoint",
-                self.shards.first().map(|s| s.path.display().to_string()).unwrap_or_default()
+                self.shards
+                    .first()
+                    .map(|s| s.path.display().to_string())
+                    .unwrap_or_default()
             ),
         }
     }
@@ -104,7 +134,8 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     struct Index {
         weight_map: HashMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
     let parsed: Index = serde_json::from_str(&text)
         .with_context(|| format!("{}: field `weight_map` missing or invalid", index.display()))?;
     let mut files: Vec<String> = parsed.weight_map.into_values().collect();
@@ -118,7 +149,10 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
             if path.exists() {
                 Ok(path)
             } else {
-                bail!("{}: shard {f} listed in `weight_map` does not exist", index.display())
+                bail!(
+                    "{}: shard {f} listed in `weight_map` does not exist",
+                    index.display()
+                )
             }
         })
         .collect()
@@ -127,14 +161,19 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     let words = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => words(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F64 => words(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+            .collect(),
         Dtype::F16 => words(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         Dtype::BF16 => words(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
-        other => bail!("unsupported dtype {other:?}; supported: F32, F16, BF16"),
+        other => bail!("unsupported dtype {other:?}; supported: F32, F16, BF16, F64"),
     })
 }
 
@@ -152,7 +191,10 @@ pub fn load_llama(config: &ModelConfig, checkpoint: &Checkpoint, device: &Device
     };
     Ok(Llama {
         embed_tokens: Embedding {
-            weight: param(loader.tensor2("model.embed_tokens.weight", [c.vocab_size, c.hidden_size])?),
+            weight: param(
+                "model.embed_tokens.weight",
+                loader.tensor2("model.embed_tokens.weight", [c.vocab_size, c.hidden_size])?,
+            ),
         },
         layers,
         norm: loader.rms_norm("model.norm", c)?,
@@ -170,12 +212,18 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn tensor2(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
         let values = self.checkpoint.read(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            self.device,
+        ))
     }
 
     fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>> {
         let values = self.checkpoint.read(name, &[len])?;
-        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, [len]),
+            self.device,
+        ))
     }
 
     /// A Hugging Face `[out, in]` projection, stored in burn's `[in, out]` layout.
@@ -191,16 +239,33 @@ impl Loader<'_> {
         drop(hf);
         let weight = Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), self.device);
         let bias = if bias {
-            Some(param(self.tensor1(&format!("{prefix}.bias"), d_out)?))
+            let name = format!("{prefix}.bias");
+            Some(param(&name, self.tensor1(&name, d_out)?))
         } else {
             None
         };
-        Ok(Linear { weight: param(weight), bias })
+        Ok(Linear {
+            weight: param(&name, weight),
+            bias,
+        })
+    }
+
+    fn projection(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LoraLinear> {
+        Ok(LoraLinear::new(self.linear(prefix, d_in, d_out, bias)?))
     }
 
     fn rms_norm(&self, prefix: &str, c: &ModelConfig) -> Result<RmsNorm> {
         Ok(RmsNorm {
-            gamma: param(self.tensor1(&format!("{prefix}.weight"), c.hidden_size)?),
+            gamma: param(
+                &format!("{prefix}.weight"),
+                self.tensor1(&format!("{prefix}.weight"), c.hidden_size)?,
+            ),
             epsilon: c.rms_norm_eps,
         })
     }
@@ -216,19 +281,35 @@ impl Loader<'_> {
         Ok(DecoderLayer {
             input_layernorm: self.rms_norm(&format!("{prefix}.input_layernorm"), c)?,
             self_attn: Attention {
-                q_proj: self.linear(&format!("{attn}.q_proj"), h, q_dim, c.attention_bias)?,
-                k_proj: self.linear(&format!("{attn}.k_proj"), h, kv_dim, c.attention_bias)?,
-                v_proj: self.linear(&format!("{attn}.v_proj"), h, kv_dim, c.attention_bias)?,
-                o_proj: self.linear(&format!("{attn}.o_proj"), q_dim, h, false)?,
+                q_proj: self.projection(&format!("{attn}.q_proj"), h, q_dim, c.attention_bias)?,
+                k_proj: self.projection(&format!("{attn}.k_proj"), h, kv_dim, c.attention_bias)?,
+                v_proj: self.projection(&format!("{attn}.v_proj"), h, kv_dim, c.attention_bias)?,
+                o_proj: self.projection(&format!("{attn}.o_proj"), q_dim, h, false)?,
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
             },
-            post_attention_layernorm: self.rms_norm(&format!("{prefix}.post_attention_layernorm"), c)?,
+            post_attention_layernorm: self
+                .rms_norm(&format!("{prefix}.post_attention_layernorm"), c)?,
             mlp: Mlp {
-                gate_proj: self.linear(&format!("{mlp}.gate_proj"), h, c.intermediate_size, false)?,
-                up_proj: self.linear(&format!("{mlp}.up_proj"), h, c.intermediate_size, false)?,
-                down_proj: self.linear(&format!("{mlp}.down_proj"), c.intermediate_size, h, false)?,
+                gate_proj: self.projection(
+                    &format!("{mlp}.gate_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                up_proj: self.projection(
+                    &format!("{mlp}.up_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                down_proj: self.projection(
+                    &format!("{mlp}.down_proj"),
+                    c.intermediate_size,
+                    h,
+                    false,
+                )?,
             },
         })
     }

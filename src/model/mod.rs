@@ -3,7 +3,9 @@
 pub mod config;
 pub mod llama;
 pub mod load;
+pub mod lora;
 pub mod rope;
+pub mod save;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,20 @@ impl Pretrained {
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
         let checkpoint = load::Checkpoint::open(dir)?;
         let model = load::load_llama(&config, &checkpoint, device)?;
-        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+        })
+    }
+
+    /// Loads `dir`, then applies the PEFT LoRA adapter in `adapter`, if any, unmerged.
+    pub fn load_with_adapter(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
+        let mut pretrained = Self::load(dir, device)?;
+        if let Some(adapter) = adapter {
+            pretrained.model = lora::load_peft(pretrained.model, adapter, device)?.0;
+        }
+        Ok(pretrained)
     }
 }

@@ -63,7 +63,11 @@ impl RotaryHalf {
 /// and the band between is interpolated (transformers' `_compute_llama3_parameters`).
 fn llama3_scale(inv_freq: &[f32], s: &Llama3RopeScaling) -> Vec<f32> {
     let old_len = s.original_max_position_embeddings as f32;
-    let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+    let (factor, low, high) = (
+        s.factor as f32,
+        s.low_freq_factor as f32,
+        s.high_freq_factor as f32,
+    );
     let low_freq_wavelen = old_len / low;
     let high_freq_wavelen = old_len / high;
     inv_freq

@@ -22,7 +22,10 @@ impl Tokenizer {
                 path.display()
             );
         }
-        Ok(Self { inner, path: path.to_path_buf() })
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Token ids of `text` with the tokenizer's own special tokens (e.g. Llama's BOS).
@@ -41,7 +44,9 @@ impl Tokenizer {
 
     /// The text of each token id, for readable tables.
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>"))
+        self.inner
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<{id}>"))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

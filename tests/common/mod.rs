@@ -36,3 +36,14 @@ pub fn wgpu_device() -> Device {
         }
     }
 }
+
+/// `--device` for the wgpu half of a test: "wgpu", or "cpu" with the same notice as [`wgpu_device`].
+pub fn wgpu_spec() -> &'static str {
+    match ual::device::select(ual::device::DeviceSpec::Wgpu(0)) {
+        Ok(_) => "wgpu",
+        Err(_) => {
+            wgpu_device();
+            "cpu"
+        }
+    }
+}

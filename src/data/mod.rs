@@ -1,0 +1,5 @@
+//! From JSONL files to token batches with a response mask and per-token smoothing.
+
+pub mod batch;
+pub mod formats;
+pub mod template;

@@ -1,0 +1,281 @@
+//! Prompt templates: how an example becomes text, cut into segments that either carry loss (the
+//! response, assistant turns) or are context (prompts, user and system turns, template markup).
+//!
+//! Two templates exist. `alpaca` is the Stanford Alpaca format, the paper's. `chat_template` is
+//! the Jinja template in the model's `tokenizer_config.json` (or `chat_template.jinja`), rendered
+//! with minijinja as transformers renders it. `prompt`/`completion` lines use no template.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::formats::{Body, Message};
+
+const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
+const ALPACA_INPUT_PREAMBLE: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.";
+
+/// Which template Alpaca and chat examples use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateKind {
+    #[default]
+    Alpaca,
+    ChatTemplate,
+}
+
+impl std::str::FromStr for TemplateKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "alpaca" => Ok(Self::Alpaca),
+            "chat_template" => Ok(Self::ChatTemplate),
+            other => Err(format!(
+                "unknown template {other:?}; choose alpaca or chat_template"
+            )),
+        }
+    }
+}
+
+/// A piece of an example's text; `trains` marks the pieces whose tokens carry loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub text: String,
+    pub trains: bool,
+}
+
+impl Segment {
+    fn context(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            trains: false,
+        }
+    }
+    fn response(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            trains: true,
+        }
+    }
+}
+
+/// A loaded template.
+pub enum Template {
+    Alpaca,
+    Chat(ChatTemplate),
+}
+
+impl Template {
+    /// The template of `kind` for the model in `model_dir`.
+    pub fn load(kind: TemplateKind, model_dir: &Path) -> Result<Self> {
+        Ok(match kind {
+            TemplateKind::Alpaca => Self::Alpaca,
+            TemplateKind::ChatTemplate => Self::Chat(ChatTemplate::load(model_dir)?),
+        })
+    }
+
+    /// The segments of an example, in order.
+    pub fn segments(&self, body: &Body) -> Result<Vec<Segment>> {
+        Ok(match (self, body) {
+            (_, Body::Completion { prompt, completion }) => {
+                vec![
+                    Segment::context(prompt.as_str()),
+                    Segment::response(completion.as_str()),
+                ]
+            }
+            (
+                Self::Alpaca,
+                Body::Alpaca {
+                    instruction,
+                    input,
+                    output,
+                },
+            ) => {
+                vec![
+                    Segment::context(alpaca_prompt(instruction, input)),
+                    Segment::response(output.as_str()),
+                ]
+            }
+            (Self::Alpaca, Body::Chat { messages }) => alpaca_chat(messages),
+            (
+                Self::Chat(t),
+                Body::Alpaca {
+                    instruction,
+                    input,
+                    output,
+                },
+            ) => {
+                let user = if input.trim().is_empty() {
+                    instruction.clone()
+                } else {
+                    format!("{instruction}\n\n{input}")
+                };
+                t.segments(&[
+                    Message::new("user", &user),
+                    Message::new("assistant", output),
+                ])?
+            }
+            (Self::Chat(t), Body::Chat { messages }) => t.segments(messages)?,
+        })
+    }
+
+    /// Whether rendered text already holds the special tokens (chat templates write BOS and EOS
+    /// themselves), so the tokenizer must not add them and no EOS is appended.
+    pub fn writes_special_tokens(&self, body: &Body) -> bool {
+        matches!(self, Self::Chat(_)) && !matches!(body, Body::Completion { .. })
+    }
+}
+
+/// The Alpaca prompt, shared with generation so a tuned model is asked the way it was taught.
+pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
+    if input.trim().is_empty() {
+        format!("{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+    } else {
+        format!(
+            "{ALPACA_INPUT_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        )
+    }
+}
+
+/// A conversation in Alpaca form: system turns replace the preamble, each user turn is an
+/// instruction, each assistant turn a response, turns separated by a blank line.
+fn alpaca_chat(messages: &[Message]) -> Vec<Segment> {
+    let system: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
+    let mut context = if system.is_empty() {
+        ALPACA_PREAMBLE.to_string()
+    } else {
+        system.join("\n")
+    };
+    let mut segments = Vec::new();
+    for m in messages.iter().filter(|m| m.role != "system") {
+        if m.role == "assistant" {
+            segments.push(Segment::context(std::mem::take(&mut context)));
+            segments.push(Segment::response(m.content.as_str()));
+            context.push_str("\n\n");
+        } else {
+            context.push_str(&format!(
+                "\n\n### Instruction:\n{}\n\n### Response:\n",
+                m.content
+            ));
+        }
+    }
+    segments
+}
+
+/// A Hugging Face chat template with the special-token strings it refers to.
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+    origin: String,
+}
+
+impl ChatTemplate {
+    /// Reads `chat_template` from `tokenizer_config.json`, or `chat_template.jinja`.
+    pub fn load(model_dir: &Path) -> Result<Self> {
+        let config_path = model_dir.join("tokenizer_config.json");
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", config_path.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token = |key: &str| -> String {
+            match &config[key] {
+                serde_json::Value::String(s) => s.clone(),
+                v => v["content"].as_str().unwrap_or_default().to_string(),
+            }
+        };
+        let jinja = model_dir.join("chat_template.jinja");
+        let (source, origin) = match &config["chat_template"] {
+            serde_json::Value::String(s) => (s.clone(), config_path.display().to_string()),
+            serde_json::Value::Array(named) => {
+                let default = named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .or(named.first());
+                let text = default
+                    .and_then(|t| t["template"].as_str())
+                    .unwrap_or_default();
+                (text.to_string(), config_path.display().to_string())
+            }
+            _ if jinja.exists() => (
+                std::fs::read_to_string(&jinja)?,
+                jinja.display().to_string(),
+            ),
+            _ => bail!(
+                "{}: no field `chat_template` (and no chat_template.jinja); use template = \"alpaca\"",
+                config_path.display()
+            ),
+        };
+        let template = Self {
+            source,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            origin,
+        };
+        template.render(&[Message::new("user", "x")], true)?;
+        Ok(template)
+    }
+
+    /// Renders `messages` as transformers' `apply_chat_template(..., tokenize=False)` does.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        // transformers renders with trim_blocks and lstrip_blocks, and Python string methods.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .with_context(|| format!("{}: invalid chat_template", self.origin))?;
+        let context = minijinja::context! {
+            messages => messages,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+            add_generation_prompt => add_generation_prompt,
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(context))
+            .with_context(|| format!("{}: chat_template failed to render", self.origin))
+    }
+
+    /// Cuts a conversation into segments: each assistant turn is the text the template adds
+    /// between the generation prompt before it and the conversation up to and including it.
+    fn segments(&self, messages: &[Message]) -> Result<Vec<Segment>> {
+        let mut segments = Vec::new();
+        let mut done = String::new();
+        for k in (0..messages.len()).filter(|&k| messages[k].role == "assistant") {
+            let prompt = self
+                .render(&messages[..k], true)
+                .with_context(|| format!("the turns before turn {k}"))?;
+            let full = self
+                .render(&messages[..=k], false)
+                .with_context(|| format!("the turns through turn {k}"))?;
+            if !prompt.starts_with(&done) || !full.starts_with(&prompt) {
+                bail!(
+                    "{}: chat_template does not render turn {k} as an extension of the turns before it",
+                    self.origin
+                );
+            }
+            segments.push(Segment::context(&prompt[done.len()..]));
+            segments.push(Segment::response(&full[prompt.len()..]));
+            done = full;
+        }
+        let all = self.render(messages, false)?;
+        if let Some(rest) = all.strip_prefix(&done).filter(|r| !r.is_empty()) {
+            segments.push(Segment::context(rest));
+        }
+        Ok(segments)
+    }
+}

@@ -1,0 +1,359 @@
+//! LoRA: a frozen projection plus a trainable low-rank update, x·W + (α/r)·(dropout(x)·A)·B.
+//!
+//! The dense update W + s·A·B is never formed, and W gets no gradient. Factors are kept in burn's
+//! `[in, r]` / `[r, out]` layout and transposed to PEFT's `lora_A [r, in]` / `lora_B [out, r]` on
+//! export; RoPE is rotate-half, so no q/k permutation needs undoing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::llama::{Llama, param};
+use super::load::Checkpoint;
+
+/// The projections LoRA may target, by their Hugging Face names.
+pub const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The low-rank update of one projection.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[in, r]`, PEFT's `lora_A` transposed.
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]`, PEFT's `lora_B` transposed.
+    pub b: Param<Tensor<2>>,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub scale: f64,
+}
+
+/// A projection that may carry a LoRA adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    pub base: Linear,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl LoraLinear {
+    pub fn new(base: Linear) -> Self {
+        Self { base, lora: None }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let Some(lora) = &self.lora else {
+            return self.base.forward(x);
+        };
+        let low = lora
+            .dropout
+            .forward(x.clone())
+            .matmul(lora.a.val().unsqueeze());
+        self.base.forward(x) + low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale)
+    }
+
+    /// `[in, out]` of the frozen projection.
+    pub fn dims(&self) -> [usize; 2] {
+        self.base.weight.dims()
+    }
+}
+
+/// LoRA hyper-parameters, named as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            bail!("lora.r must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("lora.dropout = {} is outside [0, 1)", self.dropout);
+        }
+        if self.target_modules.is_empty() {
+            bail!(
+                "lora.target_modules is empty; choose from {}",
+                TARGETS.join(", ")
+            );
+        }
+        for t in &self.target_modules {
+            if !TARGETS.contains(&t.as_str()) {
+                bail!(
+                    "lora.target_modules: unknown module {t:?}; choose from {}",
+                    TARGETS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+/// Freezes the base model and attaches fresh adapters with PEFT's initialisation: A
+/// Kaiming-uniform (bound 1/√in), B zero, so training starts from the base model exactly.
+pub fn attach(model: Llama, config: &LoraConfig, device: &Device) -> Llama {
+    let mut model = model.no_grad();
+    for_each_target(&mut model, config, |name, proj| {
+        let [d_in, d_out] = proj.dims();
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = Tensor::random(
+            [d_in, config.r],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let b = Tensor::zeros([config.r, d_out], device);
+        proj.lora = Some(adapter(name, a, b, config));
+    });
+    model
+}
+
+fn adapter(name: &str, a: Tensor<2>, b: Tensor<2>, config: &LoraConfig) -> LoraAdapter {
+    LoraAdapter {
+        a: param(&format!("{name}.lora_A.weight"), a),
+        b: param(&format!("{name}.lora_B.weight"), b),
+        dropout: DropoutConfig::new(config.dropout).init(),
+        scale: config.scale(),
+    }
+}
+
+/// Calls `f` on every targeted projection, with its PEFT module path.
+fn for_each_target(
+    model: &mut Llama,
+    config: &LoraConfig,
+    mut f: impl FnMut(&str, &mut LoraLinear),
+) {
+    for_each_named(model, |name, proj| {
+        if config
+            .target_modules
+            .iter()
+            .any(|t| name.ends_with(t.as_str()))
+        {
+            f(name, proj);
+        }
+    });
+}
+
+/// Every projection with its Hugging Face path, e.g. `model.layers.0.self_attn.q_proj`.
+pub fn for_each_named(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraLinear)) {
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let attn = &mut layer.self_attn;
+        let mlp = &mut layer.mlp;
+        let projections: [(&str, &str, &mut LoraLinear); 7] = [
+            ("self_attn", "q_proj", &mut attn.q_proj),
+            ("self_attn", "k_proj", &mut attn.k_proj),
+            ("self_attn", "v_proj", &mut attn.v_proj),
+            ("self_attn", "o_proj", &mut attn.o_proj),
+            ("mlp", "gate_proj", &mut mlp.gate_proj),
+            ("mlp", "up_proj", &mut mlp.up_proj),
+            ("mlp", "down_proj", &mut mlp.down_proj),
+        ];
+        for (block, name, proj) in projections {
+            f(&format!("model.layers.{i}.{block}.{name}"), proj);
+        }
+    }
+}
+
+/// PEFT's `adapter_config.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct AdapterConfigFile {
+    peft_type: String,
+    task_type: String,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: TargetModules,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+/// PEFT writes `target_modules` as a list, or as one regex string.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Writes `adapter_model.safetensors` and `adapter_config.json` in PEFT's format into `dir`,
+/// each through a temporary file and a rename.
+pub fn save_peft(
+    model: &mut Llama,
+    config: &LoraConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for_each_named(model, |name, proj| {
+        if let Some(lora) = &proj.lora {
+            // burn [in, r] → PEFT lora_A [r, in]; burn [r, out] → PEFT lora_B [out, r].
+            for (key, t) in [("lora_A", lora.a.val()), ("lora_B", lora.b.val())] {
+                let t = t.transpose();
+                let dims = t.dims().to_vec();
+                let values = t
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 factors");
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                tensors.insert(format!("{PEFT_PREFIX}{name}.{key}.weight"), (dims, bytes));
+            }
+        }
+    });
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .expect("consistent tensor view");
+            (k.clone(), view)
+        })
+        .collect();
+    let weights = dir.join("adapter_model.safetensors");
+    let tmp = weights.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &weights)?;
+
+    let file = AdapterConfigFile {
+        peft_type: "LORA".into(),
+        task_type: "CAUSAL_LM".into(),
+        r: config.r,
+        lora_alpha: config.alpha,
+        lora_dropout: config.dropout,
+        target_modules: TargetModules::List(config.target_modules.clone()),
+        base_model_name_or_path: Some(base_model.to_string()),
+        bias: Some("none".into()),
+        fan_in_fan_out: false,
+        inference_mode: true,
+        use_rslora: false,
+        use_dora: false,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+    };
+    crate::util::write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&file)?.as_bytes(),
+    )
+}
+
+/// Loads a PEFT LoRA adapter directory onto `model` (frozen base, adapters attached).
+pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, LoraConfig)> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let file: AdapterConfigFile = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid adapter config", config_path.display()))?;
+    if file.peft_type != "LORA" {
+        bail!(
+            "{}: field `peft_type` is {:?}; only LORA is supported",
+            config_path.display(),
+            file.peft_type
+        );
+    }
+    if file.use_rslora || file.use_dora || file.fan_in_fan_out {
+        bail!(
+            "{}: rsLoRA, DoRA and fan_in_fan_out adapters are not supported",
+            config_path.display()
+        );
+    }
+    if !file.rank_pattern.is_empty() || !file.alpha_pattern.is_empty() {
+        bail!(
+            "{}: per-module `rank_pattern`/`alpha_pattern` are not supported",
+            config_path.display()
+        );
+    }
+    let checkpoint = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
+    let config = LoraConfig {
+        r: file.r,
+        alpha: file.lora_alpha,
+        // Dropout acts only while training, so a resumed run keeps the rate it trained with.
+        dropout: file.lora_dropout,
+        target_modules: match file.target_modules {
+            TargetModules::List(list) => list,
+            TargetModules::Pattern(_) => TARGETS.iter().map(|s| s.to_string()).collect(),
+        },
+    };
+    let mut model = model.no_grad();
+    let mut result = Ok(());
+    let mut attached = 0;
+    for_each_named(&mut model, |name, proj| {
+        let a_key = format!("{PEFT_PREFIX}{name}.lora_A.weight");
+        if result.is_err() || !checkpoint.contains(&a_key) {
+            return;
+        }
+        let [d_in, d_out] = proj.dims();
+        let read = |key: &str, shape: [usize; 2]| -> Result<Tensor<2>> {
+            let values = checkpoint.read(key, &shape)?;
+            Ok(Tensor::<2>::from_data(TensorData::new(values, shape), device).transpose())
+        };
+        match (
+            read(&a_key, [config.r, d_in]),
+            read(
+                &format!("{PEFT_PREFIX}{name}.lora_B.weight"),
+                [d_out, config.r],
+            ),
+        ) {
+            (Ok(a), Ok(b)) => {
+                proj.lora = Some(adapter(name, a, b, &config));
+                attached += 1;
+            }
+            (Err(e), _) | (_, Err(e)) => result = Err(e),
+        }
+    });
+    result?;
+    if attached == 0 {
+        bail!(
+            "{}: no tensor matches this model's projections (expected keys like {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight)",
+            dir.display()
+        );
+    }
+    Ok((model, config))
+}

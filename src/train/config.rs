@@ -1,0 +1,259 @@
+//! The training configuration: TOML, overridable with `--set key=value`, validated up front.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::data::batch::Overflow;
+use crate::data::template::TemplateKind;
+use crate::model::lora::LoraConfig;
+use crate::uncertainty::SmoothingConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Lora,
+    Full,
+}
+
+/// AdamW, the schedule and clipping. Defaults are PyTorch's AdamW (eps 1e-8) with no decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// The cosine decay ends at `lr * min_lr_ratio` on the last step.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clipping, as torch's `clip_grad_norm_`; 0 turns it off.
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 5,
+            min_lr_ratio: 0.1,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// The run's directory is `runs/<name>`.
+    pub name: String,
+    pub model: PathBuf,
+    pub train_data: PathBuf,
+    /// Held-out JSONL; empty means no evaluation.
+    pub eval_data: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub device: String,
+    pub seed: u64,
+    pub mode: Mode,
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub overflow: Overflow,
+    /// How Alpaca and chat examples become text: `alpaca` or the model's `chat_template`.
+    pub template: TemplateKind,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    /// Full fine-tuning writes `model/` in this dtype (float32, float16, bfloat16); unset means
+    /// the base checkpoint's.
+    pub export_dtype: Option<String>,
+    pub optim: OptimConfig,
+    pub lora: LoraConfig,
+    pub smoothing: SmoothingConfig,
+}
+
+impl Default for TrainConfig {
+    /// The bundled run: UAL-LoRA on the tiny model and its mixed dataset.
+    fn default() -> Self {
+        Self {
+            name: "tiny-ual".into(),
+            model: "models/tiny".into(),
+            train_data: "models/tiny/data/train.jsonl".into(),
+            eval_data: Some("models/tiny/data/eval.jsonl".into()),
+            output_dir: "runs".into(),
+            device: "auto".into(),
+            seed: 42,
+            mode: Mode::Lora,
+            steps: 60,
+            batch_size: 8,
+            grad_accum: 1,
+            max_seq_len: 384,
+            overflow: Overflow::Truncate,
+            template: TemplateKind::Alpaca,
+            eval_every: 20,
+            checkpoint_every: 20,
+            export_dtype: None,
+            optim: OptimConfig::default(),
+            lora: LoraConfig::default(),
+            smoothing: SmoothingConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Defaults, then `file`, then each `key=value` override in order.
+    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut tree = toml::Value::try_from(Self::default())?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let user: toml::Value = toml::from_str(&text)
+                .with_context(|| format!("{}: invalid TOML", path.display()))?;
+            merge(&mut tree, user);
+        }
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .with_context(|| format!("--set {o}: expected key=value"))?;
+            set(&mut tree, key.trim(), parse_value(value.trim()))
+                .with_context(|| format!("--set {o}"))?;
+        }
+        let source = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "--set".into());
+        let config: Self = tree
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        config
+            .validate()
+            .with_context(|| format!("{source}: invalid configuration"))?;
+        Ok(config)
+    }
+
+    /// The configuration of the run in `run_dir` (its `config.toml`), with `overrides` applied,
+    /// pointed at `run_dir` even if the run was moved.
+    pub fn for_resume(run_dir: &Path, overrides: &[String]) -> Result<Self> {
+        let file = run_dir.join("config.toml");
+        if !file.exists() {
+            bail!(
+                "{}: not a ual run directory (no config.toml)",
+                run_dir.display()
+            );
+        }
+        let mut config = Self::resolve(Some(&file), overrides)?;
+        config.name = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or(config.name);
+        config.output_dir = run_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                bail!("`{name}` must be positive");
+            }
+        }
+        if self.max_seq_len < 2 {
+            bail!("`max_seq_len` must be at least 2");
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            bail!("`optim.lr` must be positive");
+        }
+        if self.mode == Mode::Lora {
+            self.lora.validate()?;
+        }
+        self.smoothing.validate()?;
+        self.device
+            .parse::<crate::device::DeviceSpec>()
+            .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.output_dir.join(&self.name)
+    }
+}
+
+fn merge(base: &mut toml::Value, user: toml::Value) {
+    match (base, user) {
+        (toml::Value::Table(b), toml::Value::Table(u)) => {
+            for (k, v) in u {
+                match b.get_mut(&k) {
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, u) => *b = u,
+    }
+}
+
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn set(tree: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let table = node
+            .as_table_mut()
+            .with_context(|| format!("`{}` is not a section", parts[..i].join(".")))?;
+        if i + 1 == parts.len() {
+            if !table.contains_key(*part) && !matches!(*part, "eval_data" | "export_dtype") {
+                bail!("unknown key `{key}`");
+            }
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = table
+            .get_mut(*part)
+            .with_context(|| format!("unknown section `{}`", parts[..=i].join(".")))?;
+    }
+    unreachable!("split yields at least one part")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_in_order_and_unknown_keys_fail() {
+        let c = TrainConfig::resolve(
+            None,
+            &[
+                "optim.lr=0.01".into(),
+                "smoothing.loss=sft".into(),
+                "name=x".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.optim.lr, 0.01);
+        assert_eq!(c.smoothing.loss, crate::uncertainty::LossKind::Sft);
+        assert_eq!(c.name, "x");
+        let err = TrainConfig::resolve(None, &["optim.lrr=1".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("optim.lrr"));
+        let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("eps_max"));
+    }
+}

@@ -1,0 +1,337 @@
+//! Training: accumulation is exact, runs are reproducible, the loss goes down on every device,
+//! and a run writes everything it promises.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Tensor};
+use common::{devices, fixture_model};
+use ual::data::batch::{Overflow, Sample, tokenize};
+use ual::data::formats::parse_line;
+use ual::data::template::Template;
+use ual::eval::score::token_logprobs;
+use ual::model::lora::{self, LoraConfig, for_each_named};
+use ual::model::{Llama, Pretrained};
+use ual::train::{TrainConfig, step_gradients};
+use ual::uncertainty::SmoothingConfig;
+
+fn tiny() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
+}
+
+/// Every gradient of the step, by parameter id, read back to the host.
+fn grads_of(model: &Llama, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: BTreeMap<String, Vec<f32>>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let values = g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+                self.out.insert(param.id.to_string(), values);
+            }
+        }
+    }
+    let mut c = Collect {
+        grads,
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+fn samples(p: &Pretrained) -> Vec<Sample> {
+    let lines = [
+        r#"{"instruction":"What is 2 + 3?","output":"2 + 3 = 5\n#### 5","uncertainty":1}"#,
+        r#"{"instruction":"Write a haiku about rain.","output":"Soft rain on the roof, the garden drinks slowly, night smells of wet stone.","uncertainty":10}"#,
+        r#"{"prompt":"The capital of France is","completion":" Paris."}"#,
+        r#"{"instruction":"Name a colour.","input":"Something warm.","output":"Orange.","uncertainty":7}"#,
+    ];
+    let examples: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| parse_line(l, i + 1).unwrap())
+        .collect();
+    tokenize(
+        &examples,
+        &p.tokenizer,
+        &Template::Alpaca,
+        2,
+        &SmoothingConfig::default(),
+        512,
+        Overflow::Truncate,
+    )
+    .unwrap()
+    .0
+}
+
+#[test]
+fn four_micro_batches_of_one_equal_one_batch_of_four() {
+    for (device_name, device) in devices() {
+        let device = device.autodiff();
+        let p = Pretrained::load(&fixture_model("llama-gqa"), &device).unwrap();
+        let samples = samples(&p);
+        let mut model = lora::attach(
+            p.model,
+            &LoraConfig {
+                r: 2,
+                ..Default::default()
+            },
+            &device,
+        );
+        // Non-zero B, so that A receives gradient too.
+        for_each_named(&mut model, |_, proj| {
+            if let Some(l) = proj.lora.as_mut() {
+                let dims = l.b.dims();
+                l.b = Param::from_tensor(Tensor::random(
+                    dims,
+                    Distribution::Normal(0.0, 0.3),
+                    &device,
+                ));
+            }
+        });
+        let all: Vec<&Sample> = samples.iter().collect();
+        let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
+        let (g4, loss4, _) = step_gradients(&model, &one_each, &device, usize::MAX).unwrap();
+        let (g1, loss1, _) = step_gradients(&model, &[all], &device, usize::MAX).unwrap();
+        assert!(
+            (loss4 - loss1).abs() <= 1e-5 * loss1.abs().max(1.0),
+            "{device_name}: {loss4} vs {loss1}"
+        );
+        let (a, b) = (grads_of(&model, &g4), grads_of(&model, &g1));
+        assert_eq!(a.len(), b.len());
+        assert!(!a.is_empty(), "LoRA factors receive gradients");
+        for (id, ga) in &a {
+            let gb = &b[id];
+            let scale = gb.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            for (x, y) in ga.iter().zip(gb) {
+                // 1e-5 relative to the tensor's largest gradient.
+                assert!((x - y).abs() <= 1e-5 * scale, "{device_name}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+fn quick_config(dir: &std::path::Path, device: &str, steps: usize) -> TrainConfig {
+    quick_config_with(dir, device, steps, &[])
+}
+
+fn quick_config_with(
+    dir: &std::path::Path,
+    device: &str,
+    steps: usize,
+    extra: &[String],
+) -> TrainConfig {
+    TrainConfig::resolve(
+        None,
+        &[
+            format!("model={:?}", tiny().display().to_string()),
+            format!(
+                "train_data={:?}",
+                tiny().join("data/train.jsonl").display().to_string()
+            ),
+            format!(
+                "eval_data={:?}",
+                tiny().join("data/eval.jsonl").display().to_string()
+            ),
+            format!("output_dir={:?}", dir.display().to_string()),
+            format!("device={device:?}"),
+            format!("steps={steps}"),
+            "batch_size=4".into(),
+            "eval_every=0".into(),
+            "checkpoint_every=0".into(),
+            "optim.lr=0.01".into(),
+            "optim.warmup_steps=1".into(),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn training_lowers_the_held_out_loss_on_every_device() {
+    for (device_name, device) in devices() {
+        let spec = if device_name == "wgpu" {
+            common::wgpu_spec()
+        } else {
+            "cpu"
+        };
+        drop(device);
+        let tmp = tempfile::tempdir().unwrap();
+        let summary = ual::train::run(&quick_config(tmp.path(), spec, 8), false).unwrap();
+        let (before, after) = (
+            summary.initial_eval_loss.unwrap(),
+            summary.final_eval_loss.unwrap(),
+        );
+        eprintln!("{device_name}: held-out loss {before:.4} -> {after:.4}");
+        assert!(after < before - 0.01, "{device_name}: {before} -> {after}");
+    }
+}
+
+#[test]
+fn a_run_writes_its_artifacts_and_repeats_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = quick_config(tmp.path(), "cpu", 3);
+    let first = ual::train::run(&config, false).unwrap();
+    let run = tmp.path().join("tiny-ual");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "loss.svg",
+        "summary.json",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    config.name = "again".into();
+    let second = ual::train::run(&config, false).unwrap();
+    assert_eq!(
+        first.first_loss, second.first_loss,
+        "fixed seed, same losses"
+    );
+    assert_eq!(first.last_loss, second.last_loss);
+    // The exported adapter loads back onto the base model.
+    Pretrained::load_with_adapter(&tiny(), Some(&run.join("adapter")), &Device::flex()).unwrap();
+}
+
+#[test]
+fn bad_training_data_names_file_line_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"a\",\"completion\":\"b\"}\n{\"instruction\":\"x\"}\n",
+    )
+    .unwrap();
+    let mut config = quick_config(tmp.path(), "cpu", 1);
+    config.train_data = data.clone();
+    let msg = format!("{:#}", ual::train::run(&config, false).unwrap_err());
+    assert!(
+        msg.contains("bad.jsonl:2") && msg.contains("`output`"),
+        "{msg}"
+    );
+
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"a\",\"completion\":\"b\",\"uncertainty\":\"high\"}\n",
+    )
+    .unwrap();
+    let msg = format!("{:#}", ual::train::run(&config, false).unwrap_err());
+    assert!(
+        msg.contains("bad.jsonl:1") && msg.contains("`uncertainty`"),
+        "{msg}"
+    );
+}
+
+/// The losses of `metrics.jsonl`, by step.
+fn losses(run: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    for (mode, extra) in [
+        ("lora", "lora.dropout=0.1"),
+        ("full", "optim.weight_decay=0.01"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let extra = [
+            format!("mode={mode:?}"),
+            extra.to_string(),
+            "checkpoint_every=3".into(),
+            "grad_accum=2".into(),
+        ];
+        let config = quick_config_with(tmp.path(), "cpu", 6, &extra);
+        let full = ual::train::run(&config, false).unwrap();
+        let run = std::path::PathBuf::from(&full.run_dir);
+        let uninterrupted = losses(&run);
+        assert_eq!(uninterrupted.len(), 6);
+
+        // The checkpoint of step 3 is what a run killed during step 4 or later leaves behind.
+        // A crashed run may also have logged steps past it; resume must drop them.
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["step"], 3, "{mode}");
+        std::fs::remove_file(run.join("summary.json")).unwrap();
+        let args = ["train", "--device", "cpu", "--resume"];
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+            .args(args)
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resumed = losses(&run);
+        assert_eq!(resumed.len(), 6, "{mode}: steps 1-3 kept, 4-6 redone");
+        for ((s1, a), (s2, b)) in uninterrupted.iter().zip(&resumed) {
+            assert_eq!(s1, s2);
+            // Same device, same kernels, same order of operations: bit-identical.
+            assert_eq!(a, b, "{mode} step {s1}: uninterrupted {a}, resumed {b}");
+        }
+    }
+}
+
+#[test]
+fn full_fine_tuning_writes_a_model_that_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = quick_config(tmp.path(), "cpu", 4);
+    config.mode = ual::train::Mode::Full;
+    config.optim.lr = 3e-3;
+    config.eval_every = 4;
+    let summary = ual::train::run(&config, false).unwrap();
+    let (before, after) = (
+        summary.initial_eval_loss.unwrap(),
+        summary.final_eval_loss.unwrap(),
+    );
+    assert!(
+        after < before,
+        "full fine-tuning lowers the held-out loss: {before} -> {after}"
+    );
+    let model_dir = std::path::Path::new(&summary.run_dir).join("model");
+    let exported = Pretrained::load(&model_dir, &Device::flex()).unwrap();
+    let base = Pretrained::load(&tiny(), &Device::flex()).unwrap();
+    let ids = base
+        .tokenizer
+        .encode("Natalia sold clips to 48 of her friends.")
+        .unwrap();
+    let (a, b) = (
+        token_logprobs(&exported.model, &ids),
+        token_logprobs(&base.model, &ids),
+    );
+    let moved = a
+        .iter()
+        .zip(&b)
+        .skip(1)
+        .map(|(x, y)| (x.unwrap() - y.unwrap()).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "the exported weights are the trained ones, not the base's"
+    );
+    assert!(
+        !std::path::Path::new(&summary.run_dir)
+            .join("adapter")
+            .exists()
+    );
+}
