@@ -55,7 +55,7 @@ fn exported_adapter_reloads_to_identical_logits() {
         alpha: 6.0,
         ..Default::default()
     };
-    let mut model = lora::attach(p.model, &config, &device);
+    let mut model = lora::attach(p.model, &config, 0, &device);
     // Fresh adapters have B = 0; give B values so the export is not trivially the base.
     for_each_named(&mut model, |_, proj| {
         if let Some(l) = proj.lora.as_mut() {
@@ -145,7 +145,7 @@ fn merge_keeps_the_base_dtype() {
         alpha: 4.0,
         ..Default::default()
     };
-    let mut model = lora::attach(p.model, &config, &device);
+    let mut model = lora::attach(p.model, &config, 0, &device);
     let adapter = tmp.path().join("adapter");
     lora::save_peft(&mut model, &config, "llama-tied-bf16", &adapter).unwrap();
     let output = tmp.path().join("merged");

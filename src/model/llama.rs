@@ -206,7 +206,7 @@ pub(crate) fn param<const D: usize>(name: &str, t: Tensor<D>) -> Param<Tensor<D>
 }
 
 /// FNV-1a: a fixed hash, unlike std's randomly keyed one.
-fn stable_id(name: &str) -> u64 {
+pub(crate) fn stable_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })

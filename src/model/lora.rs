@@ -10,10 +10,12 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::llama::{Llama, param};
+use super::llama::{Llama, param, stable_id};
 use super::load::Checkpoint;
 
 /// The projections LoRA may target, by their Hugging Face names.
@@ -121,16 +123,19 @@ impl LoraConfig {
 
 /// Freezes the base model and attaches fresh adapters with PEFT's initialisation: A
 /// Kaiming-uniform (bound 1/√in), B zero, so training starts from the base model exactly.
-pub fn attach(model: Llama, config: &LoraConfig, device: &Device) -> Llama {
+///
+/// A is drawn on the host from `seed` and the module's name, so a run starts from the same
+/// adapters on every device and whatever else the process is doing with the device's RNG.
+pub fn attach(model: Llama, config: &LoraConfig, seed: u64, device: &Device) -> Llama {
     let mut model = model.no_grad();
     for_each_target(&mut model, config, |name, proj| {
         let [d_in, d_out] = proj.dims();
-        let bound = 1.0 / (d_in as f64).sqrt();
-        let a = Tensor::random(
-            [d_in, config.r],
-            Distribution::Uniform(-bound, bound),
-            device,
-        );
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let mut rng = StdRng::seed_from_u64(seed ^ stable_id(name));
+        let values: Vec<f32> = (0..d_in * config.r)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Tensor::from_data(TensorData::new(values, [d_in, config.r]), device);
         let b = Tensor::zeros([config.r, d_out], device);
         proj.lora = Some(adapter(name, a, b, config));
     });

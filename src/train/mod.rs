@@ -136,7 +136,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .first()
         .context("config.json: field `eos_token_id` is required for training")?;
     let mut model = match (config.mode, &state) {
-        (Mode::Lora, None) => lora::attach(model, &config.lora, &device),
+        (Mode::Lora, None) => lora::attach(model, &config.lora, config.seed, &device),
         (Mode::Lora, Some(_)) => lora::load_peft(model, &checkpoint_dir, &device)?.0,
         (Mode::Full, _) => model,
     };
