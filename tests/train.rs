@@ -199,7 +199,11 @@ fn training_lowers_the_loss_on_every_device() {
         let tmp = tempfile::tempdir().unwrap();
         // UAL-LoRA steps on one batch holding the whole held-out set: its loss must fall.
         let eval = tiny().join("data/eval.jsonl").display().to_string();
-        let extra = [format!("train_data={eval:?}"), "batch_size=64".into(), "max_seq_len=64".into()];
+        let extra = [
+            format!("train_data={eval:?}"),
+            "batch_size=64".into(),
+            "max_seq_len=64".into(),
+        ];
         let summary =
             ual::train::run(&quick_config_with(tmp.path(), spec, 4, &extra), false).unwrap();
         let (before, after) = (

@@ -43,13 +43,55 @@ impl Attention {
         let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
         let v = self.repeat_kv(v);
 
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = scores
-            + mask
-                .clone()
+        self.attend(
+            q,
+            k,
+            v,
+            mask.clone()
                 .unsqueeze::<4>()
-                .expand([b, self.num_heads, s, s]);
+                .expand([b, self.num_heads, s, s]),
+        )
+    }
+
+    /// Attention for `n` new tokens whose keys and values join `cache` at slots
+    /// `start..start + n`; `mask: [batch, 1, n, start + n]` is additive over the cached slots.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        mask: &Tensor<4>,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Tensor<3> {
+        let [b, n, _] = x.dims();
+        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = RotaryHalf::apply_batched(q, &rope.0, &rope.1);
+        let k = RotaryHalf::apply_batched(k, &rope.0, &rope.1);
+        let slots = [
+            0..b,
+            0..self.num_kv_heads,
+            start..start + n,
+            0..self.head_dim,
+        ];
+        cache.keys = cache.keys.clone().slice_assign(slots.clone(), k);
+        cache.values = cache.values.clone().slice_assign(slots, v);
+        let k = self.repeat_kv(cache.keys.clone().narrow(2, 0, start + n));
+        let v = self.repeat_kv(cache.values.clone().narrow(2, 0, start + n));
+        self.attend(
+            q,
+            k,
+            v,
+            mask.clone().expand([b, self.num_heads, n, start + n]),
+        )
+    }
+
+    /// softmax(q·kᵀ/√d + mask)·v, heads merged and projected.
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
+        let [b, _, s, _] = q.dims();
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
         let context = softmax(scores, 3).matmul(v);
         let context = context
             .swap_dims(1, 2)
@@ -74,6 +116,13 @@ impl Attention {
             .expand([b, kv, group, s, d])
             .reshape([b, kv * group, s, d])
     }
+}
+
+/// One layer's preallocated keys and values, `[batch, kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    pub keys: Tensor<4>,
+    pub values: Tensor<4>,
 }
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
@@ -101,6 +150,25 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        mask: &Tensor<4>,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self.self_attn.forward_cached(
+                self.input_layernorm.forward(x),
+                rope,
+                mask,
+                cache,
+                start,
+            );
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -162,6 +230,26 @@ impl Llama {
         shape[D - 2] = h;
         shape[D - 1] = v;
         w.reshape(shape)
+    }
+
+    /// Final-norm hidden states `[batch, n, hidden]` of `n` new tokens stored at cache slots
+    /// `start..start + n`, at rotary `positions` (row-major `[batch, n]`), under the additive
+    /// `mask: [batch, 1, n, start + n]`.
+    pub fn hidden_states_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: &[usize],
+        mask: &Tensor<4>,
+        cache: &mut [LayerCache],
+        start: usize,
+    ) -> Tensor<3> {
+        let [b, _] = ids.dims();
+        let rope = self.rope.tables_at(positions, b, &ids.device());
+        let mut x = self.embed_tokens.forward(ids);
+        for (layer, layer_cache) in self.layers.iter().zip(cache) {
+            x = layer.forward_cached(x, &rope, mask, layer_cache, start);
+        }
+        self.norm.forward(x)
     }
 
     /// Logits `[batch, len, vocab]` for right-padded `ids`.

@@ -1,6 +1,7 @@
 //! LLaMA-family models loaded from Hugging Face directories.
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod load;
 pub mod lora;

@@ -47,6 +47,42 @@ impl RotaryHalf {
         )
     }
 
+    /// cos and sin tables `[batch, 1, len, head_dim]` for per-sequence `positions` (row-major
+    /// `[batch, len]`), as decoding with left padding needs.
+    pub fn tables_at(
+        &self,
+        positions: &[usize],
+        batch: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let len = positions.len() / batch.max(1);
+        let d = 2 * self.inv_freq.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * d),
+            Vec::with_capacity(positions.len() * d),
+        );
+        for &pos in positions {
+            for _ in 0..2 {
+                cos.extend(self.inv_freq.iter().map(|f| (pos as f32 * f).cos()));
+                sin.extend(self.inv_freq.iter().map(|f| (pos as f32 * f).sin()));
+            }
+        }
+        let shape = [batch, 1, len, d];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
+    /// Rotates `x: [batch, heads, len, head_dim]` by per-sequence tables `[batch, 1, len, head_dim]`.
+    pub fn apply_batched(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let [b, h, s, d] = x.dims();
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone().expand([b, h, s, d]) + rotated * sin.clone().expand([b, h, s, d])
+    }
+
     /// Rotates `x: [batch, heads, len, head_dim]` by the tables of `tables`.
     pub fn apply(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
         let [b, h, s, d] = x.dims();
