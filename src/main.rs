@@ -93,9 +93,126 @@ enum Command {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// Continue prompts with a model, streaming the text as it is produced.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A prompt, asked in the training template unless --raw.
+        #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+        prompt: Option<String>,
+        /// A JSONL file of Alpaca, chat or prompt/completion lines; writes one JSON line each.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Where file mode writes its JSONL (default: stdout).
+        #[arg(long, requires = "input")]
+        output: Option<PathBuf>,
+        /// Use --prompt as it is, without the template.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        decoding: DecodingArgs,
+    },
+    /// Evaluate a model; writes JSON.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Measure performance; prints JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// A model directory, an optional adapter, the prompt template and the device.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply (unmerged).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// How prompts are written: alpaca (as `ual train` by default) or chat_template.
+    #[arg(long, default_value = "alpaca")]
+    template: ual::data::template::TemplateKind,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(Pretrained, ual::data::template::Template)> {
+        let selected = device::select(self.device.device)?;
+        eprintln!("device: {}", selected.description);
+        let pretrained = Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
+        let template = ual::data::template::Template::load(self.template, &self.model)?;
+        Ok((pretrained, template))
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct DecodingArgs {
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the text contains this; repeat for several.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Recompute the whole prefix for every token (slow; for comparison).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl DecodingArgs {
+    fn config(&self) -> ual::model::generate::GenerationConfig {
+        ual::model::generate::GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            use_cache: !self.no_cache,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Exact-match accuracy of greedy answers on GSM8K.
+    Gsm8k {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// GSM8K-format JSONL ({"question", "answer"}).
+        #[arg(long, default_value = "data/gsm8k/test.jsonl")]
+        data: PathBuf,
+        /// Where few-shot exemplars come from.
+        #[arg(long, default_value = "data/gsm8k/train.jsonl")]
+        train: PathBuf,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Worked examples shown before each question.
+        #[arg(long, default_value_t = 0)]
+        shots: usize,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Write the JSON report here too (atomically).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Mean response NLL, perplexity and UAL loss, overall and by uncertainty bucket.
+    Loss {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        max_seq_len: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +226,17 @@ enum BenchCommand {
         /// Timed steps per implementation, after one warm-up step.
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Decoding speed with and without the KV cache, in one run.
+    Decode {
+        #[arg(long, default_value = "models/tiny")]
+        model: PathBuf,
+        #[arg(long, default_value = "Natalia sold clips to 48 of her friends in April")]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -142,6 +270,63 @@ fn run(cli: Cli) -> Result<()> {
             };
             let summary = ual::train::run(&config, resume.is_some())?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Generate { model, prompt, input, output, raw, decoding } => {
+            let (pretrained, template) = model.load()?;
+            let config = decoding.config();
+            match (prompt, input) {
+                (Some(prompt), _) => generate_one(&pretrained, &template, &prompt, raw, &config),
+                (None, Some(input)) => generate_file(&pretrained, &template, &input, output.as_deref(), &config),
+                (None, None) => unreachable!("clap requires --prompt or --input"),
+            }
+        }
+        Command::Eval(EvalCommand::Gsm8k { model, data, train, limit, shots, max_new_tokens, output }) => {
+            let (pretrained, template) = model.load()?;
+            let mut items = ual::eval::gsm8k::read_items(&data)?;
+            items.truncate(limit.unwrap_or(usize::MAX));
+            let mut exemplars = if shots > 0 { ual::eval::gsm8k::read_items(&train)? } else { Vec::new() };
+            exemplars.truncate(shots);
+            let name = data.display().to_string();
+            let report = ual::eval::gsm8k::evaluate(&pretrained, &template, &items, &exemplars, max_new_tokens, &name)?;
+            let json = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = output {
+                ual::util::write_atomic(&path, json.as_bytes())?;
+            }
+            println!("{json}");
+            eprintln!("accuracy {:.2}% ({}/{})", 100.0 * report.accuracy, report.correct, report.total);
+            Ok(())
+        }
+        Command::Eval(EvalCommand::Loss { model, data, max_seq_len }) => {
+            use anyhow::Context;
+            let (pretrained, template) = model.load()?;
+            let examples = ual::data::formats::read_jsonl(&data)?;
+            let eos = *pretrained.config.eos_token_ids.first().context("config.json: field `eos_token_id` is required")?;
+            let smoothing = ual::uncertainty::SmoothingConfig::default();
+            let (samples, _) = ual::data::batch::tokenize(
+                &examples,
+                &pretrained.tokenizer,
+                &template,
+                eos,
+                &smoothing,
+                max_seq_len,
+                ual::data::batch::Overflow::Truncate,
+            )
+            .with_context(|| data.display().to_string())?;
+            let progress = indicatif::ProgressBar::new(samples.len() as u64);
+            let report = ual::eval::heldout::evaluate_loss(&pretrained.model, &samples, &data.display().to_string(), || {
+                progress.inc(1)
+            })?;
+            progress.finish_and_clear();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Decode { model, prompt, tokens, device }) => {
+            let selected = device::select(device.device)?;
+            eprintln!("device: {}", selected.description);
+            let pretrained = Pretrained::load(&model, &selected.device)?;
+            let report = ual::bench::decode(&pretrained, &prompt, tokens, &selected.description)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Merge {
@@ -206,6 +391,80 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Streams one continuation of `prompt` to stdout.
+fn generate_one(
+    pretrained: &Pretrained,
+    template: &ual::data::template::Template,
+    prompt: &str,
+    raw: bool,
+    config: &ual::model::generate::GenerationConfig,
+) -> Result<()> {
+    use std::io::Write;
+    let (text, special) = if raw {
+        (prompt.to_string(), true)
+    } else {
+        let messages = [ual::data::formats::Message::new("user", prompt)];
+        (template.prompt(&messages)?, !template.prompt_has_special_tokens())
+    };
+    let ids = pretrained.tokenizer.encode_with(&text, special)?;
+    let eos = pretrained.config.eos_token_ids.clone();
+    let mut stdout = std::io::stdout();
+    let out = ual::model::generate::generate(&pretrained.model, &pretrained.tokenizer, &eos, &[ids], config, |_, piece| {
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
+    println!();
+    eprintln!("({} tokens, {:?})", out[0].ids.len(), out[0].finish);
+    Ok(())
+}
+
+/// One JSON line per input line: the prompt as the model saw it and its continuation.
+fn generate_file(
+    pretrained: &Pretrained,
+    template: &ual::data::template::Template,
+    input: &std::path::Path,
+    output: Option<&std::path::Path>,
+    config: &ual::model::generate::GenerationConfig,
+) -> Result<()> {
+    use ual::data::formats::{Body, Message};
+    let examples = ual::data::formats::read_jsonl(input)?;
+    let eos = pretrained.config.eos_token_ids.clone();
+    let progress = indicatif::ProgressBar::new(examples.len() as u64);
+    let mut lines = String::new();
+    for (index, example) in examples.iter().enumerate() {
+        let (prompt, special) = match &example.body {
+            Body::Completion { prompt, .. } => (prompt.clone(), true),
+            Body::Alpaca { instruction, input, .. } => {
+                let user = if input.trim().is_empty() { instruction.clone() } else { format!("{instruction}\n\n{input}") };
+                (template.prompt(&[Message::new("user", &user)])?, !template.prompt_has_special_tokens())
+            }
+            Body::Chat { messages } => {
+                // Everything before the last assistant turn is the conversation so far.
+                let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
+                (template.prompt(&messages[..last])?, !template.prompt_has_special_tokens())
+            }
+        };
+        let ids = pretrained.tokenizer.encode_with(&prompt, special)?;
+        let generation =
+            ual::model::generate::generate(&pretrained.model, &pretrained.tokenizer, &eos, &[ids], config, |_, _| {})?
+                .remove(0);
+        let line = serde_json::json!({
+            "index": index, "prompt": prompt, "generation": generation.text, "finish": generation.finish,
+        });
+        match output {
+            Some(_) => lines.push_str(&format!("{line}\n")),
+            None => progress.suspend(|| println!("{line}")),
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    if let Some(path) = output {
+        ual::util::write_atomic(path, lines.as_bytes())?;
+        eprintln!("wrote {} generations to {}", examples.len(), path.display());
+    }
+    Ok(())
 }
 
 /// One JSON line per data line, with the trainer's tokenisation and the paper's ε mapping.

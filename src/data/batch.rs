@@ -33,6 +33,8 @@ pub struct Sample {
     pub smoothing: f32,
     /// 1-based line of the example in its file.
     pub line: usize,
+    /// The example's uncertainty score, if it carries one.
+    pub uncertainty: Option<f64>,
 }
 
 impl Sample {
@@ -100,6 +102,7 @@ pub fn tokenize(
             loss_mask,
             smoothing: smoothing.smoothing(score),
             line: example.line,
+            uncertainty: example.uncertainty,
         };
         summary.response_tokens += sample.response_tokens();
         samples.push(sample);

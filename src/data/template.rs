@@ -119,6 +119,23 @@ impl Template {
         })
     }
 
+    /// The text that asks for the next assistant turn after `messages` (ending with a user
+    /// turn): how generation and evaluation prompt a model the way it was taught.
+    pub fn prompt(&self, messages: &[Message]) -> Result<String> {
+        match self {
+            Self::Alpaca => {
+                let (segments, rest) = alpaca_turns(messages);
+                Ok(segments.iter().map(|s| s.text.as_str()).collect::<String>() + &rest)
+            }
+            Self::Chat(t) => t.render(messages, true),
+        }
+    }
+
+    /// Whether a prompt from [`Template::prompt`] already holds its special tokens.
+    pub fn prompt_has_special_tokens(&self) -> bool {
+        matches!(self, Self::Chat(_))
+    }
+
     /// Whether rendered text already holds the special tokens (chat templates write BOS and EOS
     /// themselves), so the tokenizer must not add them and no EOS is appended.
     pub fn writes_special_tokens(&self, body: &Body) -> bool {
@@ -140,6 +157,11 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
 /// A conversation in Alpaca form: system turns replace the preamble, each user turn is an
 /// instruction, each assistant turn a response, turns separated by a blank line.
 fn alpaca_chat(messages: &[Message]) -> Vec<Segment> {
+    alpaca_turns(messages).0
+}
+
+/// [`alpaca_chat`]'s segments, and the context after the last assistant turn.
+fn alpaca_turns(messages: &[Message]) -> (Vec<Segment>, String) {
     let system: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == "system")
@@ -155,7 +177,6 @@ fn alpaca_chat(messages: &[Message]) -> Vec<Segment> {
         if m.role == "assistant" {
             segments.push(Segment::context(std::mem::take(&mut context)));
             segments.push(Segment::response(m.content.as_str()));
-            context.push_str("\n\n");
         } else {
             context.push_str(&format!(
                 "\n\n### Instruction:\n{}\n\n### Response:\n",
@@ -163,7 +184,7 @@ fn alpaca_chat(messages: &[Message]) -> Vec<Segment> {
             ));
         }
     }
-    segments
+    (segments, context)
 }
 
 /// A Hugging Face chat template with the special-token strings it refers to.

@@ -1,3 +1,5 @@
-//! Evaluation: per-token log-probabilities, and later held-out loss and GSM8K accuracy.
+//! Evaluation: per-token log-probabilities, held-out loss by uncertainty, GSM8K accuracy.
 
+pub mod gsm8k;
+pub mod heldout;
 pub mod score;

@@ -1,0 +1,156 @@
+//! GSM8K: exact-match accuracy of greedy answers, the paper's low-entropy benchmark.
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::data::formats::Message;
+use crate::data::template::Template;
+use crate::model::Pretrained;
+use crate::model::generate::{GenerationConfig, generate};
+
+/// One GSM8K item as the dataset ships it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Item {
+    pub question: String,
+    pub answer: String,
+}
+
+/// One evaluated item.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub question: String,
+    pub gold: String,
+    pub prediction: String,
+    pub extracted: Option<String>,
+    pub correct: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub data: String,
+    pub shots: usize,
+    pub total: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub items: Vec<Record>,
+}
+
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\$?\d[\d,]*(?:\.\d+)?").expect("static pattern"));
+
+/// The final answer of a solution: the number after `####`, else the last number in the text,
+/// normalised (no `$`, no thousands commas, no trailing `.0`).
+pub fn extract_answer(text: &str) -> Option<String> {
+    let tail = text.rsplit_once("####").map(|(_, t)| t);
+    let found = match tail {
+        Some(t) => NUMBER.find(t).or_else(|| NUMBER.find_iter(text).last()),
+        None => NUMBER.find_iter(text).last(),
+    };
+    found.map(|m| normalise(m.as_str()))
+}
+
+fn normalise(number: &str) -> String {
+    let mut n: String = number.chars().filter(|c| !matches!(c, '$' | ',')).collect();
+    if n.contains('.') {
+        n = n.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    if n == "-0" { "0".into() } else { n }
+}
+
+pub fn read_items(path: &Path) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: expected {{\"question\", \"answer\"}}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Greedy answers to the first `limit` items of `data`, prompted in `template` with `shots`
+/// worked examples from `train` as earlier turns.
+pub fn evaluate(
+    model: &Pretrained,
+    template: &Template,
+    items: &[Item],
+    exemplars: &[Item],
+    max_new_tokens: usize,
+    data_name: &str,
+) -> Result<Report> {
+    if items.is_empty() {
+        bail!("{data_name}: no items to evaluate");
+    }
+    let eos = model.config.eos_token_ids.clone();
+    let config = GenerationConfig { max_new_tokens, stop: vec!["\n\n###".into()], ..Default::default() };
+    let progress = ProgressBar::new(items.len() as u64);
+    progress.set_style(
+        ProgressStyle::with_template("gsm8k {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"),
+    );
+    let mut records = Vec::with_capacity(items.len());
+    for item in items {
+        let mut messages = Vec::new();
+        for shot in exemplars {
+            messages.push(Message::new("user", &shot.question));
+            messages.push(Message::new("assistant", &shot.answer));
+        }
+        messages.push(Message::new("user", &item.question));
+        let prompt = template.prompt(&messages)?;
+        let ids = model.tokenizer.encode_with(&prompt, !template.prompt_has_special_tokens())?;
+        let generation = generate(&model.model, &model.tokenizer, &eos, &[ids], &config, |_, _| {})?.remove(0);
+        let gold = extract_answer(&item.answer).with_context(|| format!("{data_name}: gold answer without a number"))?;
+        let extracted = extract_answer(&generation.text);
+        let correct = extracted.as_deref() == Some(gold.as_str());
+        records.push(Record {
+            question: item.question.clone(),
+            gold,
+            prediction: generation.text,
+            extracted,
+            correct,
+        });
+        let right = records.iter().filter(|r| r.correct).count();
+        progress.set_message(format!("accuracy {:.1}%", 100.0 * right as f64 / records.len() as f64));
+        progress.inc(1);
+    }
+    progress.finish();
+    let correct = records.iter().filter(|r| r.correct).count();
+    Ok(Report {
+        data: data_name.to_string(),
+        shots: exemplars.len(),
+        total: records.len(),
+        correct,
+        accuracy: correct as f64 / records.len() as f64,
+        items: records,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_gsm8k_gold_answers() {
+        // Real GSM8K answers (train split).
+        let natalia = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72";
+        assert_eq!(extract_answer(natalia).as_deref(), Some("72"));
+        let weng = "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10";
+        assert_eq!(extract_answer(weng).as_deref(), Some("10"));
+        assert_eq!(extract_answer("... so the total is\n#### 1,200").as_deref(), Some("1200"));
+    }
+
+    #[test]
+    fn extracts_from_messy_model_output() {
+        assert_eq!(extract_answer("The answer is $1,234.50.").as_deref(), Some("1234.5"));
+        assert_eq!(extract_answer("She has 3 apples, then 5, so 8.00 in total").as_deref(), Some("8"));
+        assert_eq!(extract_answer("#### -7 dollars").as_deref(), Some("-7"));
+        assert_eq!(extract_answer("#### \nso 12 + 3 = 15").as_deref(), Some("12"));
+        assert_eq!(extract_answer("no digits here"), None);
+        assert_eq!(extract_answer("x = 1.0, y = 2.50\n#### $3,000.000").as_deref(), Some("3000"));
+    }
+}
