@@ -115,6 +115,9 @@ enum Command {
     /// Evaluate a model; writes JSON.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Analyses from the paper.
+    #[command(subcommand)]
+    Analyze(AnalyzeCommand),
     /// Measure performance; prints JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -179,6 +182,23 @@ impl DecodingArgs {
             use_cache: !self.no_cache,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum AnalyzeCommand {
+    /// Clustering of response-token features by target id, without and with the adapter.
+    Features {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        /// Response tokens measured (the cost grows with its square).
+        #[arg(long, default_value_t = 2000)]
+        max_tokens: usize,
+        /// Directory for features.json and features.svg.
+        #[arg(long, default_value = "runs/features")]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +341,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Analyze(AnalyzeCommand::Features { model, data, max_tokens, output }) => {
+            analyze_features(&model, &data, max_tokens, &output)
+        }
         Command::Bench(BenchCommand::Decode { model, prompt, tokens, device }) => {
             let selected = device::select(device.device)?;
             eprintln!("device: {}", selected.description);
@@ -391,6 +414,41 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Cluster quality of the base model, then of base + adapter when one is given.
+fn analyze_features(args: &ModelArgs, data: &std::path::Path, max_tokens: usize, output: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use ual::eval::features::{cluster_quality, plot, response_features};
+    let base_args = ModelArgs { adapter: None, ..args.clone() };
+    let mut variants = vec![(base_args, "base".to_string())];
+    if let Some(adapter) = &args.adapter {
+        variants.push((args.clone(), format!("base + {}", adapter.display())));
+    }
+    let mut results = Vec::new();
+    for (variant, label) in variants {
+        let (pretrained, template) = variant.load()?;
+        let eos = *pretrained.config.eos_token_ids.first().context("config.json: field `eos_token_id` is required")?;
+        let examples = ual::data::formats::read_jsonl(data)?;
+        let smoothing = ual::uncertainty::SmoothingConfig::default();
+        let overflow = ual::data::batch::Overflow::Truncate;
+        let (samples, _) = ual::data::batch::tokenize(&examples, &pretrained.tokenizer, &template, eos, &smoothing, 2048, overflow)
+            .with_context(|| data.display().to_string())?;
+        let (points, labels) = response_features(&pretrained.model, &samples, max_tokens)?;
+        let quality = cluster_quality(&label, &points, &labels)?;
+        eprintln!("{label}: silhouette {:.4}, intra/inter {:.4}", quality.silhouette, quality.intra_inter_ratio);
+        results.push(quality);
+    }
+    std::fs::create_dir_all(output).with_context(|| format!("cannot create {}", output.display()))?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "metric": "silhouette (Euclidean) and mean intra/inter-class distance of last hidden states, by target id",
+        "data": data.display().to_string(),
+        "results": results,
+    }))?;
+    ual::util::write_atomic(&output.join("features.json"), json.as_bytes())?;
+    plot(&results, &output.join("features.svg"))?;
+    println!("{json}");
+    Ok(())
 }
 
 /// Streams one continuation of `prompt` to stdout.
