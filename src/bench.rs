@@ -178,16 +178,42 @@ pub struct DecodeBench {
 }
 
 /// Greedy-decodes `tokens` tokens after `prompt`, with the cache and without it.
-pub fn decode(model: &crate::model::Pretrained, prompt: &str, tokens: usize, device: &str) -> Result<DecodeBench> {
+pub fn decode(
+    model: &crate::model::Pretrained,
+    prompt: &str,
+    tokens: usize,
+    device: &str,
+) -> Result<DecodeBench> {
     use crate::model::generate::{GenerationConfig, generate};
     let ids = model.tokenizer.encode(prompt)?;
     let run = |use_cache: bool| -> Result<f64> {
-        let config = GenerationConfig { max_new_tokens: tokens, use_cache, ..Default::default() };
+        let config = GenerationConfig {
+            max_new_tokens: tokens,
+            use_cache,
+            ..Default::default()
+        };
         // A short warm-up compiles the kernels of both paths.
-        let warm = GenerationConfig { max_new_tokens: 2, ..config.clone() };
-        generate(&model.model, &model.tokenizer, &[], std::slice::from_ref(&ids), &warm, |_, _| {})?;
+        let warm = GenerationConfig {
+            max_new_tokens: 2,
+            ..config.clone()
+        };
+        generate(
+            &model.model,
+            &model.tokenizer,
+            &[],
+            std::slice::from_ref(&ids),
+            &warm,
+            |_, _| {},
+        )?;
         let start = Instant::now();
-        let out = generate(&model.model, &model.tokenizer, &[], std::slice::from_ref(&ids), &config, |_, _| {})?;
+        let out = generate(
+            &model.model,
+            &model.tokenizer,
+            &[],
+            std::slice::from_ref(&ids),
+            &config,
+            |_, _| {},
+        )?;
         Ok(out[0].ids.len() as f64 / start.elapsed().as_secs_f64())
     };
     let cached = run(true)?;

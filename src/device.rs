@@ -146,10 +146,20 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
     };
     match spec {
         DeviceSpec::Cpu => Ok(cpu()),
+        // A software adapter (lavapipe, WARP) runs shaders on the CPU, slower than flex does the
+        // same work, so `auto` wants a real GPU and otherwise takes the CPU. `wgpu` still
+        // reaches a software adapter, which is how CI exercises the shaders.
         DeviceSpec::Auto => Ok(adapters()
             .into_iter()
+            .filter(|a| a.device_type != "Cpu")
             .find_map(|a| wgpu_device(&a))
-            .unwrap_or_else(cpu)),
+            .unwrap_or_else(|| {
+                let mut selected = cpu();
+                selected
+                    .description
+                    .push_str(" (no hardware wgpu adapter; software ones are slower than flex)");
+                selected
+            })),
         DeviceSpec::Wgpu(n) => {
             let list = adapters();
             let Some(adapter) = list.get(n) else {

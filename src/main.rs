@@ -143,7 +143,8 @@ impl ModelArgs {
     fn load(&self) -> Result<(Pretrained, ual::data::template::Template)> {
         let selected = device::select(self.device.device)?;
         eprintln!("device: {}", selected.description);
-        let pretrained = Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
+        let pretrained =
+            Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
         let template = ual::data::template::Template::load(self.template, &self.model)?;
         Ok((pretrained, template))
     }
@@ -253,7 +254,10 @@ enum BenchCommand {
     Decode {
         #[arg(long, default_value = "models/tiny")]
         model: PathBuf,
-        #[arg(long, default_value = "Natalia sold clips to 48 of her friends in April")]
+        #[arg(
+            long,
+            default_value = "Natalia sold clips to 48 of her friends in April"
+        )]
         prompt: String,
         #[arg(long, default_value_t = 64)]
         tokens: usize,
@@ -292,36 +296,77 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
-        Command::Generate { model, prompt, input, output, raw, decoding } => {
+        Command::Generate {
+            model,
+            prompt,
+            input,
+            output,
+            raw,
+            decoding,
+        } => {
             let (pretrained, template) = model.load()?;
             let config = decoding.config();
             match (prompt, input) {
                 (Some(prompt), _) => generate_one(&pretrained, &template, &prompt, raw, &config),
-                (None, Some(input)) => generate_file(&pretrained, &template, &input, output.as_deref(), &config),
+                (None, Some(input)) => {
+                    generate_file(&pretrained, &template, &input, output.as_deref(), &config)
+                }
                 (None, None) => unreachable!("clap requires --prompt or --input"),
             }
         }
-        Command::Eval(EvalCommand::Gsm8k { model, data, train, limit, shots, max_new_tokens, output }) => {
+        Command::Eval(EvalCommand::Gsm8k {
+            model,
+            data,
+            train,
+            limit,
+            shots,
+            max_new_tokens,
+            output,
+        }) => {
             let (pretrained, template) = model.load()?;
             let mut items = ual::eval::gsm8k::read_items(&data)?;
             items.truncate(limit.unwrap_or(usize::MAX));
-            let mut exemplars = if shots > 0 { ual::eval::gsm8k::read_items(&train)? } else { Vec::new() };
+            let mut exemplars = if shots > 0 {
+                ual::eval::gsm8k::read_items(&train)?
+            } else {
+                Vec::new()
+            };
             exemplars.truncate(shots);
             let name = data.display().to_string();
-            let report = ual::eval::gsm8k::evaluate(&pretrained, &template, &items, &exemplars, max_new_tokens, &name)?;
+            let report = ual::eval::gsm8k::evaluate(
+                &pretrained,
+                &template,
+                &items,
+                &exemplars,
+                max_new_tokens,
+                &name,
+            )?;
             let json = serde_json::to_string_pretty(&report)?;
             if let Some(path) = output {
                 ual::util::write_atomic(&path, json.as_bytes())?;
             }
             println!("{json}");
-            eprintln!("accuracy {:.2}% ({}/{})", 100.0 * report.accuracy, report.correct, report.total);
+            eprintln!(
+                "accuracy {:.2}% ({}/{})",
+                100.0 * report.accuracy,
+                report.correct,
+                report.total
+            );
             Ok(())
         }
-        Command::Eval(EvalCommand::Loss { model, data, max_seq_len }) => {
+        Command::Eval(EvalCommand::Loss {
+            model,
+            data,
+            max_seq_len,
+        }) => {
             use anyhow::Context;
             let (pretrained, template) = model.load()?;
             let examples = ual::data::formats::read_jsonl(&data)?;
-            let eos = *pretrained.config.eos_token_ids.first().context("config.json: field `eos_token_id` is required")?;
+            let eos = *pretrained
+                .config
+                .eos_token_ids
+                .first()
+                .context("config.json: field `eos_token_id` is required")?;
             let smoothing = ual::uncertainty::SmoothingConfig::default();
             let (samples, _) = ual::data::batch::tokenize(
                 &examples,
@@ -334,17 +379,28 @@ fn run(cli: Cli) -> Result<()> {
             )
             .with_context(|| data.display().to_string())?;
             let progress = indicatif::ProgressBar::new(samples.len() as u64);
-            let report = ual::eval::heldout::evaluate_loss(&pretrained.model, &samples, &data.display().to_string(), || {
-                progress.inc(1)
-            })?;
+            let report = ual::eval::heldout::evaluate_loss(
+                &pretrained.model,
+                &samples,
+                &data.display().to_string(),
+                || progress.inc(1),
+            )?;
             progress.finish_and_clear();
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Analyze(AnalyzeCommand::Features { model, data, max_tokens, output }) => {
-            analyze_features(&model, &data, max_tokens, &output)
-        }
-        Command::Bench(BenchCommand::Decode { model, prompt, tokens, device }) => {
+        Command::Analyze(AnalyzeCommand::Features {
+            model,
+            data,
+            max_tokens,
+            output,
+        }) => analyze_features(&model, &data, max_tokens, &output),
+        Command::Bench(BenchCommand::Decode {
+            model,
+            prompt,
+            tokens,
+            device,
+        }) => {
             let selected = device::select(device.device)?;
             eprintln!("device: {}", selected.description);
             let pretrained = Pretrained::load(&model, &selected.device)?;
@@ -417,10 +473,18 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Cluster quality of the base model, then of base + adapter when one is given.
-fn analyze_features(args: &ModelArgs, data: &std::path::Path, max_tokens: usize, output: &std::path::Path) -> Result<()> {
+fn analyze_features(
+    args: &ModelArgs,
+    data: &std::path::Path,
+    max_tokens: usize,
+    output: &std::path::Path,
+) -> Result<()> {
     use anyhow::Context;
     use ual::eval::features::{cluster_quality, plot, response_features};
-    let base_args = ModelArgs { adapter: None, ..args.clone() };
+    let base_args = ModelArgs {
+        adapter: None,
+        ..args.clone()
+    };
     let mut variants = vec![(base_args, "base".to_string())];
     if let Some(adapter) = &args.adapter {
         variants.push((args.clone(), format!("base + {}", adapter.display())));
@@ -428,18 +492,34 @@ fn analyze_features(args: &ModelArgs, data: &std::path::Path, max_tokens: usize,
     let mut results = Vec::new();
     for (variant, label) in variants {
         let (pretrained, template) = variant.load()?;
-        let eos = *pretrained.config.eos_token_ids.first().context("config.json: field `eos_token_id` is required")?;
+        let eos = *pretrained
+            .config
+            .eos_token_ids
+            .first()
+            .context("config.json: field `eos_token_id` is required")?;
         let examples = ual::data::formats::read_jsonl(data)?;
         let smoothing = ual::uncertainty::SmoothingConfig::default();
         let overflow = ual::data::batch::Overflow::Truncate;
-        let (samples, _) = ual::data::batch::tokenize(&examples, &pretrained.tokenizer, &template, eos, &smoothing, 2048, overflow)
-            .with_context(|| data.display().to_string())?;
+        let (samples, _) = ual::data::batch::tokenize(
+            &examples,
+            &pretrained.tokenizer,
+            &template,
+            eos,
+            &smoothing,
+            2048,
+            overflow,
+        )
+        .with_context(|| data.display().to_string())?;
         let (points, labels) = response_features(&pretrained.model, &samples, max_tokens)?;
         let quality = cluster_quality(&label, &points, &labels)?;
-        eprintln!("{label}: silhouette {:.4}, intra/inter {:.4}", quality.silhouette, quality.intra_inter_ratio);
+        eprintln!(
+            "{label}: silhouette {:.4}, intra/inter {:.4}",
+            quality.silhouette, quality.intra_inter_ratio
+        );
         results.push(quality);
     }
-    std::fs::create_dir_all(output).with_context(|| format!("cannot create {}", output.display()))?;
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "metric": "silhouette (Euclidean) and mean intra/inter-class distance of last hidden states, by target id",
         "data": data.display().to_string(),
@@ -464,15 +544,25 @@ fn generate_one(
         (prompt.to_string(), true)
     } else {
         let messages = [ual::data::formats::Message::new("user", prompt)];
-        (template.prompt(&messages)?, !template.prompt_has_special_tokens())
+        (
+            template.prompt(&messages)?,
+            !template.prompt_has_special_tokens(),
+        )
     };
     let ids = pretrained.tokenizer.encode_with(&text, special)?;
     let eos = pretrained.config.eos_token_ids.clone();
     let mut stdout = std::io::stdout();
-    let out = ual::model::generate::generate(&pretrained.model, &pretrained.tokenizer, &eos, &[ids], config, |_, piece| {
-        let _ = write!(stdout, "{piece}");
-        let _ = stdout.flush();
-    })?;
+    let out = ual::model::generate::generate(
+        &pretrained.model,
+        &pretrained.tokenizer,
+        &eos,
+        &[ids],
+        config,
+        |_, piece| {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        },
+    )?;
     println!();
     eprintln!("({} tokens, {:?})", out[0].ids.len(), out[0].finish);
     Ok(())
@@ -494,20 +584,41 @@ fn generate_file(
     for (index, example) in examples.iter().enumerate() {
         let (prompt, special) = match &example.body {
             Body::Completion { prompt, .. } => (prompt.clone(), true),
-            Body::Alpaca { instruction, input, .. } => {
-                let user = if input.trim().is_empty() { instruction.clone() } else { format!("{instruction}\n\n{input}") };
-                (template.prompt(&[Message::new("user", &user)])?, !template.prompt_has_special_tokens())
+            Body::Alpaca {
+                instruction, input, ..
+            } => {
+                let user = if input.trim().is_empty() {
+                    instruction.clone()
+                } else {
+                    format!("{instruction}\n\n{input}")
+                };
+                (
+                    template.prompt(&[Message::new("user", &user)])?,
+                    !template.prompt_has_special_tokens(),
+                )
             }
             Body::Chat { messages } => {
                 // Everything before the last assistant turn is the conversation so far.
-                let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
-                (template.prompt(&messages[..last])?, !template.prompt_has_special_tokens())
+                let last = messages
+                    .iter()
+                    .rposition(|m| m.role == "assistant")
+                    .unwrap_or(messages.len());
+                (
+                    template.prompt(&messages[..last])?,
+                    !template.prompt_has_special_tokens(),
+                )
             }
         };
         let ids = pretrained.tokenizer.encode_with(&prompt, special)?;
-        let generation =
-            ual::model::generate::generate(&pretrained.model, &pretrained.tokenizer, &eos, &[ids], config, |_, _| {})?
-                .remove(0);
+        let generation = ual::model::generate::generate(
+            &pretrained.model,
+            &pretrained.tokenizer,
+            &eos,
+            &[ids],
+            config,
+            |_, _| {},
+        )?
+        .remove(0);
         let line = serde_json::json!({
             "index": index, "prompt": prompt, "generation": generation.text, "finish": generation.finish,
         });

@@ -9,8 +9,15 @@ fn root() -> PathBuf {
 }
 
 fn ual(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual")).current_dir(root()).args(args).output().unwrap();
-    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
     assert!(out.status.success(), "ual {args:?} failed: {stderr}");
     (stdout, stderr)
 }
@@ -20,10 +27,29 @@ fn eval_gsm8k_writes_per_item_records() {
     let tmp = tempfile::tempdir().unwrap();
     let report = tmp.path().join("gsm8k.json");
     let report_arg = report.display().to_string();
-    let args = ["eval", "gsm8k", "--model", "models/tiny", "--device", "cpu", "--limit", "3", "--shots", "1"];
-    let (stdout, _) = ual(&[&args[..], &["--max-new-tokens", "24", "--output", &report_arg]].concat());
+    let args = [
+        "eval",
+        "gsm8k",
+        "--model",
+        "models/tiny",
+        "--device",
+        "cpu",
+        "--limit",
+        "3",
+        "--shots",
+        "1",
+    ];
+    let (stdout, _) = ual(&[
+        &args[..],
+        &["--max-new-tokens", "24", "--output", &report_arg],
+    ]
+    .concat());
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(json, serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&report).unwrap()).unwrap());
+    assert_eq!(
+        json,
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&report).unwrap())
+            .unwrap()
+    );
     assert_eq!(json["total"], 3);
     assert_eq!(json["shots"], 1);
     let items = json["items"].as_array().unwrap();
@@ -41,19 +67,47 @@ fn eval_gsm8k_writes_per_item_records() {
 
 #[test]
 fn eval_loss_splits_by_uncertainty() {
-    let (stdout, _) = ual(&["eval", "loss", "--model", "models/tiny", "--device", "cpu", "--data", "models/tiny/data/eval.jsonl"]);
+    let (stdout, _) = ual(&[
+        "eval",
+        "loss",
+        "--model",
+        "models/tiny",
+        "--device",
+        "cpu",
+        "--data",
+        "models/tiny/data/eval.jsonl",
+    ]);
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let overall = &json["overall"];
     assert_eq!(overall["samples"], 36);
     let nll = overall["nll"].as_f64().unwrap();
     assert!((overall["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
-    let buckets: Vec<&str> = json["by_uncertainty"].as_array().unwrap().iter().map(|b| b[0].as_str().unwrap()).collect();
-    assert_eq!(buckets, ["low", "high"], "GSM8K items are low, open-ended ones high");
+    let buckets: Vec<&str> = json["by_uncertainty"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        buckets,
+        ["low", "high"],
+        "GSM8K items are low, open-ended ones high"
+    );
 }
 
 #[test]
 fn generate_streams_a_greedy_continuation_reproducibly() {
-    let args = ["generate", "--model", "models/tiny", "--device", "cpu", "--prompt", "What is 3 + 4?", "--max-new-tokens", "12"];
+    let args = [
+        "generate",
+        "--model",
+        "models/tiny",
+        "--device",
+        "cpu",
+        "--prompt",
+        "What is 3 + 4?",
+        "--max-new-tokens",
+        "12",
+    ];
     let (first, _) = ual(&args);
     let (second, _) = ual(&args);
     assert!(!first.trim().is_empty());
@@ -70,11 +124,31 @@ fn generate_file_mode_writes_one_line_per_input() {
     let input = tmp.path().join("in.jsonl");
     std::fs::write(&input, "{\"instruction\":\"Add 2 and 2.\",\"output\":\"4\"}\n{\"prompt\":\"Once upon\",\"completion\":\"\"}\n").unwrap();
     let (input, out_arg) = (input.display().to_string(), out.display().to_string());
-    ual(&["generate", "--model", "models/tiny", "--device", "cpu", "--input", &input, "--output", &out_arg, "--max-new-tokens", "6"]);
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    ual(&[
+        "generate",
+        "--model",
+        "models/tiny",
+        "--device",
+        "cpu",
+        "--input",
+        &input,
+        "--output",
+        &out_arg,
+        "--max-new-tokens",
+        "6",
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
-    assert!(lines[0]["prompt"].as_str().unwrap().contains("### Instruction:\nAdd 2 and 2."));
+    assert!(
+        lines[0]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("### Instruction:\nAdd 2 and 2.")
+    );
     assert_eq!(lines[1]["prompt"], "Once upon");
 }
 
@@ -82,10 +156,34 @@ fn generate_file_mode_writes_one_line_per_input() {
 fn analyze_features_reports_cluster_quality_and_plots() {
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().display().to_string();
-    let adapter = root().join("tests/fixtures/adapters/llama-gqa-peft").display().to_string();
-    let model = root().join("tests/fixtures/models/llama-gqa").display().to_string();
-    let args = ["analyze", "features", "--model", &model, "--adapter", &adapter, "--device", "cpu"];
-    let (stdout, _) = ual(&[&args[..], &["--data", "tests/fixtures/score/data.jsonl", "--output", &output]].concat());
+    let adapter = root()
+        .join("tests/fixtures/adapters/llama-gqa-peft")
+        .display()
+        .to_string();
+    let model = root()
+        .join("tests/fixtures/models/llama-gqa")
+        .display()
+        .to_string();
+    let args = [
+        "analyze",
+        "features",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--device",
+        "cpu",
+    ];
+    let (stdout, _) = ual(&[
+        &args[..],
+        &[
+            "--data",
+            "tests/fixtures/score/data.jsonl",
+            "--output",
+            &output,
+        ],
+    ]
+    .concat());
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let results = json["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "base and base + adapter");
@@ -94,6 +192,11 @@ fn analyze_features_reports_cluster_quality_and_plots() {
         assert!((-1.0..=1.0).contains(&s));
         assert!(r["tokens"].as_u64().unwrap() >= 4);
     }
-    assert_ne!(results[0]["silhouette"], results[1]["silhouette"], "the adapter changes the features");
-    assert!(tmp.path().join("features.svg").is_file() && tmp.path().join("features.json").is_file());
+    assert_ne!(
+        results[0]["silhouette"], results[1]["silhouette"],
+        "the adapter changes the features"
+    );
+    assert!(
+        tmp.path().join("features.svg").is_file() && tmp.path().join("features.json").is_file()
+    );
 }

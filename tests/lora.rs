@@ -23,23 +23,28 @@ struct Case {
     logprobs: Vec<Option<f64>>,
 }
 
+/// `llama-gqa-peft` was written by PEFT itself; `llama-gqa-ual` was trained and exported by ual
+/// and its expected log-probs computed by PEFT loading it (scripts/make_ual_adapter_fixture.py).
 #[test]
-fn peft_adapter_reproduces_peft_logprobs() {
-    let adapter = fixtures().join("adapters/llama-gqa-peft");
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("expected.json")).unwrap())
-            .unwrap();
-    for (device_name, device) in devices() {
-        let p = Pretrained::load_with_adapter(&fixture_model("llama-gqa"), Some(&adapter), &device)
-            .unwrap();
-        for case in &expected.texts {
-            let ours = token_logprobs(&p.model, &case.ids);
-            for (j, (a, b)) in ours.iter().zip(&case.logprobs).enumerate().skip(1) {
-                let (a, b) = (a.unwrap() as f64, b.unwrap());
-                assert!(
-                    (a - b).abs() <= LOGPROB_ATOL,
-                    "{device_name} token {j}: ours {a}, PEFT {b}"
-                );
+fn adapters_reproduce_peft_logprobs_both_ways() {
+    for name in ["llama-gqa-peft", "llama-gqa-ual"] {
+        let adapter = fixtures().join("adapters").join(name);
+        let expected: Expected =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("expected.json")).unwrap())
+                .unwrap();
+        for (device_name, device) in devices() {
+            let p =
+                Pretrained::load_with_adapter(&fixture_model("llama-gqa"), Some(&adapter), &device)
+                    .unwrap();
+            for case in &expected.texts {
+                let ours = token_logprobs(&p.model, &case.ids);
+                for (j, (a, b)) in ours.iter().zip(&case.logprobs).enumerate().skip(1) {
+                    let (a, b) = (a.unwrap() as f64, b.unwrap());
+                    assert!(
+                        (a - b).abs() <= LOGPROB_ATOL,
+                        "{name} {device_name} token {j}: ours {a}, PEFT {b}"
+                    );
+                }
             }
         }
     }

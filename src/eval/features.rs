@@ -27,7 +27,11 @@ pub struct ClusterQuality {
 
 /// The final-norm hidden state of each response token (the state that predicts it) and its
 /// target id, at most `max_tokens` of them, in sample order.
-pub fn response_features(model: &Llama, samples: &[Sample], max_tokens: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
+pub fn response_features(
+    model: &Llama,
+    samples: &[Sample],
+    max_tokens: usize,
+) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
     let (mut points, mut labels) = (Vec::new(), Vec::new());
     for sample in samples {
         if points.len() >= max_tokens {
@@ -37,7 +41,11 @@ pub fn response_features(model: &Llama, samples: &[Sample], max_tokens: usize) -
         let hidden = model.hidden_states(batch.ids.clone());
         let [b, s, h] = hidden.dims();
         let rows = hidden.reshape([b * s, h]).select(0, batch.rows.clone());
-        let values = rows.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+        let values = rows
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow!("{e:?}"))?;
         for (row, &target) in values.chunks_exact(h).zip(batch.labels.targets()) {
             points.push(row.to_vec());
             labels.push(target);
@@ -51,16 +59,30 @@ pub fn response_features(model: &Llama, samples: &[Sample], max_tokens: usize) -
 /// Both cluster figures for labelled points; classes with a single member are left out.
 pub fn cluster_quality(label: &str, points: &[Vec<f32>], labels: &[u32]) -> Result<ClusterQuality> {
     let mut counts: HashMap<u32, usize> = HashMap::new();
-    labels.iter().for_each(|l| *counts.entry(*l).or_default() += 1);
-    let keep: Vec<usize> = (0..labels.len()).filter(|&i| counts[&labels[i]] > 1).collect();
-    let classes = keep.iter().map(|&i| labels[i]).collect::<std::collections::HashSet<_>>().len();
+    labels
+        .iter()
+        .for_each(|l| *counts.entry(*l).or_default() += 1);
+    let keep: Vec<usize> = (0..labels.len())
+        .filter(|&i| counts[&labels[i]] > 1)
+        .collect();
+    let classes = keep
+        .iter()
+        .map(|&i| labels[i])
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     if classes < 2 {
         bail!("need at least two target ids that occur twice; got {classes}");
     }
     let dist = |a: usize, b: usize| -> f64 {
-        points[a].iter().zip(&points[b]).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+        points[a]
+            .iter()
+            .zip(&points[b])
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
     };
-    let (mut silhouette, mut intra, mut inter, mut n_intra, mut n_inter) = (0.0, 0.0, 0.0, 0usize, 0usize);
+    let (mut silhouette, mut intra, mut inter, mut n_intra, mut n_inter) =
+        (0.0, 0.0, 0.0, 0usize, 0usize);
     for &i in &keep {
         // Mean distance from i to each class.
         let mut per_class: HashMap<u32, (f64, usize)> = HashMap::new();
@@ -75,13 +97,20 @@ pub fn cluster_quality(label: &str, points: &[Vec<f32>], labels: &[u32]) -> Resu
                 (inter, n_inter) = (inter + d, n_inter + 1);
             }
         }
-        let a = per_class.get(&labels[i]).map(|(s, n)| s / *n as f64).unwrap_or(0.0);
+        let a = per_class
+            .get(&labels[i])
+            .map(|(s, n)| s / *n as f64)
+            .unwrap_or(0.0);
         let b = per_class
             .iter()
             .filter(|(l, _)| **l != labels[i])
             .map(|(_, (s, n))| s / *n as f64)
             .fold(f64::INFINITY, f64::min);
-        silhouette += if a.max(b) > 0.0 { (b - a) / a.max(b) } else { 0.0 };
+        silhouette += if a.max(b) > 0.0 {
+            (b - a) / a.max(b)
+        } else {
+            0.0
+        };
     }
     Ok(ClusterQuality {
         label: label.to_string(),
@@ -100,7 +129,10 @@ pub fn plot(results: &[ClusterQuality], path: &Path) -> Result<()> {
     let lo = results.iter().map(|r| r.silhouette).fold(0.0, f64::min) - 0.05;
     let hi = results.iter().map(|r| r.silhouette).fold(0.0, f64::max) + 0.05;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Response-token clustering (silhouette, higher is better)", ("sans-serif", 18))
+        .caption(
+            "Response-token clustering (silhouette, higher is better)",
+            ("sans-serif", 18),
+        )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(50)
@@ -109,17 +141,22 @@ pub fn plot(results: &[ClusterQuality], path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_labels(results.len().max(1))
-        .x_label_formatter(&|x| results.get(*x as usize).map(|r| r.label.clone()).unwrap_or_default())
+        .x_label_formatter(&|x| {
+            results
+                .get(*x as usize)
+                .map(|r| r.label.clone())
+                .unwrap_or_default()
+        })
         .y_desc("silhouette")
         .draw()
         .map_err(|e| err(&e))?;
     chart
-        .draw_series(
-            results
-                .iter()
-                .enumerate()
-                .map(|(i, r)| Rectangle::new([(i as f64 + 0.2, 0.0), (i as f64 + 0.8, r.silhouette)], BLUE.filled())),
-        )
+        .draw_series(results.iter().enumerate().map(|(i, r)| {
+            Rectangle::new(
+                [(i as f64 + 0.2, 0.0), (i as f64 + 0.8, r.silhouette)],
+                BLUE.filled(),
+            )
+        }))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -146,10 +183,16 @@ mod tests {
     fn separated_clusters_score_near_one_and_mixed_ones_near_zero() {
         let (p, l) = blobs(1.0);
         let tight = cluster_quality("tight", &p, &l).unwrap();
-        assert!(tight.silhouette > 0.9 && tight.intra_inter_ratio < 0.1, "{tight:?}");
+        assert!(
+            tight.silhouette > 0.9 && tight.intra_inter_ratio < 0.1,
+            "{tight:?}"
+        );
         let (p, l) = blobs(200.0);
         let loose = cluster_quality("loose", &p, &l).unwrap();
-        assert!(loose.silhouette < tight.silhouette && loose.intra_inter_ratio > tight.intra_inter_ratio);
+        assert!(
+            loose.silhouette < tight.silhouette
+                && loose.intra_inter_ratio > tight.intra_inter_ratio
+        );
         // Labels unrelated to position: no structure.
         let shuffled: Vec<u32> = (0..30).map(|i| (i * 7 % 3) as u32).collect();
         let (p, _) = blobs(1.0);

@@ -63,13 +63,19 @@ fn normalise(number: &str) -> String {
 }
 
 pub fn read_items(path: &Path) -> Result<Vec<Item>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: expected {{\"question\", \"answer\"}}", path.display(), i + 1))
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}:{}: expected {{\"question\", \"answer\"}}",
+                    path.display(),
+                    i + 1
+                )
+            })
         })
         .collect()
 }
@@ -88,10 +94,15 @@ pub fn evaluate(
         bail!("{data_name}: no items to evaluate");
     }
     let eos = model.config.eos_token_ids.clone();
-    let config = GenerationConfig { max_new_tokens, stop: vec!["\n\n###".into()], ..Default::default() };
+    let config = GenerationConfig {
+        max_new_tokens,
+        stop: vec!["\n\n###".into()],
+        ..Default::default()
+    };
     let progress = ProgressBar::new(items.len() as u64);
     progress.set_style(
-        ProgressStyle::with_template("gsm8k {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"),
+        ProgressStyle::with_template("gsm8k {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .expect("static template"),
     );
     let mut records = Vec::with_capacity(items.len());
     for item in items {
@@ -102,9 +113,20 @@ pub fn evaluate(
         }
         messages.push(Message::new("user", &item.question));
         let prompt = template.prompt(&messages)?;
-        let ids = model.tokenizer.encode_with(&prompt, !template.prompt_has_special_tokens())?;
-        let generation = generate(&model.model, &model.tokenizer, &eos, &[ids], &config, |_, _| {})?.remove(0);
-        let gold = extract_answer(&item.answer).with_context(|| format!("{data_name}: gold answer without a number"))?;
+        let ids = model
+            .tokenizer
+            .encode_with(&prompt, !template.prompt_has_special_tokens())?;
+        let generation = generate(
+            &model.model,
+            &model.tokenizer,
+            &eos,
+            &[ids],
+            &config,
+            |_, _| {},
+        )?
+        .remove(0);
+        let gold = extract_answer(&item.answer)
+            .with_context(|| format!("{data_name}: gold answer without a number"))?;
         let extracted = extract_answer(&generation.text);
         let correct = extracted.as_deref() == Some(gold.as_str());
         records.push(Record {
@@ -115,7 +137,10 @@ pub fn evaluate(
             correct,
         });
         let right = records.iter().filter(|r| r.correct).count();
-        progress.set_message(format!("accuracy {:.1}%", 100.0 * right as f64 / records.len() as f64));
+        progress.set_message(format!(
+            "accuracy {:.1}%",
+            100.0 * right as f64 / records.len() as f64
+        ));
         progress.inc(1);
     }
     progress.finish();
@@ -141,16 +166,31 @@ mod tests {
         assert_eq!(extract_answer(natalia).as_deref(), Some("72"));
         let weng = "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10";
         assert_eq!(extract_answer(weng).as_deref(), Some("10"));
-        assert_eq!(extract_answer("... so the total is\n#### 1,200").as_deref(), Some("1200"));
+        assert_eq!(
+            extract_answer("... so the total is\n#### 1,200").as_deref(),
+            Some("1200")
+        );
     }
 
     #[test]
     fn extracts_from_messy_model_output() {
-        assert_eq!(extract_answer("The answer is $1,234.50.").as_deref(), Some("1234.5"));
-        assert_eq!(extract_answer("She has 3 apples, then 5, so 8.00 in total").as_deref(), Some("8"));
+        assert_eq!(
+            extract_answer("The answer is $1,234.50.").as_deref(),
+            Some("1234.5")
+        );
+        assert_eq!(
+            extract_answer("She has 3 apples, then 5, so 8.00 in total").as_deref(),
+            Some("8")
+        );
         assert_eq!(extract_answer("#### -7 dollars").as_deref(), Some("-7"));
-        assert_eq!(extract_answer("#### \nso 12 + 3 = 15").as_deref(), Some("12"));
+        assert_eq!(
+            extract_answer("#### \nso 12 + 3 = 15").as_deref(),
+            Some("12")
+        );
         assert_eq!(extract_answer("no digits here"), None);
-        assert_eq!(extract_answer("x = 1.0, y = 2.50\n#### $3,000.000").as_deref(), Some("3000"));
+        assert_eq!(
+            extract_answer("x = 1.0, y = 2.50\n#### $3,000.000").as_deref(),
+            Some("3000")
+        );
     }
 }

@@ -65,13 +65,23 @@ impl Sums {
 }
 
 /// Scores every sample and aggregates, calling `progress` after each.
-pub fn evaluate_loss(model: &Llama, samples: &[Sample], data: &str, mut progress: impl FnMut()) -> Result<LossReport> {
+pub fn evaluate_loss(
+    model: &Llama,
+    samples: &[Sample],
+    data: &str,
+    mut progress: impl FnMut(),
+) -> Result<LossReport> {
     let mut overall = Sums::default();
-    let mut buckets: Vec<(&str, Sums)> = ["low", "mid", "high", "none"].map(|b| (b, Sums::default())).into();
+    let mut buckets: Vec<(&str, Sums)> = ["low", "mid", "high", "none"]
+        .map(|b| (b, Sums::default()))
+        .into();
     for (i, sample) in samples.iter().enumerate() {
         let s = score_sample(model, sample, i)?;
         overall.add(s.response_tokens, s.nll, s.loss);
-        let slot = buckets.iter_mut().find(|(b, _)| *b == bucket(sample.uncertainty)).expect("known bucket");
+        let slot = buckets
+            .iter_mut()
+            .find(|(b, _)| *b == bucket(sample.uncertainty))
+            .expect("known bucket");
         slot.1.add(s.response_tokens, s.nll, s.loss);
         progress();
     }
