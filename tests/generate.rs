@@ -49,7 +49,7 @@ fn greedy_decoding_matches_transformers_alone_and_batched() {
                     &p.model,
                     &p.tokenizer,
                     &[],
-                    &[case.prompt_ids.clone()],
+                    std::slice::from_ref(&case.prompt_ids),
                     &config,
                     |_, _| {},
                 )

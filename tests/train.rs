@@ -399,19 +399,42 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
         r#"{"instruction":"Say hi.","output":"Hi."}"#,
         r#"{"prompt":"Count:","completion":" one two three four five six seven eight nine ten eleven twelve"}"#,
     ];
-    let examples: Vec<_> = lines.iter().enumerate().map(|(i, l)| parse_line(l, i + 1).unwrap()).collect();
+    let examples: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| parse_line(l, i + 1).unwrap())
+        .collect();
     let tokenized = |max, overflow| {
-        tokenize(&examples, &p.tokenizer, &Template::Alpaca, 2, &SmoothingConfig::default(), max, overflow).unwrap()
+        tokenize(
+            &examples,
+            &p.tokenizer,
+            &Template::Alpaca,
+            2,
+            &SmoothingConfig::default(),
+            max,
+            overflow,
+        )
+        .unwrap()
     };
     let (all, summary) = tokenized(512, Overflow::Truncate);
     assert_eq!((summary.truncated, summary.dropped), (0, 0));
     let long = all[1].ids.len();
     let (cut, summary) = tokenized(long - 4, Overflow::Truncate);
-    assert_eq!((summary.samples, summary.truncated, summary.dropped), (2, 1, 0));
+    assert_eq!(
+        (summary.samples, summary.truncated, summary.dropped),
+        (2, 1, 0)
+    );
     assert_eq!(cut[1].ids.len(), long - 4);
-    assert_eq!(cut[1].ids[..], all[1].ids[..long - 4], "the response end is cut");
+    assert_eq!(
+        cut[1].ids[..],
+        all[1].ids[..long - 4],
+        "the response end is cut"
+    );
     let (kept, summary) = tokenized(long - 4, Overflow::Drop);
-    assert_eq!((summary.samples, summary.truncated, summary.dropped), (1, 0, 1));
+    assert_eq!(
+        (summary.samples, summary.truncated, summary.dropped),
+        (1, 0, 1)
+    );
     assert_eq!(kept[0], all[0]);
     // A window the prompt fills leaves nothing to learn: dropped even when truncating.
     let (_, summary) = tokenized(3, Overflow::Truncate);

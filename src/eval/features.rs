@@ -198,6 +198,6 @@ mod tests {
         let (p, _) = blobs(1.0);
         let none = cluster_quality("none", &p, &shuffled).unwrap();
         assert!(none.silhouette < 0.1, "{none:?}");
-        assert!(cluster_quality("one", &p, &vec![0; 30]).is_err());
+        assert!(cluster_quality("one", &p, &[0; 30]).is_err());
     }
 }

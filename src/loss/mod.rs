@@ -114,7 +114,7 @@ impl RowLabels {
                 self.rows()
             );
         }
-        if vocab < 2 || vocab >= 1 << 24 {
+        if !(2..1 << 24).contains(&vocab) {
             bail!("UAL loss: vocabulary size {vocab} is outside [2, 2^24)");
         }
         if let Some((row, t)) = self

@@ -106,7 +106,7 @@ impl ModelConfig {
             );
         }
         let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("field `head_dim`: {head_dim} must be even and positive for rotary embeddings");
         }
         if raw.mlp_bias == Some(true) {
