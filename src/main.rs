@@ -112,6 +112,8 @@ enum Command {
         #[command(flatten)]
         decoding: DecodingArgs,
     },
+    /// Add an `uncertainty` score to each JSONL line, from an LLM endpoint or a local model.
+    Annotate(AnnotateArgs),
     /// Evaluate a model; writes JSON.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -121,6 +123,49 @@ enum Command {
     /// Measure performance; prints JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct AnnotateArgs {
+    #[arg(long)]
+    input: PathBuf,
+    /// Written whole at the end; OUT.cache.jsonl and OUT.failed.jsonl sit beside it.
+    #[arg(long)]
+    output: PathBuf,
+    /// An OpenAI-compatible server; requests go to {URL}/v1/chat/completions.
+    #[arg(long, required_unless_present = "from_model", conflicts_with = "from_model")]
+    endpoint: Option<String>,
+    /// The model name the endpoint serves.
+    #[arg(long, required_unless_present = "from_model")]
+    model: Option<String>,
+    /// The environment variable holding the API key (never a flag, so it stays out of shell history).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    api_key_env: String,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// A prompt template with {instruction}, {input} and {response}; default: the paper's.
+    #[arg(long)]
+    prompt: Option<PathBuf>,
+    /// Only the first N lines.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Retries per request on connection errors, timeouts, 429 and 5xx.
+    #[arg(long, default_value_t = 6)]
+    max_retries: u32,
+    /// Seconds before a request is abandoned (and retried).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// First backoff delay in milliseconds; it doubles per retry, with jitter.
+    #[arg(long, default_value_t = 500, hide = true)]
+    retry_base_ms: u64,
+    /// Score with a local model's predictive entropy instead of an endpoint.
+    #[arg(long)]
+    from_model: Option<PathBuf>,
+    /// A PEFT adapter for --from-model.
+    #[arg(long, requires = "from_model")]
+    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// A model directory, an optional adapter, the prompt template and the device.
@@ -313,6 +358,32 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --prompt or --input"),
             }
+        }
+        Command::Annotate(args) => {
+            let summary = match &args.from_model {
+                Some(dir) => {
+                    let selected = device::select(args.device.device)?;
+                    eprintln!("device: {}", selected.description);
+                    let model = Pretrained::load_with_adapter(dir, args.adapter.as_deref(), &selected.device)?;
+                    ual::annotate::local::run_local(&args.input, &args.output, &model, args.limit)?
+                }
+                None => ual::annotate::run_api(&ual::annotate::ApiOptions {
+                    input: args.input.clone(),
+                    output: args.output.clone(),
+                    endpoint: args.endpoint.clone().expect("clap requires --endpoint"),
+                    model: args.model.clone().expect("clap requires --model"),
+                    api_key_env: args.api_key_env.clone(),
+                    concurrency: args.concurrency,
+                    prompt: args.prompt.clone(),
+                    limit: args.limit,
+                    max_retries: args.max_retries,
+                    timeout: std::time::Duration::from_secs_f64(args.timeout),
+                    retry_base: std::time::Duration::from_millis(args.retry_base_ms),
+                })?,
+            };
+            eprint!("{}", ual::annotate::describe(&summary));
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
         }
         Command::Eval(EvalCommand::Gsm8k {
             model,
