@@ -133,7 +133,11 @@ struct AnnotateArgs {
     #[arg(long)]
     output: PathBuf,
     /// An OpenAI-compatible server; requests go to {URL}/v1/chat/completions.
-    #[arg(long, required_unless_present = "from_model", conflicts_with = "from_model")]
+    #[arg(
+        long,
+        required_unless_present = "from_model",
+        conflicts_with = "from_model"
+    )]
     endpoint: Option<String>,
     /// The model name the endpoint serves.
     #[arg(long, required_unless_present = "from_model")]
@@ -364,7 +368,11 @@ fn run(cli: Cli) -> Result<()> {
                 Some(dir) => {
                     let selected = device::select(args.device.device)?;
                     eprintln!("device: {}", selected.description);
-                    let model = Pretrained::load_with_adapter(dir, args.adapter.as_deref(), &selected.device)?;
+                    let model = Pretrained::load_with_adapter(
+                        dir,
+                        args.adapter.as_deref(),
+                        &selected.device,
+                    )?;
                     ual::annotate::local::run_local(&args.input, &args.output, &model, args.limit)?
                 }
                 None => ual::annotate::run_api(&ual::annotate::ApiOptions {

@@ -29,8 +29,14 @@ struct Mock {
 /// Serves `reply(n, instruction_number)` to the n-th request (0-based).
 fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock {
     let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://127.0.0.1:{}", server.server_addr().to_ip().unwrap().port());
-    let (bodies, auth) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let url = format!(
+        "http://127.0.0.1:{}",
+        server.server_addr().to_ip().unwrap().port()
+    );
+    let (bodies, auth) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Mutex::new(Vec::new())),
+    );
     let (b, a, reply) = (bodies.clone(), auth.clone(), Arc::new(reply));
     let count = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
@@ -40,14 +46,27 @@ fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock 
                 let mut text = String::new();
                 request.as_reader().read_to_string(&mut text).unwrap();
                 let body: Value = serde_json::from_str(&text).unwrap();
-                let header = request.headers().iter().find(|h| h.field.equiv("Authorization"));
-                a.lock().unwrap().push(header.map(|h| h.value.to_string()).unwrap_or_default());
-                let prompt = body["messages"][0]["content"].as_str().unwrap_or_default().to_string();
-                let item: usize = prompt.split("item ").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+                let header = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Authorization"));
+                a.lock()
+                    .unwrap()
+                    .push(header.map(|h| h.value.to_string()).unwrap_or_default());
+                let prompt = body["messages"][0]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let item: usize = prompt
+                    .split("item ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
                 b.lock().unwrap().push(body);
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 let completion = |content: String| {
-                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string()
+                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                        .to_string()
                 };
                 let response = match reply(n, item) {
                     Reply::Score(content) => tiny_http::Response::from_string(completion(content)),
@@ -56,10 +75,14 @@ fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock 
                         tiny_http::Response::from_string(completion(content))
                     }
                     Reply::Status(code, retry_after) => {
-                        let mut r = tiny_http::Response::from_string(r#"{"error":{"message":"mock says no"}}"#)
-                            .with_status_code(code);
+                        let mut r = tiny_http::Response::from_string(
+                            r#"{"error":{"message":"mock says no"}}"#,
+                        )
+                        .with_status_code(code);
                         if let Some(seconds) = retry_after {
-                            r.add_header(tiny_http::Header::from_bytes("Retry-After", seconds).unwrap());
+                            r.add_header(
+                                tiny_http::Header::from_bytes("Retry-After", seconds).unwrap(),
+                            );
                         }
                         r
                     }
@@ -93,7 +116,15 @@ fn expected_score(item: usize) -> f64 {
 
 fn annotate(mock: &Mock, input: &Path, output: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(["annotate", "--endpoint", &mock.url, "--model", "mock-judge", "--api-key-env", "UAL_TEST_KEY"])
+        .args([
+            "annotate",
+            "--endpoint",
+            &mock.url,
+            "--model",
+            "mock-judge",
+            "--api-key-env",
+            "UAL_TEST_KEY",
+        ])
         .arg("--input")
         .arg(input)
         .arg("--output")
@@ -106,7 +137,11 @@ fn annotate(mock: &Mock, input: &Path, output: &Path, extra: &[&str]) -> Output 
 }
 
 fn read(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn assert_no_key(texts: &[&str]) {
@@ -117,21 +152,41 @@ fn assert_no_key(texts: &[&str]) {
 
 #[test]
 fn concurrent_answers_keep_input_order_and_feed_training() {
-    let mock = serve(|n, item| Reply::Slow(Duration::from_millis((n * 7 % 5) as u64), expected_score(item).to_string()));
+    let mock = serve(|n, item| {
+        Reply::Slow(
+            Duration::from_millis((n * 7 % 5) as u64),
+            expected_score(item).to_string(),
+        )
+    });
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 40), tmp.path().join("out.jsonl"));
     let out = annotate(&mock, &input, &output, &["--concurrency", "8"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = read(&output);
     assert_eq!(lines.len(), 40);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["id"], i, "input order");
         assert_eq!(line["uncertainty"].as_f64().unwrap(), expected_score(i));
         assert_eq!(line["uncertainty_source"], "model:mock-judge");
-        assert_eq!(line["output"], format!("Item {i}."), "input fields unchanged");
+        assert_eq!(
+            line["output"],
+            format!("Item {i}."),
+            "input fields unchanged"
+        );
     }
     assert_eq!(mock.requests(), 40);
-    assert!(mock.auth.lock().unwrap().iter().all(|a| a == &format!("Bearer {KEY}")), "the key is sent");
+    assert!(
+        mock.auth
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a == &format!("Bearer {KEY}")),
+        "the key is sent"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("40 scored, 0 failed"), "{stderr}");
 
@@ -173,20 +228,47 @@ fn garbage_replies_are_followed_up_then_failed_with_a_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 3), tmp.path().join("out.jsonl"));
     let out = annotate(&mock, &input, &output, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = read(&output);
-    assert_eq!(lines.iter().map(|l| l["id"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1]
+    );
     assert_eq!(lines[1]["uncertainty"].as_f64().unwrap(), 2.0);
     let failed = read(&tmp.path().join("out.jsonl.failed.jsonl"));
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["id"], 2);
-    assert!(failed[0]["reason"].as_str().unwrap().contains("no valid score"));
+    assert!(
+        failed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no valid score")
+    );
     let calls = calls.lock().unwrap();
-    assert_eq!((calls[&0], calls[&1], calls[&2]), (1, 2, 3), "one follow-up for item 1, two for item 2");
+    assert_eq!(
+        (calls[&0], calls[&1], calls[&2]),
+        (1, 2, 3),
+        "one follow-up for item 1, two for item 2"
+    );
     // The follow-up carries the conversation and a stricter instruction.
     let bodies = mock.bodies.lock().unwrap();
-    let follow_up = bodies.iter().find(|b| b["messages"].as_array().unwrap().len() == 3).unwrap();
-    assert!(follow_up["messages"][2]["content"].as_str().unwrap().contains("single integer"));
+    let follow_up = bodies
+        .iter()
+        .find(|b| b["messages"].as_array().unwrap().len() == 3)
+        .unwrap();
+    assert!(
+        follow_up["messages"][2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("single integer")
+    );
 }
 
 #[test]
@@ -202,8 +284,15 @@ fn rate_limits_server_errors_and_timeouts_are_retried() {
     let (input, output) = (input(tmp.path(), 1), tmp.path().join("out.jsonl"));
     let started = Instant::now();
     let out = annotate(&mock, &input, &output, &["--timeout", "0.5"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
     assert_eq!(read(&output)[0]["uncertainty"].as_f64().unwrap(), 1.0);
     assert_eq!(mock.requests(), 4);
 
@@ -214,7 +303,12 @@ fn rate_limits_server_errors_and_timeouts_are_retried() {
     assert!(out.status.success());
     assert_eq!(mock.requests(), 3);
     let failed = read(&tmp.path().join("out2.jsonl.failed.jsonl"));
-    assert!(failed[0]["reason"].as_str().unwrap().contains("HTTP 503 after 2 retries"));
+    assert!(
+        failed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 503 after 2 retries")
+    );
 }
 
 #[test]
@@ -225,17 +319,30 @@ fn a_wrong_key_stops_at_once_without_leaking_it() {
     let out = annotate(&mock, &input, &output, &["--concurrency", "1"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("HTTP 401") && stderr.contains("--api-key-env"), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1);
+    assert!(
+        stderr.contains("HTTP 401") && stderr.contains("--api-key-env"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count(),
+        1
+    );
     assert_eq!(mock.requests(), 1, "401 is not retried");
     assert!(!output.exists(), "no partial output");
-    let cache = std::fs::read_to_string(tmp.path().join("out.jsonl.cache.jsonl")).unwrap_or_default();
+    let cache =
+        std::fs::read_to_string(tmp.path().join("out.jsonl.cache.jsonl")).unwrap_or_default();
     assert_no_key(&[&stderr, &String::from_utf8_lossy(&out.stdout), &cache]);
 }
 
 #[test]
 fn the_key_never_reaches_output_cache_or_logs() {
-    let mock = serve(|n, item| if n == 0 { Reply::Score("no idea".into()) } else { Reply::Score(expected_score(item).to_string()) });
+    let mock = serve(|n, item| {
+        if n == 0 {
+            Reply::Score("no idea".into())
+        } else {
+            Reply::Score(expected_score(item).to_string())
+        }
+    });
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 3), tmp.path().join("out.jsonl"));
     let out = annotate(&mock, &input, &output, &[]);
@@ -244,17 +351,35 @@ fn the_key_never_reaches_output_cache_or_logs() {
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
         .collect();
-    let logs = [String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()];
-    assert_no_key(&files.iter().chain(&logs).map(String::as_str).collect::<Vec<_>>());
+    let logs = [
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ];
+    assert_no_key(
+        &files
+            .iter()
+            .chain(&logs)
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
 }
 
 #[test]
 fn a_killed_run_resumes_without_asking_twice_or_losing_lines() {
-    let mock = serve(|_, item| Reply::Slow(Duration::from_millis(40), expected_score(item).to_string()));
+    let mock =
+        serve(|_, item| Reply::Slow(Duration::from_millis(40), expected_score(item).to_string()));
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 30), tmp.path().join("out.jsonl"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(["annotate", "--endpoint", &mock.url, "--model", "mock-judge", "--concurrency", "2"])
+        .args([
+            "annotate",
+            "--endpoint",
+            &mock.url,
+            "--model",
+            "mock-judge",
+            "--concurrency",
+            "2",
+        ])
         .arg("--input")
         .arg(&input)
         .arg("--output")
@@ -268,23 +393,49 @@ fn a_killed_run_resumes_without_asking_twice_or_losing_lines() {
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     assert!(!output.exists(), "a killed run leaves no output file");
-    let cached = std::fs::read_to_string(tmp.path().join("out.jsonl.cache.jsonl")).unwrap().lines().count();
-    assert!(cached >= 8, "answers arrived before the kill are on disk ({cached})");
+    let cached = std::fs::read_to_string(tmp.path().join("out.jsonl.cache.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        cached >= 8,
+        "answers arrived before the kill are on disk ({cached})"
+    );
     let before = mock.requests();
 
     let out = annotate(&mock, &input, &output, &["--concurrency", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(mock.requests() - before, 30 - cached, "only unanswered lines are asked again");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mock.requests() - before,
+        30 - cached,
+        "only unanswered lines are asked again"
+    );
     let lines = read(&output);
-    assert_eq!(lines.iter().map(|l| l["id"].as_u64().unwrap() as usize).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>());
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].as_u64().unwrap() as usize)
+            .collect::<Vec<_>>(),
+        (0..30).collect::<Vec<_>>()
+    );
     // Every prompt was answered at most once across both runs, in-flight ones at the kill aside.
     let bodies = mock.bodies.lock().unwrap();
     let mut asked = std::collections::HashMap::<String, usize>::new();
     for b in bodies.iter() {
-        *asked.entry(b["messages"][0]["content"].as_str().unwrap().to_string()).or_default() += 1;
+        *asked
+            .entry(b["messages"][0]["content"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let twice = asked.values().filter(|&&n| n > 1).count();
-    assert!(twice <= before - cached, "{twice} prompts asked twice, {} were in flight", before - cached);
+    assert!(
+        twice <= before - cached,
+        "{twice} prompts asked twice, {} were in flight",
+        before - cached
+    );
 }
 
 #[test]
@@ -301,14 +452,26 @@ fn local_mode_scores_with_a_model_entropy() {
         .arg(&output)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = read(&output);
     assert_eq!(lines.len(), 4);
     for line in &lines {
         let u = line["uncertainty"].as_f64().unwrap();
         assert!((1.0..=10.0).contains(&u), "{u}");
-        assert!(line["uncertainty_source"].as_str().unwrap().starts_with("entropy:"));
+        assert!(
+            line["uncertainty_source"]
+                .as_str()
+                .unwrap()
+                .starts_with("entropy:")
+        );
     }
     assert_eq!(ual::annotate::local::entropy_score(0.0, 32000), 1.0);
-    assert_eq!(ual::annotate::local::entropy_score((32000f64).ln(), 32000), 10.0);
+    assert_eq!(
+        ual::annotate::local::entropy_score((32000f64).ln(), 32000),
+        10.0
+    );
 }

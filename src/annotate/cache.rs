@@ -41,12 +41,19 @@ impl Cache {
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         // A torn line must not glue itself to the next record.
-        if std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false)
-            && !std::fs::read(path).map(|b| b.ends_with(b"\n")).unwrap_or(true)
+        if std::fs::metadata(path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+            && !std::fs::read(path)
+                .map(|b| b.ends_with(b"\n"))
+                .unwrap_or(true)
         {
             file.write_all(b"\n")?;
         }
-        Ok(Self { answers, file: Mutex::new(file) })
+        Ok(Self {
+            answers,
+            file: Mutex::new(file),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Answer> {
@@ -78,8 +85,14 @@ pub fn key(model: &str, prompt: &str) -> String {
             .bytes()
             .chain([0u8])
             .chain(prompt.bytes())
-            .fold(seed, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+            .fold(seed, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            })
     };
     // Two differently seeded 64-bit hashes: 128 bits keep collisions out of reach.
-    format!("{:016x}{:016x}", hash(0xcbf2_9ce4_8422_2325), hash(0x84222325cbf29ce4))
+    format!(
+        "{:016x}{:016x}",
+        hash(0xcbf2_9ce4_8422_2325),
+        hash(0x84222325cbf29ce4)
+    )
 }

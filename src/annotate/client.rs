@@ -36,9 +36,24 @@ impl Endpoint {
         max_retries: u32,
         retry_base: Duration,
     ) -> anyhow::Result<Self> {
-        let client = reqwest::blocking::Client::builder().timeout(timeout).build()?;
-        let url = format!("{}/v1/chat/completions", base.trim_end_matches('/').trim_end_matches("/v1"));
-        Ok(Self { client, url, model: model.to_string(), api_key, max_retries, retry_base })
+        // No idle keep-alive connections: a server closing one while a request is put on it
+        // turns into a spurious error and a duplicate request, which costs a paid call.
+        let client = reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let url = format!(
+            "{}/v1/chat/completions",
+            base.trim_end_matches('/').trim_end_matches("/v1")
+        );
+        Ok(Self {
+            client,
+            url,
+            model: model.to_string(),
+            api_key,
+            max_retries,
+            retry_base,
+        })
     }
 
     /// The assistant's reply to `messages` (OpenAI `{"role", "content"}` objects).
@@ -52,7 +67,11 @@ impl Endpoint {
             }
             let wait = match request.send() {
                 Err(e) => {
-                    last = if e.is_timeout() { "request timed out".into() } else { "connection failed".into() };
+                    last = if e.is_timeout() {
+                        "request timed out".into()
+                    } else {
+                        "connection failed".into()
+                    };
                     self.backoff(attempt)
                 }
                 Ok(response) => {
@@ -63,15 +82,22 @@ impl Endpoint {
                         .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok());
                     let text = response.text().unwrap_or_default();
                     if status.is_success() {
-                        return reply_content(&text).ok_or_else(|| Failure::GaveUp("malformed completion JSON".into()));
+                        return reply_content(&text)
+                            .ok_or_else(|| Failure::GaveUp("malformed completion JSON".into()));
                     }
                     last = format!("HTTP {}", status.as_u16());
                     if status.as_u16() == 429 {
-                        retry_after.map(Duration::from_secs_f64).unwrap_or_else(|| self.backoff(attempt))
+                        retry_after
+                            .map(Duration::from_secs_f64)
+                            .unwrap_or_else(|| self.backoff(attempt))
                     } else if status.is_server_error() {
                         self.backoff(attempt)
                     } else {
-                        return Err(Failure::Fatal(client_error(status.as_u16(), &text, &self.model)));
+                        return Err(Failure::Fatal(client_error(
+                            status.as_u16(),
+                            &text,
+                            &self.model,
+                        )));
                     }
                 }
             };
@@ -79,7 +105,10 @@ impl Endpoint {
                 std::thread::sleep(wait);
             }
         }
-        Err(Failure::GaveUp(format!("{last} after {} retries", self.max_retries)))
+        Err(Failure::GaveUp(format!(
+            "{last} after {} retries",
+            self.max_retries
+        )))
     }
 
     /// base · 2^attempt, capped at 30 s, times a jitter in [0.5, 1.5).
@@ -101,10 +130,16 @@ fn client_error(status: u16, body: &str, model: &str) -> String {
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_default();
     let hint = match status {
-        401 | 403 => "the API key was refused; check the variable named by --api-key-env".to_string(),
+        401 | 403 => {
+            "the API key was refused; check the variable named by --api-key-env".to_string()
+        }
         404 => format!("not found; check --endpoint and that model {model:?} exists"),
         _ => "the endpoint rejected the request".to_string(),
     };
     let detail: String = detail.chars().take(200).collect();
-    if detail.is_empty() { format!("HTTP {status}: {hint}") } else { format!("HTTP {status}: {hint} ({detail})") }
+    if detail.is_empty() {
+        format!("HTTP {status}: {hint}")
+    } else {
+        format!("HTTP {status}: {hint} ({detail})")
+    }
 }

@@ -28,29 +28,63 @@ pub fn entropy_score(mean_entropy: f64, vocab: usize) -> f64 {
     1.0 + 9.0 * (mean_entropy / (vocab as f64).ln()).clamp(0.0, 1.0)
 }
 
-pub fn run_local(input: &Path, output: &Path, model: &Pretrained, limit: Option<usize>) -> Result<Summary> {
+pub fn run_local(
+    input: &Path,
+    output: &Path,
+    model: &Pretrained,
+    limit: Option<usize>,
+) -> Result<Summary> {
     let started = Instant::now();
     let lines = read_lines(input, limit)?;
     let mut examples = read_jsonl(input)?;
     examples.truncate(lines.len());
-    let eos = *model.config.eos_token_ids.first().context("config.json: field `eos_token_id` is required")?;
-    let (samples, _) =
-        tokenize(&examples, &model.tokenizer, &Template::Alpaca, eos, &SmoothingConfig::default(), 8192, Overflow::Truncate)
-            .with_context(|| input.display().to_string())?;
+    let eos = *model
+        .config
+        .eos_token_ids
+        .first()
+        .context("config.json: field `eos_token_id` is required")?;
+    let (samples, _) = tokenize(
+        &examples,
+        &model.tokenizer,
+        &Template::Alpaca,
+        eos,
+        &SmoothingConfig::default(),
+        8192,
+        Overflow::Truncate,
+    )
+    .with_context(|| input.display().to_string())?;
     let mut outcomes: Vec<Option<Outcome>> = (0..lines.len())
-        .map(|_| Some(Outcome::Failed("the prompt alone fills the 8192-token window".into())))
+        .map(|_| {
+            Some(Outcome::Failed(
+                "the prompt alone fills the 8192-token window".into(),
+            ))
+        })
         .collect();
     let progress = ProgressBar::new(samples.len() as u64);
     for sample in &samples {
-        let index = examples.iter().position(|e| e.line == sample.line).expect("sample from an example");
+        let index = examples
+            .iter()
+            .position(|e| e.line == sample.line)
+            .expect("sample from an example");
         let batch = Batch::new(&[sample], &model.model.device())?;
         let hidden = model.model.hidden_states(batch.ids.clone());
         let [b, s, h] = hidden.dims();
-        let logits = model.model.logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
+        let logits = model
+            .model
+            .logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
         let log_p = log_softmax(logits, 1);
-        let entropy = log_p.clone().exp().mul(log_p).sum().neg().into_scalar::<f32>() as f64;
+        let entropy = log_p
+            .clone()
+            .exp()
+            .mul(log_p)
+            .sum()
+            .neg()
+            .into_scalar::<f32>() as f64;
         let mean = entropy / batch.labels.rows().max(1) as f64;
-        outcomes[index] = Some(Outcome::Scored(entropy_score(mean, model.config.vocab_size)));
+        outcomes[index] = Some(Outcome::Scored(entropy_score(
+            mean,
+            model.config.vocab_size,
+        )));
         progress.inc(1);
     }
     progress.finish_and_clear();

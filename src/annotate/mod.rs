@@ -49,32 +49,62 @@ pub struct Line {
 
 /// Reads `path`; each line must be a training-schema object (errors name file, line and field).
 pub fn read_lines(path: &Path, limit: Option<usize>) -> Result<Vec<Line>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut lines = Vec::new();
-    for (i, raw) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, raw) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         if limit.is_some_and(|n| lines.len() >= n) {
             break;
         }
         let at = || format!("{}:{}", path.display(), i + 1);
         let example = parse_line(raw, i + 1).with_context(at)?;
-        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(raw) else { bail!("{}: expected a JSON object", at()) };
+        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(raw) else {
+            bail!("{}: expected a JSON object", at())
+        };
         let (instruction, input, response) = match example.body {
-            Body::Alpaca { instruction, input, output } => (instruction, input, output),
+            Body::Alpaca {
+                instruction,
+                input,
+                output,
+            } => (instruction, input, output),
             Body::Completion { prompt, completion } => (prompt, String::new(), completion),
             Body::Chat { messages } => {
-                let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(0);
-                let asked: Vec<&str> = messages[..last].iter().map(|m| m.content.as_str()).collect();
-                (asked.join("\n\n"), String::new(), messages[last].content.clone())
+                let last = messages
+                    .iter()
+                    .rposition(|m| m.role == "assistant")
+                    .unwrap_or(0);
+                let asked: Vec<&str> = messages[..last]
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect();
+                (
+                    asked.join("\n\n"),
+                    String::new(),
+                    messages[last].content.clone(),
+                )
             }
         };
-        lines.push(Line { object, instruction, input, response });
+        lines.push(Line {
+            object,
+            instruction,
+            input,
+            response,
+        });
     }
     Ok(lines)
 }
 
 /// `template` with `{instruction}`, `{input}` and `{response}` filled in.
 pub fn render_prompt(template: &str, line: &Line) -> String {
-    let input = if line.input.trim().is_empty() { "(none)" } else { line.input.as_str() };
+    let input = if line.input.trim().is_empty() {
+        "(none)"
+    } else {
+        line.input.as_str()
+    };
     template
         .replace("{instruction}", &line.instruction)
         .replace("{input}", input)
@@ -118,17 +148,26 @@ enum Outcome {
 pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let started = Instant::now();
     warn_if_plain_http(&options.endpoint);
-    let api_key = std::env::var(&options.api_key_env).ok().filter(|k| !k.is_empty());
+    let api_key = std::env::var(&options.api_key_env)
+        .ok()
+        .filter(|k| !k.is_empty());
     if api_key.is_none() {
-        eprintln!("note: ${} is not set; requests carry no API key", options.api_key_env);
+        eprintln!(
+            "note: ${} is not set; requests carry no API key",
+            options.api_key_env
+        );
     }
     let template = match &options.prompt {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
         None => DEFAULT_PROMPT.to_string(),
     };
     let lines = read_lines(&options.input, options.limit)?;
     let prompts: Vec<String> = lines.iter().map(|l| render_prompt(&template, l)).collect();
-    let keys: Vec<String> = prompts.iter().map(|p| cache::key(&options.model, p)).collect();
+    let keys: Vec<String> = prompts
+        .iter()
+        .map(|p| cache::key(&options.model, p))
+        .collect();
     let cache = Cache::open(&sibling(&options.output, "cache.jsonl"))?;
     let endpoint = Endpoint::new(
         &options.endpoint,
@@ -139,12 +178,16 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         options.retry_base,
     )?;
 
-    let mut outcomes: Vec<Option<Outcome>> = keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
+    let mut outcomes: Vec<Option<Outcome>> =
+        keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
     let cached = outcomes.iter().filter(|o| o.is_some()).count();
-    let todo: Vec<usize> = (0..lines.len()).filter(|&i| outcomes[i].is_none()).collect();
+    let todo: Vec<usize> = (0..lines.len())
+        .filter(|&i| outcomes[i].is_none())
+        .collect();
     let progress = ProgressBar::new(lines.len() as u64).with_position(cached as u64);
     progress.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .expect("static template"),
     );
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -153,15 +196,21 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     std::thread::scope(|scope| {
         for _ in 0..options.concurrency.clamp(1, 256) {
             let sender = sender.clone();
-            let (next, stop, todo, prompts, keys, endpoint, cache) = (&next, &stop, &todo, &prompts, &keys, &endpoint, &cache);
+            let (next, stop, todo, prompts, keys, endpoint, cache) =
+                (&next, &stop, &todo, &prompts, &keys, &endpoint, &cache);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
                     let result = ask(endpoint, &prompts[i], &keys[i]);
-                    if let Ok(answer) = &result
-                        && cache.record(answer).is_err()
-                    {
-                        stop.store(true, Ordering::Relaxed);
+                    match &result {
+                        // Stop the other workers before they send another doomed request.
+                        Err(Failure::Fatal(_)) => stop.store(true, Ordering::SeqCst),
+                        Ok(answer) if cache.record(answer).is_err() => {
+                            stop.store(true, Ordering::SeqCst)
+                        }
+                        _ => {}
                     }
                     if sender.send((i, result)).is_err() {
                         break;
@@ -190,10 +239,21 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     });
     progress.finish();
     if let Some(message) = fatal {
-        bail!("{}: {message}; answers so far are kept in the cache, re-run to resume", options.endpoint);
+        bail!(
+            "{}: {message}; answers so far are kept in the cache, re-run to resume",
+            options.endpoint
+        );
     }
     let source = format!("model:{}", options.model);
-    write_outputs(&options.output, &lines, &outcomes, &source, started, cached, requested)
+    write_outputs(
+        &options.output,
+        &lines,
+        &outcomes,
+        &source,
+        started,
+        cached,
+        requested,
+    )
 }
 
 /// Asks for a score, following up on replies without one.
@@ -203,12 +263,20 @@ fn ask(endpoint: &Endpoint, prompt: &str, key: &str) -> Result<Answer, Failure> 
     for _ in 0..=FOLLOW_UPS {
         reply = endpoint.chat(&messages)?;
         if let Some(score) = parse::parse_score(&reply) {
-            return Ok(Answer { key: key.to_string(), score: Some(score), reply });
+            return Ok(Answer {
+                key: key.to_string(),
+                score: Some(score),
+                reply,
+            });
         }
         messages.push(json!({ "role": "assistant", "content": reply }));
         messages.push(json!({ "role": "user", "content": FOLLOW_UP }));
     }
-    Ok(Answer { key: key.to_string(), score: None, reply })
+    Ok(Answer {
+        key: key.to_string(),
+        score: None,
+        reply,
+    })
 }
 
 fn outcome_of(answer: &Answer) -> Outcome {
@@ -216,7 +284,9 @@ fn outcome_of(answer: &Answer) -> Outcome {
         Some(score) => Outcome::Scored(score),
         None => {
             let reply: String = answer.reply.chars().take(120).collect();
-            Outcome::Failed(format!("no valid score after {FOLLOW_UPS} follow-ups; last reply {reply:?}"))
+            Outcome::Failed(format!(
+                "no valid score after {FOLLOW_UPS} follow-ups; last reply {reply:?}"
+            ))
         }
     }
 }
@@ -270,16 +340,23 @@ fn write_outputs(
 
 /// `OUT.<suffix>` next to the output file.
 pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".{suffix}"));
     output.with_file_name(name)
 }
 
 fn warn_if_plain_http(endpoint: &str) {
-    let Some(rest) = endpoint.strip_prefix("http://") else { return };
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return;
+    };
     let host = rest.split(['/', ':']).next().unwrap_or_default();
     if !matches!(host, "localhost" | "127.0.0.1" | "[" | "::1") && !rest.starts_with("[::1]") {
-        eprintln!("warning: {endpoint} is plain http to another host; the API key travels unencrypted");
+        eprintln!(
+            "warning: {endpoint} is plain http to another host; the API key travels unencrypted"
+        );
     }
 }
 
@@ -287,11 +364,25 @@ fn warn_if_plain_http(endpoint: &str) {
 pub fn describe(summary: &Summary) -> String {
     let mut text = format!(
         "{} lines: {} scored, {} failed; {} from cache, {} requests; {:.1} s\n",
-        summary.lines, summary.scored, summary.failed, summary.cached, summary.requested, summary.seconds
+        summary.lines,
+        summary.scored,
+        summary.failed,
+        summary.cached,
+        summary.requested,
+        summary.seconds
     );
-    let widest = summary.histogram.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
+    let widest = summary
+        .histogram
+        .iter()
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     for (score, n) in &summary.histogram {
-        text.push_str(&format!("{score:>3} | {:<40} {n}\n", "#".repeat(n * 40 / widest)));
+        text.push_str(&format!(
+            "{score:>3} | {:<40} {n}\n",
+            "#".repeat(n * 40 / widest)
+        ));
     }
     text
 }

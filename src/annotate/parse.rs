@@ -6,7 +6,8 @@ use regex::Regex;
 
 use crate::uncertainty::{SCORE_MAX, SCORE_MIN};
 
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"-?\d+(?:\.\d+)?").expect("static pattern"));
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\d+(?:\.\d+)?").expect("static pattern"));
 
 /// The score in `reply`, if it holds exactly one in-range reading of one.
 ///
