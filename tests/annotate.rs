@@ -2,7 +2,6 @@
 //! injected faults: retries, backoff, Retry-After, timeouts, fatal 4xx, crash and resume,
 //! ordering under concurrency, and a key that never leaks.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
