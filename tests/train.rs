@@ -397,8 +397,11 @@ fn full_fine_tuning_writes_a_model_that_reloads() {
 fn over_long_samples_are_truncated_or_dropped_and_counted() {
     let p = Pretrained::load(&fixture_model("llama-gqa"), &Device::flex()).unwrap();
     let lines = [
-        r#"{"instruction":"Say hi.","output":"Hi."}"#,
-        r#"{"prompt":"Count:","completion":" one two three four five six seven eight nine ten eleven twelve"}"#,
+        r#"{"instruction":"Say hi.","output":"Hi."}"#.to_string(),
+        format!(
+            r#"{{"prompt":"Count:","completion":"{}"}}"#,
+            " one two three four five six seven eight nine ten".repeat(8)
+        ),
     ];
     let examples: Vec<_> = lines
         .iter()
@@ -420,6 +423,10 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
     let (all, summary) = tokenized(512, Overflow::Truncate);
     assert_eq!((summary.truncated, summary.dropped), (0, 0));
     let long = all[1].ids.len();
+    assert!(
+        long > all[0].ids.len() + 4,
+        "only the second sample exceeds the window below"
+    );
     let (cut, summary) = tokenized(long - 4, Overflow::Truncate);
     assert_eq!(
         (summary.samples, summary.truncated, summary.dropped),
