@@ -441,11 +441,7 @@ fn run(cli: Cli) -> Result<()> {
             use anyhow::Context;
             let (pretrained, template) = model.load()?;
             let examples = ual::data::formats::read_jsonl(&data)?;
-            let eos = *pretrained
-                .config
-                .eos_token_ids
-                .first()
-                .context("config.json: field `eos_token_id` is required")?;
+            let eos = pretrained.config.eos_token_id()?;
             let smoothing = ual::uncertainty::SmoothingConfig::default();
             let (samples, _) = ual::data::batch::tokenize(
                 &examples,
@@ -571,11 +567,7 @@ fn analyze_features(
     let mut results = Vec::new();
     for (variant, label) in variants {
         let (pretrained, template) = variant.load()?;
-        let eos = *pretrained
-            .config
-            .eos_token_ids
-            .first()
-            .context("config.json: field `eos_token_id` is required")?;
+        let eos = pretrained.config.eos_token_id()?;
         let examples = ual::data::formats::read_jsonl(data)?;
         let smoothing = ual::uncertainty::SmoothingConfig::default();
         let overflow = ual::data::batch::Overflow::Truncate;
@@ -725,11 +717,7 @@ fn score_data(
     use anyhow::Context;
     use ual::data::batch::{Overflow, tokenize};
     let examples = ual::data::formats::read_jsonl(data)?;
-    let eos = *pretrained
-        .config
-        .eos_token_ids
-        .first()
-        .context("config.json: field `eos_token_id` is required")?;
+    let eos = pretrained.config.eos_token_id()?;
     let smoothing = ual::uncertainty::SmoothingConfig::default();
     let (samples, _) = tokenize(
         &examples,

@@ -38,11 +38,7 @@ pub fn run_local(
     let lines = read_lines(input, limit)?;
     let mut examples = read_jsonl(input)?;
     examples.truncate(lines.len());
-    let eos = *model
-        .config
-        .eos_token_ids
-        .first()
-        .context("config.json: field `eos_token_id` is required")?;
+    let eos = model.config.eos_token_id()?;
     let (samples, _) = tokenize(
         &examples,
         &model.tokenizer,

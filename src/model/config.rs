@@ -74,6 +74,14 @@ struct RawConfig {
 }
 
 impl ModelConfig {
+    /// The EOS id that ends a response; training and scoring need one.
+    pub fn eos_token_id(&self) -> anyhow::Result<u32> {
+        self.eos_token_ids
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("config.json: field `eos_token_id` is required"))
+    }
+
     /// Reads and validates `config.json`; every error names the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)

@@ -131,10 +131,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         config: model_config,
         ..
     } = Pretrained::load(&source, &device)?;
-    let eos = *model_config
-        .eos_token_ids
-        .first()
-        .context("config.json: field `eos_token_id` is required for training")?;
+    let eos = model_config.eos_token_id()?;
     let mut model = match (config.mode, &state) {
         (Mode::Lora, None) => lora::attach(model, &config.lora, config.seed, &device),
         (Mode::Lora, Some(_)) => lora::load_peft(model, &checkpoint_dir, &device)?.0,
