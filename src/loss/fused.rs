@@ -40,6 +40,18 @@ pub trait UalLossBackend: Backend {
     ) -> FloatTensor<Self> {
         host::backward::<Self>(logits, labels, stats, grad_stats)
     }
+
+    /// `[rows, H]` hidden states, a `[H, V]` head and `[rows, 3]` labels → the `[1]` loss
+    /// summed over counted rows, the head applied `chunk_rows` rows at a time (`super::linear`).
+    #[fusion(default)]
+    fn ual_linear_ce_sum(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        chunk_rows: usize,
+    ) -> FloatTensor<Self> {
+        super::linear::loss_sum::<Self>(hidden, head, labels, chunk_rows)
+    }
 }
 
 /// The CPU path works on flex's own buffers: it reads the logits in place and writes the
@@ -129,6 +141,15 @@ impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C>
             OpsKind::Tracked(prep) => prep.finish((logits, labels, stats.clone()), stats),
             OpsKind::UnTracked(prep) => prep.finish(stats),
         }
+    }
+
+    fn ual_linear_ce_sum(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        chunk_rows: usize,
+    ) -> FloatTensor<Self> {
+        super::linear::autodiff_loss_sum::<B, C>(hidden, head, labels, chunk_rows)
     }
 }
 

@@ -13,11 +13,14 @@
 //! micro-batches: callers divide by the step's total, not by each micro-batch's own count.
 
 pub mod fused;
+pub mod linear;
 pub mod reference;
 mod wgsl;
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+
+pub use linear::ual_linear_loss_sum;
 
 /// Per-row targets, smoothing values and mask, validated at the API boundary.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,7 +109,7 @@ impl RowLabels {
         )
     }
 
-    fn check_against(&self, logits_dims: [usize; 2]) -> Result<()> {
+    pub(crate) fn check_against(&self, logits_dims: [usize; 2]) -> Result<()> {
         let [rows, vocab] = logits_dims;
         if rows != self.rows() {
             bail!(

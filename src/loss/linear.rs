@@ -1,0 +1,202 @@
+//! Fused linear cross-entropy: the LM head and the UAL loss, a chunk of rows at a time.
+//!
+//! The logits `[rows, V]` and their gradient are the largest tensors of LoRA fine-tuning
+//! (2 × rows × V × 4 bytes). Here the head matmul, the fused loss and its gradient run on
+//! `chunk_rows` rows at once, so only a `[chunk_rows, V]` block ever exists. As in Liger's
+//! fused linear cross-entropy, the gradients with respect to the hidden states and the head are
+//! formed during the forward pass, while each block is alive: the same three matmuls the unfused
+//! head needs, with nothing recomputed. The backward only scales them by the upstream gradient,
+//! which is why the operation returns the *summed* loss (a per-row output would need the head
+//! gradient re-weighted row by row).
+
+use std::ops::Range;
+
+use anyhow::{Result, bail};
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch};
+use burn::tensor::{Shape, Slice, Tensor, TensorData};
+
+use super::fused::UalLossBackend;
+use super::{LossSum, RowLabels};
+
+/// Elements of one logits block: 4 Mi f32 = 16 MiB, and as much again for its gradient.
+pub const CHUNK_ELEMENTS: usize = 1 << 22;
+
+/// Rows per block for a vocabulary of `vocab`: [`CHUNK_ELEMENTS`] / V, at least one.
+pub fn default_chunk_rows(vocab: usize) -> usize {
+    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+}
+
+/// The UAL loss summed over counted rows of `hidden @ head`, with `hidden: [rows, H]` and
+/// `head: [H, V]` (burn's `Linear` layout; a tied head is the embedding transposed).
+/// Differentiable with respect to both; the head's gradient is formed only when it trains.
+pub fn ual_linear_loss_sum(
+    hidden: Tensor<2>,
+    head: Tensor<2>,
+    labels: &RowLabels,
+    chunk_rows: usize,
+) -> Result<LossSum> {
+    let [rows, h] = hidden.dims();
+    let [head_in, vocab] = head.dims();
+    if h != head_in {
+        bail!("fused linear loss: hidden width {h} but the head expects {head_in}");
+    }
+    labels.check_against([rows, vocab])?;
+    let device = hidden.device();
+    if rows == 0 {
+        return Ok(LossSum {
+            sum: Tensor::zeros([1], &device),
+            count: 0,
+        });
+    }
+    // Frozen weights may be stored in half precision; the loss is always computed in f32.
+    let head = head.cast(hidden.dtype());
+    let packed = labels.packed(&device);
+    let sum = Tensor::from_dispatch(<Dispatch as UalLossBackend>::ual_linear_ce_sum(
+        hidden.into_dispatch(),
+        head.into_dispatch(),
+        packed.into_dispatch(),
+        chunk_rows.max(1),
+    ));
+    Ok(LossSum {
+        sum,
+        count: labels.count(),
+    })
+}
+
+/// The summed loss alone, for backends without autodiff (evaluation, the inner backend).
+pub(super) fn loss_sum<B: UalLossBackend>(
+    hidden: FloatTensor<B>,
+    head: FloatTensor<B>,
+    labels: FloatTensor<B>,
+    chunk_rows: usize,
+) -> FloatTensor<B> {
+    chunked::<B>(hidden, head, labels, chunk_rows, false, false).sum
+}
+
+/// The loss sum and, where asked, the gradients of that sum.
+struct Parts<B: Backend> {
+    sum: FloatTensor<B>,
+    grad_hidden: Option<FloatTensor<B>>,
+    grad_head: Option<FloatTensor<B>>,
+}
+
+fn chunked<B: UalLossBackend>(
+    hidden: FloatTensor<B>,
+    head: FloatTensor<B>,
+    labels: FloatTensor<B>,
+    chunk_rows: usize,
+    want_hidden: bool,
+    want_head: bool,
+) -> Parts<B> {
+    let rows = hidden.shape()[0];
+    let device = hidden.device();
+    let head_t = want_hidden.then(|| B::float_transpose(head.clone()));
+    let mut sum: Option<FloatTensor<B>> = None;
+    let mut grad_hidden = Vec::new();
+    let mut grad_head: Option<FloatTensor<B>> = None;
+    for range in chunks(rows, chunk_rows) {
+        let h = rows_of::<B>(hidden.clone(), range.clone());
+        let labels = rows_of::<B>(labels.clone(), range.clone());
+        let logits = B::float_matmul(h.clone(), head.clone());
+        let stats = B::ual_ce_forward(logits.clone(), labels.clone());
+        let part = B::float_sum(B::float_slice(
+            stats.clone(),
+            &[Slice::from(..), Slice::from(0..1)],
+        ));
+        sum = Some(accumulate::<B>(sum, part));
+        if !(want_hidden || want_head) {
+            continue;
+        }
+        // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
+        let upstream = loss_only::<B>(range.len(), &device);
+        let grad_logits = B::ual_ce_backward(logits, labels, stats, upstream);
+        if let Some(head_t) = &head_t {
+            grad_hidden.push(B::float_matmul(grad_logits.clone(), head_t.clone()));
+        }
+        if want_head {
+            let g = B::float_matmul(B::float_transpose(h), grad_logits);
+            grad_head = Some(accumulate::<B>(grad_head, g));
+        }
+    }
+    Parts {
+        sum: sum.expect("at least one row"),
+        grad_hidden: (!grad_hidden.is_empty()).then(|| B::float_cat(grad_hidden, 0)),
+        grad_head,
+    }
+}
+
+fn chunks(rows: usize, chunk_rows: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..rows)
+        .step_by(chunk_rows.max(1))
+        .map(move |start| start..(start + chunk_rows).min(rows))
+}
+
+fn rows_of<B: Backend>(t: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {
+    B::float_slice(t, &[Slice::from(range), Slice::from(..)])
+}
+
+fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> FloatTensor<B> {
+    match acc {
+        Some(acc) => B::float_add(acc, part),
+        None => part,
+    }
+}
+
+/// `[rows, 2]` upstream statistics gradient: 1 for each row's loss, 0 for its lse.
+fn loss_only<B: Backend>(rows: usize, device: &B::Device) -> FloatTensor<B> {
+    let values: Vec<f32> = (0..rows).flat_map(|_| [1.0, 0.0]).collect();
+    B::float_from_data(TensorData::new(values, [rows, 2]), device)
+}
+
+/// The autodiff implementation: gradients are formed in the forward pass when a parent is
+/// tracked, and scaled by the upstream gradient in the backward pass.
+pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
+    hidden: FloatTensor<Autodiff<B, C>>,
+    head: FloatTensor<Autodiff<B, C>>,
+    labels: FloatTensor<Autodiff<B, C>>,
+    chunk_rows: usize,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct LinearCeBackward;
+
+    impl<B: Backend> Backward<B, 2> for LinearCeBackward {
+        type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let upstream = grads.consume::<B>(&ops.node);
+            let upstream = B::float_reshape(upstream, Shape::new([1, 1]));
+            let [hidden_node, head_node] = ops.parents;
+            let (grad_hidden, grad_head) = ops.state;
+            for (node, grad) in [(hidden_node, grad_hidden), (head_node, grad_head)] {
+                if let (Some(node), Some(grad)) = (node, grad) {
+                    grads.register::<B>(node.id, B::float_mul(grad, upstream.clone()));
+                }
+            }
+        }
+    }
+
+    let (want_hidden, want_head) = (hidden.is_tracked(), head.is_tracked());
+    let (hidden, hidden_node) = hidden.into_parts();
+    let (head, head_node) = head.into_parts();
+    let (labels, _) = labels.into_parts();
+    match LinearCeBackward
+        .prepare::<C>([hidden_node, head_node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let parts = chunked::<B>(hidden, head, labels, chunk_rows, want_hidden, want_head);
+            prep.finish((parts.grad_hidden, parts.grad_head), parts.sum)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::ual_linear_ce_sum(
+            hidden, head, labels, chunk_rows,
+        )),
+    }
+}
