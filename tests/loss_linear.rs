@@ -79,12 +79,18 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
-    assert!((a - b).abs() <= tol, "{what}: {a} vs expected {b} (tol {tol:e})");
+    assert!(
+        (a - b).abs() <= tol,
+        "{what}: {a} vs expected {b} (tol {tol:e})"
+    );
 }
 
 fn check_case(case: &Case, device: &Device, device_name: &str, chunk_rows: usize) {
     let device = device.clone().autodiff();
-    let what = format!("{} on {device_name}, {chunk_rows} rows per block", case.name);
+    let what = format!(
+        "{} on {device_name}, {chunk_rows} rows per block",
+        case.name
+    );
     let hidden = hashed(case.seed, case.rows, case.hidden, 1.0, &device).require_grad();
     let head = hashed(
         case.seed + 1000,
@@ -113,7 +119,12 @@ fn check_case(case: &Case, device: &Device, device_name: &str, chunk_rows: usize
     let grad_hidden = to_vec(hidden.grad(&grads).unwrap());
     let scale = case.grad_hidden.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
     for (i, (&a, &b)) in grad_hidden.iter().zip(&case.grad_hidden).enumerate() {
-        assert_close(&format!("{what}: grad_hidden[{i}]"), a as f64, b, RTOL * scale);
+        assert_close(
+            &format!("{what}: grad_hidden[{i}]"),
+            a as f64,
+            b,
+            RTOL * scale,
+        );
     }
     let grad_head = to_vec(head.grad(&grads).unwrap());
     let s = &case.grad_head;
@@ -163,17 +174,31 @@ fn tied_head_matches_unfused_reference_autodiff() {
         let labels = labels(rows, vocab);
         let hidden = hashed(7, rows, h, 1.0, &device);
         let embedding = hashed(8, vocab, h, 0.8, &device);
-        let (h1, e1) = (hidden.clone().require_grad(), embedding.clone().require_grad());
+        let (h1, e1) = (
+            hidden.clone().require_grad(),
+            embedding.clone().require_grad(),
+        );
         let (h2, e2) = (hidden.require_grad(), embedding.require_grad());
         let fused = ual_linear_loss_sum(h1.clone(), e1.clone().transpose(), &labels, 4)
             .unwrap()
             .sum;
         let logits = h2.clone().matmul(e2.clone().transpose());
         let unfused = reference::ual_loss_sum(logits, &labels).unwrap().sum;
-        let (a, b) = (to_vec(fused.clone())[0] as f64, to_vec(unfused.clone())[0] as f64);
-        assert_close(&format!("{device_name}: loss"), a, b, 1e-5 * b.abs().max(1.0));
+        let (a, b) = (
+            to_vec(fused.clone())[0] as f64,
+            to_vec(unfused.clone())[0] as f64,
+        );
+        assert_close(
+            &format!("{device_name}: loss"),
+            a,
+            b,
+            1e-5 * b.abs().max(1.0),
+        );
         // Scale the loss, as the objective's mean does, to check the upstream gradient is used.
-        let (gf, gu) = (fused.mul_scalar(0.25).backward(), unfused.mul_scalar(0.25).backward());
+        let (gf, gu) = (
+            fused.mul_scalar(0.25).backward(),
+            unfused.mul_scalar(0.25).backward(),
+        );
         for (name, x, y) in [
             ("hidden", h1.grad(&gf).unwrap(), h2.grad(&gu).unwrap()),
             ("embedding", e1.grad(&gf).unwrap(), e2.grad(&gu).unwrap()),
@@ -201,12 +226,22 @@ fn frozen_head_and_inference_give_the_same_loss() {
         let loss = ual_linear_loss_sum(hidden.clone(), head.clone(), &labels, 2).unwrap();
         let tracked = to_vec(loss.sum.clone())[0];
         let grads = loss.sum.backward();
-        assert!(head.grad(&grads).is_none(), "{device_name}: a frozen head got a gradient");
+        assert!(
+            head.grad(&grads).is_none(),
+            "{device_name}: a frozen head got a gradient"
+        );
         let g = to_vec(hidden.grad(&grads).unwrap());
         let hidden2 = hashed(3, rows, h, 1.0, &ad).require_grad();
         let logits = hidden2.clone().matmul(head);
-        let grads2 = reference::ual_loss_sum(logits, &labels).unwrap().sum.backward();
-        for (i, (p, q)) in g.iter().zip(to_vec(hidden2.grad(&grads2).unwrap())).enumerate() {
+        let grads2 = reference::ual_loss_sum(logits, &labels)
+            .unwrap()
+            .sum
+            .backward();
+        for (i, (p, q)) in g
+            .iter()
+            .zip(to_vec(hidden2.grad(&grads2).unwrap()))
+            .enumerate()
+        {
             assert!((p - q).abs() <= 1e-5, "{device_name}: grad[{i}] {p} vs {q}");
         }
         let plain = ual_linear_loss_sum(

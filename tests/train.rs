@@ -15,6 +15,7 @@ use ual::data::template::Template;
 use ual::eval::score::token_logprobs;
 use ual::model::lora::{self, LoraConfig, for_each_named};
 use ual::model::{Llama, Pretrained};
+use ual::train::objective::HeadPlan;
 use ual::train::{TrainConfig, step_gradients};
 use ual::uncertainty::SmoothingConfig;
 
@@ -116,8 +117,15 @@ fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64);
     });
     let all: Vec<&Sample> = samples.iter().collect();
     let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
-    let (g4, loss4, _) = step_gradients(&model, &one_each, &device, usize::MAX).unwrap();
-    let (g1, loss1, _) = step_gradients(&model, &[all], &device, usize::MAX).unwrap();
+    let (g4, loss4, _) = step_gradients(
+        &model,
+        &one_each,
+        &device,
+        HeadPlan::fused(32000, usize::MAX),
+    )
+    .unwrap();
+    let (g1, loss1, _) =
+        step_gradients(&model, &[all], &device, HeadPlan::unfused(usize::MAX)).unwrap();
     [
         (grads_of(&model, &g4), loss4),
         (grads_of(&model, &g1), loss1),

@@ -195,8 +195,8 @@ pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
             let parts = chunked::<B>(hidden, head, labels, chunk_rows, want_hidden, want_head);
             prep.finish((parts.grad_hidden, parts.grad_head), parts.sum)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::ual_linear_ce_sum(
-            hidden, head, labels, chunk_rows,
-        )),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(B::ual_linear_ce_sum(hidden, head, labels, chunk_rows))
+        }
     }
 }

@@ -222,6 +222,16 @@ impl Llama {
         }
     }
 
+    /// The head as one `[hidden, vocab]` matrix (the embedding transposed when tied), or `None`
+    /// when the head has a bias, which the fused linear loss does not take.
+    pub fn head_weight(&self) -> Option<Tensor<2>> {
+        match &self.lm_head {
+            Some(head) if head.bias.is_some() => None,
+            Some(head) => Some(head.weight.val()),
+            None => Some(self.embed_tokens.weight.val().transpose()),
+        }
+    }
+
     /// The embedding matrix as a `[1, .., hidden, vocab]` head weight.
     fn embedding_transposed<const D: usize>(&self) -> Tensor<D> {
         let w = self.embed_tokens.weight.val().transpose();

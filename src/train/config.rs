@@ -76,6 +76,9 @@ pub struct TrainConfig {
     /// Full fine-tuning writes `model/` in this dtype (float32, float16, bfloat16); unset means
     /// the base checkpoint's.
     pub export_dtype: Option<String>,
+    /// The LM head and the loss as one fused operation in row blocks (`loss::linear`), so the
+    /// `[tokens, vocab]` logits never exist. Off computes the logits, then the fused loss.
+    pub fused_head: bool,
     pub optim: OptimConfig,
     pub lora: LoraConfig,
     pub smoothing: SmoothingConfig,
@@ -102,6 +105,7 @@ impl Default for TrainConfig {
             eval_every: 20,
             checkpoint_every: 20,
             export_dtype: None,
+            fused_head: true,
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
             smoothing: SmoothingConfig::default(),

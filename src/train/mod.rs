@@ -25,7 +25,7 @@ use crate::data::template::Template;
 use crate::device::{self, DeviceSpec};
 use crate::model::{Llama, Pretrained, lora, save};
 pub use config::{Mode, TrainConfig};
-use objective::response_loss;
+use objective::{HeadPlan, response_loss};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,7 +176,11 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         &run_dir.join("config.toml"),
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
-    let rows_per_chunk = selected.rows_per_binding(model_config.vocab_size);
+    let head = HeadPlan::new(
+        config.fused_head,
+        model_config.vocab_size,
+        selected.rows_per_binding(model_config.vocab_size),
+    );
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(config.optim.beta1 as f32)
         .with_beta_2(config.optim.beta2 as f32)
@@ -202,7 +206,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         }
         None => (
             0,
-            evaluate(&model, &eval_samples, config.batch_size, rows_per_chunk)?,
+            evaluate(&model, &eval_samples, config.batch_size, head)?,
             Vec::new(),
         ),
     };
@@ -228,8 +232,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .map(|_| stream.next().iter().map(|&i| &samples[i]).collect())
             .collect();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
-        let (mut grads, loss_total, tokens) =
-            step_gradients(&model, &micro, &device, rows_per_chunk)?;
+        let (mut grads, loss_total, tokens) = step_gradients(&model, &micro, &device, head)?;
         let grad_norm = optim::global_norm(&model, &grads);
         if config.optim.max_grad_norm > 0.0 && grad_norm > config.optim.max_grad_norm {
             optim::scale_grads(
@@ -251,7 +254,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         // Every `eval_every` steps, and always after the last one.
         let eval_loss = ((config.eval_every > 0 && done % config.eval_every == 0)
             || done == config.steps)
-            .then(|| evaluate(&model, &eval_samples, config.batch_size, rows_per_chunk))
+            .then(|| evaluate(&model, &eval_samples, config.batch_size, head))
             .transpose()?
             .flatten();
         let metrics = StepMetrics {
@@ -325,7 +328,7 @@ pub fn step_gradients(
     model: &Llama,
     micro: &[Vec<&Sample>],
     device: &burn::tensor::Device,
-    rows_per_chunk: usize,
+    head: HeadPlan,
 ) -> Result<(GradientsParams, f64, usize)> {
     let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
     let mut accumulator = GradientsAccumulator::new();
@@ -333,7 +336,7 @@ pub fn step_gradients(
     for batch_samples in micro {
         let batch = Batch::new(batch_samples, device)?;
         tokens += batch.tokens;
-        let sum = response_loss(model, &batch, rows_per_chunk)?.sum;
+        let sum = response_loss(model, &batch, head)?.sum;
         let loss = sum.div_scalar(step_tokens.max(1) as f64);
         loss_total += loss.clone().into_scalar::<f32>() as f64;
         accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
@@ -346,7 +349,7 @@ pub fn evaluate(
     model: &Llama,
     samples: &[Sample],
     batch_size: usize,
-    rows_per_chunk: usize,
+    head: HeadPlan,
 ) -> Result<Option<f64>> {
     if samples.is_empty() {
         return Ok(None);
@@ -357,7 +360,7 @@ pub fn evaluate(
     for bucket in length_buckets(samples, batch_size) {
         let batch_samples: Vec<&Sample> = bucket.iter().map(|&i| &samples[i]).collect();
         let batch = Batch::new(&batch_samples, &device)?;
-        let loss = response_loss(&model, &batch, rows_per_chunk)?;
+        let loss = response_loss(&model, &batch, head)?;
         sum += loss.sum.into_scalar::<f32>() as f64;
         count += loss.count;
     }

@@ -1,17 +1,54 @@
 //! The training objective on one batch: hidden states, then only the response rows through the
-//! LM head, then the UAL loss, in row chunks that respect the device's binding limit.
+//! LM head and the UAL loss.
 
 use anyhow::Result;
 use burn::tensor::Tensor;
 
 use crate::data::batch::Batch;
-use crate::loss::{LossSum, ual_loss_sum};
+use crate::loss::linear::default_chunk_rows;
+use crate::loss::{LossSum, ual_linear_loss_sum, ual_loss_sum};
 use crate::model::Llama;
+
+/// How the LM head and the loss are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadPlan {
+    /// The fused linear cross-entropy (`loss::linear`): no `[rows, V]` logits tensor.
+    pub fused: bool,
+    /// Rows per block: of the fused head, or of the unfused logits (one binding's worth on wgpu).
+    pub rows_per_chunk: usize,
+}
+
+impl HeadPlan {
+    /// The fused head in blocks of [`default_chunk_rows`], capped at what one binding holds.
+    pub fn fused(vocab: usize, rows_per_binding: usize) -> Self {
+        Self {
+            fused: true,
+            rows_per_chunk: default_chunk_rows(vocab).min(rows_per_binding),
+        }
+    }
+
+    /// Logits for `rows_per_chunk` rows at a time, then the fused loss on them.
+    pub fn unfused(rows_per_chunk: usize) -> Self {
+        Self {
+            fused: false,
+            rows_per_chunk,
+        }
+    }
+
+    /// The plan a training configuration asks for.
+    pub fn new(fused: bool, vocab: usize, rows_per_binding: usize) -> Self {
+        if fused {
+            Self::fused(vocab, rows_per_binding)
+        } else {
+            Self::unfused(rows_per_binding)
+        }
+    }
+}
 
 /// The summed UAL loss over the batch's response tokens, and their count.
 ///
 /// Prompt and padding positions never reach the head: the response rows are gathered first.
-pub fn response_loss(model: &Llama, batch: &Batch, rows_per_chunk: usize) -> Result<LossSum> {
+pub fn response_loss(model: &Llama, batch: &Batch, head: HeadPlan) -> Result<LossSum> {
     let hidden = model.hidden_states(batch.ids.clone());
     let [b, s, h] = hidden.dims();
     let n = batch.labels.rows();
@@ -23,9 +60,15 @@ pub fn response_loss(model: &Llama, batch: &Batch, rows_per_chunk: usize) -> Res
         });
     }
     let response = hidden.reshape([b * s, h]).select(0, batch.rows.clone());
+    if head.fused
+        && let Some(weight) = model.head_weight()
+    {
+        return ual_linear_loss_sum(response, weight, &batch.labels, head.rows_per_chunk);
+    }
     let mut sum: Option<Tensor<1>> = None;
-    for start in (0..n).step_by(rows_per_chunk.max(1)) {
-        let len = rows_per_chunk.min(n - start);
+    let chunk = head.rows_per_chunk.max(1);
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
         let logits = model.logits(response.clone().narrow(0, start, len));
         let part = ual_loss_sum(logits, &batch.labels.slice(start..start + len))?.sum;
         sum = Some(match sum {
