@@ -67,6 +67,8 @@ pub struct Selected {
     pub device: Device,
     pub description: String,
     pub is_wgpu: bool,
+    /// Whether shaders may use f16 (always false on the CPU, where f16 is emulated).
+    pub shader_f16: bool,
     /// The largest buffer one shader may bind (DESIGN §7); `None` on the CPU.
     pub max_binding_bytes: Option<u64>,
 }
@@ -142,6 +144,7 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
         device: Device::flex(),
         description: "cpu (flex)".to_string(),
         is_wgpu: false,
+        shader_f16: false,
         max_binding_bytes: None,
     };
     match spec {
@@ -188,6 +191,7 @@ fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
             adapter.index, adapter.name, adapter.backend, adapter.device_type
         ),
         is_wgpu: true,
+        shader_f16: adapter.shader_f16,
         max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
     })
 }

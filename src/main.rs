@@ -299,6 +299,34 @@ enum BenchCommand {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// One LoRA training step of a named model size on random weights; prints JSON with
+    /// tokens/s, peak device memory and peak RSS (compare with scripts/bench_torch.py).
+    Step {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: ual::bench::step::Preset,
+        /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
+        #[arg(long)]
+        unfused_head: bool,
+        /// Recompute memory-bound activations in the backward pass (burn's balanced strategy).
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
+        #[arg(long, default_value = "f32")]
+        base_dtype: String,
+        #[arg(long, default_value_t = 16)]
+        lora_r: usize,
+        /// Untimed steps first (kernel compilation, autotune).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
     /// Decoding speed with and without the KV cache, in one run.
     Decode {
         #[arg(long, default_value = "models/tiny")]
@@ -496,6 +524,42 @@ fn run(cli: Cli) -> Result<()> {
                 ual::model::load::Checkpoint::open(&model)?.dtype("model.embed_tokens.weight")?;
             ual::model::save::save_pretrained(&pretrained.model, &model, &output, dtype)?;
             eprintln!("wrote {} ({dtype:?})", output.display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Step {
+            preset,
+            unfused_head,
+            gradient_checkpointing,
+            base_dtype,
+            lora_r,
+            warmup,
+            steps,
+            batch_size,
+            seq_len,
+            device,
+        }) => {
+            let selected = device::select(device.device)?;
+            eprintln!("device: {}", selected.description);
+            let base =
+                ual::bench::step::base_dtype(&base_dtype, selected.shader_f16, selected.is_wgpu)?;
+            let options = ual::bench::step::StepOptions {
+                fused_head: !unfused_head,
+                gradient_checkpointing,
+                base_dtype,
+                lora_r,
+                warmup_steps: warmup,
+                steps: steps.max(1),
+                batch_size,
+                seq_len,
+            };
+            let report = ual::bench::step::run(
+                preset,
+                options,
+                &selected.device,
+                &selected.description,
+                base,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::Bench(BenchCommand::Loss {

@@ -177,9 +177,60 @@ fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     })
 }
 
-/// Builds the decoder of `config` from `checkpoint`, converting every weight to f32 on `device`.
-pub fn load_llama(config: &ModelConfig, checkpoint: &Checkpoint, device: &Device) -> Result<Llama> {
-    let loader = Loader { checkpoint, device };
+/// Where the decoder's tensors come from, by Hugging Face name and in Hugging Face layout.
+pub trait Weights {
+    /// Tensor `name` as f32, which must have `shape`.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+}
+
+impl Weights for Checkpoint {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Checkpoint::read(self, name, shape)
+    }
+}
+
+/// Seeded random weights for benchmarks: HF's initialisation scale (uniform with standard
+/// deviation `std`), norms at one, biases at zero. Each tensor depends only on (seed, name).
+pub struct RandomWeights {
+    pub seed: u64,
+    pub std: f32,
+}
+
+impl Weights for RandomWeights {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let len = shape.iter().product::<usize>();
+        if name.ends_with("norm.weight") {
+            return Ok(vec![1.0; len]);
+        }
+        if name.ends_with(".bias") {
+            return Ok(vec![0.0; len]);
+        }
+        let stream = super::llama::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let half_width = self.std * 3f32.sqrt();
+        Ok((0..len as u64)
+            .into_par_iter()
+            .map(|i| {
+                let u = (splitmix64(stream.wrapping_add(i)) >> 40) as f32 / (1u32 << 24) as f32;
+                (2.0 * u - 1.0) * half_width
+            })
+            .collect())
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Builds the decoder of `config` from `weights`, converting every weight to f32 on `device`.
+pub fn load_llama(config: &ModelConfig, weights: &dyn Weights, device: &Device) -> Result<Llama> {
+    let loader = Loader {
+        checkpoint: weights,
+        device,
+    };
     let c = config;
     let layers = (0..c.num_hidden_layers)
         .map(|i| loader.layer(c, &format!("model.layers.{i}")))
@@ -205,7 +256,7 @@ pub fn load_llama(config: &ModelConfig, checkpoint: &Checkpoint, device: &Device
 }
 
 struct Loader<'a> {
-    checkpoint: &'a Checkpoint,
+    checkpoint: &'a dyn Weights,
     device: &'a Device,
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -55,13 +55,25 @@ impl LoraLinear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let Some(lora) = &self.lora else {
-            return self.base.forward(x);
+            return self.base_forward(x);
         };
         let low = lora
             .dropout
             .forward(x.clone())
             .matmul(lora.a.val().unsqueeze());
-        self.base.forward(x) + low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale)
+        self.base_forward(x) + low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale)
+    }
+
+    /// The frozen projection. When its weights are stored in half precision
+    /// ([`store_frozen_in`]) the product runs in that precision and comes back in the input's:
+    /// autodiff then keeps the half-precision input, not an f32 copy of the weight.
+    fn base_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let stored = self.base.weight.val().dtype();
+        let dtype = x.dtype();
+        if stored == dtype {
+            return self.base.forward(x);
+        }
+        self.base.forward(x.cast(stored)).cast(dtype)
     }
 
     /// `[in, out]` of the frozen projection.
@@ -138,6 +150,25 @@ pub fn attach(model: Llama, config: &LoraConfig, seed: u64, device: &Device) -> 
         let a = Tensor::from_data(TensorData::new(values, [d_in, config.r]), device);
         let b = Tensor::zeros([config.r, d_out], device);
         proj.lora = Some(adapter(name, a, b, config));
+    });
+    model
+}
+
+/// Stores the frozen weights of every decoder projection in `dtype` (f16 halves the base
+/// model's memory); LoRA factors, norms, embeddings, the loss and optimizer state stay f32.
+pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
+    for_each_named(&mut model, |_, proj| {
+        let convert = |p: &Param<Tensor<2>>| {
+            let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
+            converted.id = p.id;
+            converted
+        };
+        proj.base.weight = convert(&proj.base.weight);
+        if let Some(bias) = &proj.base.bias {
+            let mut converted = Param::from_tensor(bias.val().cast(dtype)).set_require_grad(false);
+            converted.id = bias.id;
+            proj.base.bias = Some(converted);
+        }
     });
     model
 }

@@ -1,5 +1,7 @@
 //! `ual bench`: machine-readable performance figures, measured side by side in one process.
 
+pub mod step;
+
 use std::time::Instant;
 
 use anyhow::Result;
@@ -109,20 +111,20 @@ fn time_loss(
 }
 
 /// Peak memory: the wgpu pool's reserved bytes, or the process's peak RSS on the CPU.
-struct MemoryProbe {
+pub(crate) struct MemoryProbe {
     device: Device,
     pooled: bool,
 }
 
 impl MemoryProbe {
-    fn new(device: &Device) -> Self {
+    pub(crate) fn new(device: &Device) -> Self {
         Self {
             device: device.clone(),
             pooled: device.memory_pool_usage().is_some(),
         }
     }
 
-    fn source(&self) -> &'static str {
+    pub(crate) fn source(&self) -> &'static str {
         if self.pooled {
             "device pool bytes_reserved"
         } else {
@@ -131,7 +133,7 @@ impl MemoryProbe {
     }
 
     /// Frees cached pages (wgpu) or restarts the peak-RSS counter (Linux `clear_refs`).
-    fn reset(&self) {
+    pub(crate) fn reset(&self) {
         if self.pooled {
             self.device.memory_cleanup();
         } else {
@@ -139,14 +141,14 @@ impl MemoryProbe {
         }
     }
 
-    fn current(&self) -> u64 {
+    pub(crate) fn current(&self) -> u64 {
         match self.device.memory_pool_usage() {
             Some(usage) => usage.bytes_reserved,
             None => proc_status_kib("VmRSS:") * 1024,
         }
     }
 
-    fn peak(&self) -> u64 {
+    pub(crate) fn peak(&self) -> u64 {
         match self.device.memory_pool_usage() {
             Some(usage) => usage.bytes_reserved,
             None => proc_status_kib("VmHWM:") * 1024,
@@ -154,7 +156,7 @@ impl MemoryProbe {
     }
 }
 
-fn proc_status_kib(field: &str) -> u64 {
+pub(crate) fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

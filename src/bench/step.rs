@@ -1,0 +1,247 @@
+//! `ual bench step`: one LoRA training step of a named model size, on random weights and
+//! random tokens, so that anyone can measure it without a download. `scripts/bench_torch.py`
+//! runs the same model, batch, LoRA and loss with PyTorch + PEFT and prints the same JSON.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::optim::AdamWConfig;
+use burn::tensor::{DType, Device};
+use clap::ValueEnum;
+use serde::Serialize;
+
+use super::proc_status_kib;
+use crate::data::batch::Sample;
+use crate::model::config::ModelConfig;
+use crate::model::load::{RandomWeights, load_llama};
+use crate::model::lora::{self, LoraConfig};
+use crate::train::objective::HeadPlan;
+use crate::train::step_gradients;
+
+/// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The bundled `models/tiny` shape: 2 layers, 64 wide.
+    Tiny,
+    /// 4 layers, 256 wide (≈ 19 M parameters, most of them in embeddings and head).
+    Small,
+    /// 12 layers, 768 wide, as GPT-2 small / OPT-125m (≈ 134 M).
+    #[value(name = "125m")]
+    #[serde(rename = "125m")]
+    M125,
+    /// TinyLlama-1.1B's shape: 22 layers, 2048 wide, 4 KV heads.
+    #[value(name = "1b")]
+    #[serde(rename = "1b")]
+    B1,
+}
+
+/// What one preset trains on: the model and the batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresetShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+impl Preset {
+    pub fn shape(self) -> PresetShape {
+        let (hidden, inter, layers, heads, kv, tied, batch, seq) = match self {
+            Preset::Tiny => (64, 172, 2, 4, 2, true, 8, 256),
+            Preset::Small => (256, 688, 4, 4, 4, false, 4, 256),
+            Preset::M125 => (768, 2048, 12, 12, 12, false, 4, 512),
+            Preset::B1 => (2048, 5632, 22, 32, 4, false, 4, 512),
+        };
+        PresetShape {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            vocab_size: 32_000,
+            tie_word_embeddings: tied,
+            batch_size: batch,
+            seq_len: seq,
+        }
+    }
+}
+
+impl PresetShape {
+    /// The shape as a Hugging Face `config.json`, which is what both benches build from.
+    pub fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": self.seq_len.max(2048),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        })
+    }
+}
+
+/// The memory levers and the loop length of one measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOptions {
+    pub fused_head: bool,
+    pub gradient_checkpointing: bool,
+    /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
+    pub base_dtype: String,
+    pub lora_r: usize,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    /// Overrides the preset's batch shape.
+    pub batch_size: Option<usize>,
+    pub seq_len: Option<usize>,
+}
+
+/// The JSON line `ual bench step` and `scripts/bench_torch.py` both print.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBench {
+    pub engine: String,
+    pub preset: Preset,
+    pub device: String,
+    pub shape: PresetShape,
+    pub options: StepOptions,
+    pub parameters: usize,
+    pub trainable_parameters: usize,
+    pub tokens_per_step: usize,
+    pub seconds_per_step: f64,
+    pub tokens_per_s: f64,
+    /// The wgpu memory pool's reserved bytes at their highest after a step; `None` on the CPU.
+    pub peak_device_bytes: Option<u64>,
+    /// The process's peak resident set (VmHWM), weights included.
+    pub peak_rss_bytes: u64,
+    pub final_loss: f64,
+}
+
+/// Parses `f32` / `f16` and checks the adapter can run half precision.
+pub fn base_dtype(name: &str, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" if is_wgpu && !shader_f16 => {
+            bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
+        }
+        "f16" | "float16" => Ok(DType::F16),
+        other => bail!("base_dtype = \"{other}\": expected \"f32\" or \"f16\""),
+    }
+}
+
+/// Runs `warmup_steps + steps` LoRA steps of `preset` and reports the timed ones.
+pub fn run(
+    preset: Preset,
+    options: StepOptions,
+    device: &Device,
+    device_name: &str,
+    base: DType,
+) -> Result<StepBench> {
+    let mut shape = preset.shape();
+    shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
+    shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
+    let config = ModelConfig::from_json(&shape.config_json().to_string())?;
+    let device = if options.gradient_checkpointing {
+        device.clone().autodiff().gradient_checkpointing()
+    } else {
+        device.clone().autodiff()
+    };
+    device.seed(0);
+    let model = load_llama(
+        &config,
+        &RandomWeights {
+            seed: 0,
+            std: 0.02,
+        },
+        &device,
+    )?;
+    let parameters = burn::module::Module::num_params(&model);
+    let lora_config = LoraConfig {
+        r: options.lora_r,
+        alpha: 2.0 * options.lora_r as f64,
+        ..LoraConfig::default()
+    };
+    let mut model = lora::attach(model, &lora_config, 0, &device);
+    if base != DType::F32 {
+        model = lora::store_frozen_in(model, base);
+    }
+    let trainable = trainable_params(&model);
+    let samples = random_samples(&shape, config.vocab_size);
+    let batch: Vec<&Sample> = samples.iter().collect();
+    let head = HeadPlan::new(options.fused_head, config.vocab_size, usize::MAX);
+    let mut optimizer = AdamWConfig::new().init();
+    let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
+        let (grads, loss, _) = step_gradients(&model, std::slice::from_ref(&batch), &device, head)?;
+        Ok((optimizer.step(1e-4, model, grads), loss))
+    };
+    let mut loss = f64::NAN;
+    for _ in 0..options.warmup_steps {
+        (model, loss) = step(model)?;
+    }
+    let (mut peak_device, mut seconds) = (None::<u64>, 0.0);
+    for _ in 0..options.steps {
+        let started = Instant::now();
+        (model, loss) = step(model)?;
+        seconds += started.elapsed().as_secs_f64();
+        if let Some(usage) = device.memory_pool_usage() {
+            peak_device = Some(peak_device.unwrap_or(0).max(usage.bytes_reserved));
+        }
+    }
+    let steps = options.steps.max(1) as f64;
+    let tokens_per_step = shape.batch_size * shape.seq_len;
+    Ok(StepBench {
+        engine: format!("ual {}", env!("CARGO_PKG_VERSION")),
+        preset,
+        device: device_name.to_string(),
+        parameters,
+        trainable_parameters: trainable,
+        tokens_per_step,
+        seconds_per_step: seconds / steps,
+        tokens_per_s: tokens_per_step as f64 * steps / seconds.max(1e-9),
+        peak_device_bytes: peak_device,
+        peak_rss_bytes: proc_status_kib("VmHWM:") * 1024,
+        final_loss: loss,
+        shape,
+        options,
+    })
+}
+
+fn trainable_params(model: &crate::model::Llama) -> usize {
+    let mut model = model.clone();
+    let mut total = 0;
+    lora::for_each_named(&mut model, |_, proj| {
+        if let Some(l) = &proj.lora {
+            total += l.a.dims().iter().product::<usize>() + l.b.dims().iter().product::<usize>();
+        }
+    });
+    total
+}
+
+/// Seeded random tokens: each sequence's first half is prompt, its second half response, with
+/// smoothing alternating between 0.05 and 0.2 (the UAL loss, not plain cross-entropy).
+fn random_samples(shape: &PresetShape, vocab: usize) -> Vec<Sample> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    (0..shape.batch_size)
+        .map(|b| Sample {
+            ids: (0..shape.seq_len)
+                .map(|_| rng.random_range(3..vocab as u32))
+                .collect(),
+            loss_mask: (0..shape.seq_len).map(|t| t >= shape.seq_len / 2).collect(),
+            smoothing: if b % 2 == 0 { 0.05 } else { 0.2 },
+            line: b + 1,
+            uncertainty: None,
+        })
+        .collect()
+}
