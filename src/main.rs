@@ -541,7 +541,7 @@ fn run(cli: Cli) -> Result<()> {
             let selected = device::select(device.device)?;
             eprintln!("device: {}", selected.description);
             let base =
-                ual::bench::step::base_dtype(&base_dtype, selected.shader_f16, selected.is_wgpu)?;
+                ual::model::lora::frozen_dtype(&base_dtype, selected.shader_f16, selected.is_wgpu)?;
             let options = ual::bench::step::StepOptions {
                 fused_head: !unfused_head,
                 gradient_checkpointing,

@@ -84,11 +84,10 @@ fn max_relative_gap(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32
     worst
 }
 
-/// Gradients of one LoRA step on the fixture model, accumulated as 4 micro-batches of 1 and as
-/// one batch of 4, with the step's loss.
-fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64); 2] {
-    let device = device.clone().autodiff();
-    let p = Pretrained::load(&fixture_model("llama-gqa"), &device).unwrap();
+/// The fixture model with LoRA factors that are non-zero and the same on every device
+/// (host-generated), so that both factors get gradient and devices can be compared.
+fn lora_model(device: &Device) -> (Llama, Vec<Sample>) {
+    let p = Pretrained::load(&fixture_model("llama-gqa"), device).unwrap();
     let samples = samples(&p);
     let mut model = lora::attach(
         p.model,
@@ -97,10 +96,8 @@ fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64);
             ..Default::default()
         },
         0,
-        &device,
+        device,
     );
-    // The same non-zero A and B on every device (host-generated), so that both factors get
-    // gradient and devices can be compared.
     for_each_named(&mut model, |_, proj| {
         if let Some(l) = proj.lora.as_mut() {
             for factor in [&mut l.a, &mut l.b] {
@@ -109,27 +106,80 @@ fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64);
                     .map(|i| ((i * 7919 + dims[1]) % 1000) as f32 / 1000.0 * 0.6 - 0.3)
                     .collect();
                 let mut fresh =
-                    Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), &device));
+                    Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), device));
                 fresh.id = factor.id;
                 *factor = fresh;
             }
         }
     });
+    (model, samples)
+}
+
+/// Gradients of one LoRA step on the fixture model, accumulated as 4 micro-batches of 1 (fused
+/// head) and as one batch of 4 (unfused head), with the step's loss.
+fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64); 2] {
+    let device = device.clone().autodiff();
+    let (model, samples) = lora_model(&device);
     let all: Vec<&Sample> = samples.iter().collect();
     let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
-    let (g4, loss4, _) = step_gradients(
-        &model,
-        &one_each,
-        &device,
-        HeadPlan::fused(32000, usize::MAX),
-    )
-    .unwrap();
-    let (g1, loss1, _) =
-        step_gradients(&model, &[all], &device, HeadPlan::unfused(usize::MAX)).unwrap();
+    let fused = HeadPlan::fused(32000, usize::MAX);
+    let (g4, loss4, _) = step_gradients(&model, &one_each, &device, fused).unwrap();
+    let unfused = HeadPlan::unfused(usize::MAX);
+    let (g1, loss1, _) = step_gradients(&model, &[all], &device, unfused).unwrap();
     [
         (grads_of(&model, &g4), loss4),
         (grads_of(&model, &g1), loss1),
     ]
+}
+
+/// One step's gradients and loss on `device` (autodiff, checkpointed or not).
+fn one_step(
+    device: &Device,
+    frozen: Option<burn::tensor::DType>,
+) -> (BTreeMap<String, Vec<f32>>, f64) {
+    let (mut model, samples) = lora_model(device);
+    if let Some(dtype) = frozen {
+        model = lora::store_frozen_in(model, dtype);
+    }
+    let batch: Vec<&Sample> = samples.iter().collect();
+    let head = HeadPlan::fused(32000, usize::MAX);
+    let (g, loss, _) = step_gradients(&model, &[batch], device, head).unwrap();
+    (grads_of(&model, &g), loss)
+}
+
+/// Gradient checkpointing recomputes what it dropped, so the gradients are the same (1e-5 of
+/// each tensor's largest entry); f16 frozen weights round weights and projection inputs to 11 bits (and the product may
+/// accumulate in f16), so the gradients agree to 5e-2 and the loss to 1e-3 relative.
+#[test]
+fn memory_levers_keep_the_gradients() {
+    for (name, device) in devices() {
+        let (plain, plain_loss) = one_step(&device.clone().autodiff(), None);
+        let checkpointed = device.clone().autodiff().gradient_checkpointing();
+        let (ckpt, ckpt_loss) = one_step(&checkpointed, None);
+        let gap = max_relative_gap(&ckpt, &plain);
+        assert!(
+            gap <= 1e-5,
+            "{name}: checkpointed gradients differ by {gap}"
+        );
+        assert!(
+            (ckpt_loss - plain_loss).abs() <= 1e-5 * plain_loss,
+            "{name}: loss {ckpt_loss} vs {plain_loss}"
+        );
+        let (half, half_loss) =
+            one_step(&device.clone().autodiff(), Some(burn::tensor::DType::F16));
+        let gap = max_relative_gap(&half, &plain);
+        eprintln!(
+            "{name}: checkpointing loss {ckpt_loss} vs {plain_loss}; f16 frozen weights gap {gap}, loss {half_loss}"
+        );
+        assert!(
+            gap <= 5e-2,
+            "{name}: f16 frozen weights move gradients by {gap}"
+        );
+        assert!(
+            (half_loss - plain_loss).abs() <= 1e-3 * plain_loss,
+            "{name}: f16 loss {half_loss} vs {plain_loss}"
+        );
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::optim::AdamWConfig;
 use burn::tensor::{DType, Device};
 use clap::ValueEnum;
@@ -128,18 +128,6 @@ pub struct StepBench {
     pub final_loss: f64,
 }
 
-/// Parses `f32` / `f16` and checks the adapter can run half precision.
-pub fn base_dtype(name: &str, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" if is_wgpu && !shader_f16 => {
-            bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
-        }
-        "f16" | "float16" => Ok(DType::F16),
-        other => bail!("base_dtype = \"{other}\": expected \"f32\" or \"f16\""),
-    }
-}
-
 /// Runs `warmup_steps + steps` LoRA steps of `preset` and reports the timed ones.
 pub fn run(
     preset: Preset,
@@ -158,14 +146,7 @@ pub fn run(
         device.clone().autodiff()
     };
     device.seed(0);
-    let model = load_llama(
-        &config,
-        &RandomWeights {
-            seed: 0,
-            std: 0.02,
-        },
-        &device,
-    )?;
+    let model = load_llama(&config, &RandomWeights { seed: 0, std: 0.02 }, &device)?;
     let parameters = burn::module::Module::num_params(&model);
     let lora_config = LoraConfig {
         r: options.lora_r,

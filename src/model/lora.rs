@@ -173,6 +173,19 @@ pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
     model
 }
 
+/// The dtype named by `base_dtype` (`f32` or `f16`), checked against the adapter: f16 needs
+/// SHADER_F16 on wgpu; the CPU runs it, more slowly than f32.
+pub fn frozen_dtype(name: &str, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" if is_wgpu && !shader_f16 => {
+            bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
+        }
+        "f16" | "float16" => Ok(DType::F16),
+        other => bail!("base_dtype = \"{other}\": expected \"f32\" or \"f16\""),
+    }
+}
+
 fn adapter(name: &str, a: Tensor<2>, b: Tensor<2>, config: &LoraConfig) -> LoraAdapter {
     LoraAdapter {
         a: param(&format!("{name}.lora_A.weight"), a),

@@ -79,6 +79,12 @@ pub struct TrainConfig {
     /// The LM head and the loss as one fused operation in row blocks (`loss::linear`), so the
     /// `[tokens, vocab]` logits never exist. Off computes the logits, then the fused loss.
     pub fused_head: bool,
+    /// Recompute memory-bound activations (norms, activations, softmax) in the backward pass
+    /// instead of keeping them: burn's balanced gradient checkpointing.
+    pub gradient_checkpointing: bool,
+    /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
+    /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
+    pub base_dtype: String,
     pub optim: OptimConfig,
     pub lora: LoraConfig,
     pub smoothing: SmoothingConfig,
@@ -106,6 +112,8 @@ impl Default for TrainConfig {
             checkpoint_every: 20,
             export_dtype: None,
             fused_head: true,
+            gradient_checkpointing: false,
+            base_dtype: "f32".into(),
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
             smoothing: SmoothingConfig::default(),
@@ -182,6 +190,17 @@ impl TrainConfig {
             self.lora.validate()?;
         }
         self.smoothing.validate()?;
+        match (self.base_dtype.as_str(), self.mode) {
+            ("f32" | "float32", _) => {}
+            ("f16" | "float16", Mode::Lora) => {}
+            ("f16" | "float16", Mode::Full) => {
+                bail!(
+                    "`base_dtype = \"{}\"` needs mode = \"lora\": full fine-tuning trains the base weights",
+                    self.base_dtype
+                )
+            }
+            (other, _) => bail!("`base_dtype = \"{other}\"`: expected \"f32\" or \"f16\""),
+        }
         self.device
             .parse::<crate::device::DeviceSpec>()
             .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;

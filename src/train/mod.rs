@@ -110,7 +110,13 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .map_err(|e: String| anyhow::anyhow!(e))?;
     let selected = device::select(spec)?;
     eprintln!("device: {}", selected.description);
-    let device = selected.device.clone().autodiff();
+    let device = if config.gradient_checkpointing {
+        selected.device.clone().autodiff().gradient_checkpointing()
+    } else {
+        selected.device.clone().autodiff()
+    };
+    let frozen_dtype =
+        lora::frozen_dtype(&config.base_dtype, selected.shader_f16, selected.is_wgpu)?;
     device.seed(config.seed);
     let run_dir = config.run_dir();
     let checkpoint_dir = run_dir.join("checkpoint");
@@ -137,6 +143,9 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         (Mode::Lora, Some(_)) => lora::load_peft(model, &checkpoint_dir, &device)?.0,
         (Mode::Full, _) => model,
     };
+    if frozen_dtype != burn::tensor::DType::F32 {
+        model = lora::store_frozen_in(model, frozen_dtype);
+    }
 
     let template = Template::load(config.template, &config.model)?;
     let prepare = |path: &std::path::Path| -> Result<(Vec<Sample>, DataSummary)> {
