@@ -327,6 +327,22 @@ enum BenchCommand {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// The fused linear cross-entropy against logits-then-loss, forward + backward, in one run.
+    Head {
+        #[arg(long, default_value_t = 4096)]
+        rows: usize,
+        #[arg(long, default_value_t = 512)]
+        hidden: usize,
+        #[arg(long, default_value_t = 32_000)]
+        vocab: usize,
+        #[arg(long, default_value_t = 2)]
+        iters: usize,
+        /// Rows per block of the fused head; default: 8 Mi logits per block, at least 128 rows.
+        #[arg(long)]
+        chunk_rows: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
     /// Decoding speed with and without the KV cache, in one run.
     Decode {
         #[arg(long, default_value = "models/tiny")]
@@ -342,6 +358,10 @@ enum BenchCommand {
         device: DeviceArg,
     },
 }
+
+/// Exact heap figures for `ual bench` on the CPU; the counting costs two relaxed atomics.
+#[global_allocator]
+static ALLOCATOR: ual::bench::alloc::CountingAlloc = ual::bench::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -560,6 +580,28 @@ fn run(cli: Cli) -> Result<()> {
                 base,
             )?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Head {
+            rows,
+            hidden,
+            vocab,
+            iters,
+            chunk_rows,
+            device,
+        }) => {
+            let selected = device::select(device.device)?;
+            eprintln!("device: {}", selected.description);
+            let report = ual::bench::head(
+                rows,
+                hidden,
+                vocab,
+                iters.max(1),
+                chunk_rows,
+                &selected.device,
+                &selected.description,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Bench(BenchCommand::Loss {

@@ -1,5 +1,6 @@
 //! `ual bench`: machine-readable performance figures, measured side by side in one process.
 
+pub mod alloc;
 pub mod step;
 
 use std::time::Instant;
@@ -89,14 +90,23 @@ fn time_loss(
         .collect();
     let logits =
         Tensor::<2>::from_data(TensorData::new(values, [rows, vocab]), &device).require_grad();
-    let step = || -> Result<f32> {
+    measure(iters, memory, || {
         let sum = loss(logits.clone(), labels)?.sum;
         let grads = sum.backward();
         let grad = logits.grad(&grads).expect("logits are tracked");
         // Reading one value back waits for every queued kernel.
         Ok(grad.slice([0..1, 0..1]).into_scalar())
-    };
-    step()?; // Compiles kernels and lets autotune settle.
+    })
+}
+
+/// One warm-up call of `step` (kernel compilation, autotune), then `iters` timed ones with the
+/// memory peak above what existed before them.
+fn measure(
+    iters: usize,
+    memory: &MemoryProbe,
+    mut step: impl FnMut() -> Result<f32>,
+) -> Result<LossTiming> {
+    step()?;
     memory.reset();
     let baseline = memory.current();
     let start = Instant::now();
@@ -110,49 +120,152 @@ fn time_loss(
     })
 }
 
-/// Peak memory: the wgpu pool's reserved bytes, or the process's peak RSS on the CPU.
+/// The LM head and the loss at one size: the fused linear cross-entropy against the logits
+/// followed by the fused loss, forward + backward, with a frozen head (LoRA's case).
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadBench {
+    pub rows: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub device: String,
+    pub memory_source: &'static str,
+    /// 2 × rows × V × 4: the logits and their gradient, which the fused head never forms.
+    pub logits_and_grad_bytes: u64,
+    pub chunk_rows: usize,
+    pub fused: LossTiming,
+    pub unfused: LossTiming,
+    /// unfused time / fused time.
+    pub speedup: f64,
+    /// unfused extra memory / fused extra memory.
+    pub memory_ratio: f64,
+}
+
+/// Benchmarks the fused linear cross-entropy against head-then-loss on `device`.
+pub fn head(
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+    iters: usize,
+    chunk_rows: Option<usize>,
+    device: &Device,
+    device_name: &str,
+) -> Result<HeadBench> {
+    use crate::loss::linear::default_chunk_rows;
+    use crate::loss::ual_linear_loss_sum;
+    let labels = RowLabels::new(
+        (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect(),
+        (0..rows).map(|r| [0.0, 0.05, 0.1, 0.2][r % 4]).collect(),
+        (0..rows).map(|r| r % 8 != 0).collect(),
+    )?;
+    let ad = device.clone().autodiff();
+    let matrix = |rows: usize, cols: usize, scale: f32| -> Tensor<2> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_data(TensorData::new(values, [rows, cols]), &ad)
+    };
+    let states = matrix(rows, hidden, 1.0).require_grad();
+    let weight = matrix(hidden, vocab, 2.0 / (hidden as f32).sqrt());
+    let chunk_rows = chunk_rows.unwrap_or_else(|| default_chunk_rows(vocab));
+    let memory = MemoryProbe::new(device);
+    let read_grad = |sum: Tensor<1>| -> f32 {
+        let grad = states
+            .grad(&sum.backward())
+            .expect("hidden states are tracked");
+        grad.slice([0..1, 0..1]).into_scalar()
+    };
+    let fused = measure(iters, &memory, || {
+        let sum = ual_linear_loss_sum(states.clone(), weight.clone(), &labels, chunk_rows)?.sum;
+        Ok(read_grad(sum))
+    })?;
+    let unfused = measure(iters, &memory, || {
+        let logits = states.clone().matmul(weight.clone());
+        Ok(read_grad(ual_loss_sum(logits, &labels)?.sum))
+    })?;
+    Ok(HeadBench {
+        rows,
+        hidden,
+        vocab,
+        device: device_name.to_string(),
+        memory_source: memory.source(),
+        logits_and_grad_bytes: (2 * rows * vocab * 4) as u64,
+        chunk_rows,
+        speedup: unfused.seconds_per_step / fused.seconds_per_step,
+        memory_ratio: unfused.peak_extra_bytes as f64 / fused.peak_extra_bytes.max(1) as f64,
+        fused,
+        unfused,
+    })
+}
+
+/// Peak memory: the wgpu pool's reserved bytes; on the CPU the bytes the counting allocator
+/// saw in use (the `ual` binary), or else the process's peak RSS.
 pub(crate) struct MemoryProbe {
     device: Device,
-    pooled: bool,
+    source: MemorySource,
+}
+
+#[derive(Clone, Copy)]
+enum MemorySource {
+    Pool,
+    Allocator,
+    Rss,
 }
 
 impl MemoryProbe {
     pub(crate) fn new(device: &Device) -> Self {
+        let source = if device.memory_pool_usage().is_some() {
+            MemorySource::Pool
+        } else if alloc::CountingAlloc::active() {
+            MemorySource::Allocator
+        } else {
+            MemorySource::Rss
+        };
         Self {
             device: device.clone(),
-            pooled: device.memory_pool_usage().is_some(),
+            source,
         }
     }
 
     pub(crate) fn source(&self) -> &'static str {
-        if self.pooled {
-            "device pool bytes_reserved"
-        } else {
-            "process peak RSS (VmHWM)"
+        match self.source {
+            MemorySource::Pool => "device pool bytes_reserved",
+            MemorySource::Allocator => "heap bytes in use (counting allocator)",
+            MemorySource::Rss => "process peak RSS (VmHWM)",
         }
     }
 
-    /// Frees cached pages (wgpu) or restarts the peak-RSS counter (Linux `clear_refs`).
+    /// Frees cached pages (wgpu) or restarts the peak counter.
     pub(crate) fn reset(&self) {
-        if self.pooled {
-            self.device.memory_cleanup();
-        } else {
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        match self.source {
+            MemorySource::Pool => self.device.memory_cleanup(),
+            MemorySource::Allocator => alloc::CountingAlloc::reset_peak(),
+            MemorySource::Rss => {
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+            }
         }
     }
 
     pub(crate) fn current(&self) -> u64 {
-        match self.device.memory_pool_usage() {
-            Some(usage) => usage.bytes_reserved,
-            None => proc_status_kib("VmRSS:") * 1024,
+        match self.source {
+            MemorySource::Pool => self.pool_reserved(),
+            MemorySource::Allocator => alloc::CountingAlloc::current() as u64,
+            MemorySource::Rss => proc_status_kib("VmRSS:") * 1024,
         }
     }
 
     pub(crate) fn peak(&self) -> u64 {
-        match self.device.memory_pool_usage() {
-            Some(usage) => usage.bytes_reserved,
-            None => proc_status_kib("VmHWM:") * 1024,
+        match self.source {
+            MemorySource::Pool => self.pool_reserved(),
+            MemorySource::Allocator => alloc::CountingAlloc::peak() as u64,
+            MemorySource::Rss => proc_status_kib("VmHWM:") * 1024,
         }
+    }
+
+    fn pool_reserved(&self) -> u64 {
+        self.device
+            .memory_pool_usage()
+            .map(|u| u.bytes_reserved)
+            .unwrap_or(0)
     }
 }
 

@@ -78,15 +78,30 @@ impl UalLossBackend for Flex {
             Ok(t) => t,
             Err(t) => return host::backward::<Self>(t, labels, stats, grad_stats),
         };
+        let labels = host::rows_of(&host::read::<Self>(labels));
+        let (stats, grad_stats) = (host::read::<Self>(stats), host::read::<Self>(grad_stats));
         let shape = logits.shape();
-        let mut grad = FlexTensor::empty(shape.clone(), DType::F32);
+        let (vocab, numel) = (shape[1], shape.num_elements());
+        // Each gradient entry depends only on its own logit, so when nothing else holds the
+        // logits (the fused head's blocks; autodiff's saved input at its last use) the gradient
+        // overwrites them: one [rows, V] buffer instead of two.
+        let mut logits = logits;
+        let whole = logits.layout().contiguous_offsets() == Some((0, numel));
+        if whole
+            && let Some(z) = logits.try_storage_mut::<f32>()
+            && z.len() == numel
+        {
+            host::write_grad_in_place(z, vocab, &labels, &stats, &grad_stats);
+            return logits;
+        }
+        let mut grad = FlexTensor::empty(shape, DType::F32);
         host::write_grad(
             logits.as_slice::<f32>().expect("contiguous f32"),
             grad.storage_mut::<f32>(),
-            shape[1],
-            &host::rows_of(&host::read::<Self>(labels)),
-            &host::read::<Self>(stats),
-            &host::read::<Self>(grad_stats),
+            vocab,
+            &labels,
+            &stats,
+            &grad_stats,
         );
         grad
     }
@@ -259,6 +274,19 @@ pub(crate) mod host {
         B::float_from_data(data, &device)
     }
 
+    /// [`write_grad`] with the logits' buffer overwritten by the gradient.
+    pub fn write_grad_in_place(
+        z: &mut [f32],
+        vocab: usize,
+        labels: &[Row],
+        stats: &[f32],
+        grad_stats: &[f32],
+    ) {
+        z.par_chunks_exact_mut(vocab)
+            .enumerate()
+            .for_each(|(r, g)| grad_row(g, None, r, vocab, labels, stats, grad_stats));
+    }
+
     /// `grad = g_loss·(softmax(z) − q) + g_lse·softmax(z)` per row, from the saved lse.
     pub fn write_grad(
         z: &[f32],
@@ -271,19 +299,39 @@ pub(crate) mod host {
         grad.par_chunks_exact_mut(vocab)
             .zip(z.par_chunks_exact(vocab))
             .enumerate()
-            .for_each(|(r, (g, z))| {
-                let row = &labels[r];
-                if !row.counted {
-                    g.fill(0.0);
-                    return;
-                }
-                let (g_loss, g_lse, lse) =
-                    (grad_stats[2 * r], grad_stats[2 * r + 1], stats[2 * r + 1]);
-                let uniform = g_loss * row.eps / vocab as f32;
+            .for_each(|(r, (g, z))| grad_row(g, Some(z), r, vocab, labels, stats, grad_stats));
+    }
+
+    /// One row of the gradient into `g`, reading the logits from `z`, or from `g` itself.
+    fn grad_row(
+        g: &mut [f32],
+        z: Option<&[f32]>,
+        r: usize,
+        vocab: usize,
+        labels: &[Row],
+        stats: &[f32],
+        grad_stats: &[f32],
+    ) {
+        let row = &labels[r];
+        if !row.counted {
+            g.fill(0.0);
+            return;
+        }
+        let (g_loss, g_lse, lse) = (grad_stats[2 * r], grad_stats[2 * r + 1], stats[2 * r + 1]);
+        let uniform = g_loss * row.eps / vocab as f32;
+        let scale = g_loss + g_lse;
+        match z {
+            Some(z) => {
                 for (g, &z) in g.iter_mut().zip(z) {
-                    *g = (g_loss + g_lse) * (z - lse).exp() - uniform;
+                    *g = scale * (z - lse).exp() - uniform;
                 }
-                g[row.target] -= g_loss * (1.0 - row.eps);
-            });
+            }
+            None => {
+                for g in g.iter_mut() {
+                    *g = scale * (*g - lse).exp() - uniform;
+                }
+            }
+        }
+        g[row.target] -= g_loss * (1.0 - row.eps);
     }
 }

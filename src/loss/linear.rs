@@ -25,12 +25,19 @@ use burn::tensor::{Shape, Slice, Tensor, TensorData};
 use super::fused::UalLossBackend;
 use super::{LossSum, RowLabels};
 
-/// Elements of one logits block: 4 Mi f32 = 16 MiB, and as much again for its gradient.
-pub const CHUNK_ELEMENTS: usize = 1 << 22;
+/// Elements of one logits block: 8 Mi f32 = 32 MiB. The gradient overwrites the block in place
+/// on the CPU, so the head + loss hold about two blocks (the CPU matmul packs its left operand)
+/// plus the `[rows, H]` hidden gradient: 1/14 of the unfused head at 4,096 rows and V = 32,000.
+pub const CHUNK_ELEMENTS: usize = 1 << 23;
 
-/// Rows per block for a vocabulary of `vocab`: [`CHUNK_ELEMENTS`] / V, at least one.
+/// The fewest rows per block. The CPU matmul repacks the head for every block, a cost of about
+/// 1/rows of the block's arithmetic: below ~128 rows it shows (0.75× at 65 rows, V = 128,256).
+pub const MIN_CHUNK_ROWS: usize = 128;
+
+/// Rows per block for a vocabulary of `vocab`: [`CHUNK_ELEMENTS`] / V, at least
+/// [`MIN_CHUNK_ROWS`].
 pub fn default_chunk_rows(vocab: usize) -> usize {
-    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+    (CHUNK_ELEMENTS / vocab.max(1)).max(MIN_CHUNK_ROWS)
 }
 
 /// The UAL loss summed over counted rows of `hidden @ head`, with `hidden: [rows, H]` and
