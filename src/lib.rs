@@ -7,6 +7,7 @@
 //! Data flows one way: `data` → `model` → `loss` → `train`; `uncertainty` only supplies the
 //! per-sample number that becomes the smoothing value.
 
+pub mod alloc;
 pub mod annotate;
 pub mod bench;
 pub mod data;

@@ -361,9 +361,10 @@ enum BenchCommand {
 
 /// Exact heap figures for `ual bench` on the CPU; the counting costs two relaxed atomics.
 #[global_allocator]
-static ALLOCATOR: ual::bench::alloc::CountingAlloc = ual::bench::alloc::CountingAlloc;
+static ALLOCATOR: ual::alloc::CountingAlloc = ual::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
+    ual::alloc::keep_freed_buffers();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -1,6 +1,5 @@
 //! `ual bench`: machine-readable performance figures, measured side by side in one process.
 
-pub mod alloc;
 pub mod step;
 
 use std::time::Instant;
@@ -215,7 +214,7 @@ impl MemoryProbe {
     pub(crate) fn new(device: &Device) -> Self {
         let source = if device.memory_pool_usage().is_some() {
             MemorySource::Pool
-        } else if alloc::CountingAlloc::active() {
+        } else if crate::alloc::CountingAlloc::active() {
             MemorySource::Allocator
         } else {
             MemorySource::Rss
@@ -238,7 +237,7 @@ impl MemoryProbe {
     pub(crate) fn reset(&self) {
         match self.source {
             MemorySource::Pool => self.device.memory_cleanup(),
-            MemorySource::Allocator => alloc::CountingAlloc::reset_peak(),
+            MemorySource::Allocator => crate::alloc::CountingAlloc::reset_peak(),
             MemorySource::Rss => {
                 let _ = std::fs::write("/proc/self/clear_refs", "5");
             }
@@ -248,7 +247,7 @@ impl MemoryProbe {
     pub(crate) fn current(&self) -> u64 {
         match self.source {
             MemorySource::Pool => self.pool_reserved(),
-            MemorySource::Allocator => alloc::CountingAlloc::current() as u64,
+            MemorySource::Allocator => crate::alloc::CountingAlloc::current() as u64,
             MemorySource::Rss => proc_status_kib("VmRSS:") * 1024,
         }
     }
@@ -256,7 +255,7 @@ impl MemoryProbe {
     pub(crate) fn peak(&self) -> u64 {
         match self.source {
             MemorySource::Pool => self.pool_reserved(),
-            MemorySource::Allocator => alloc::CountingAlloc::peak() as u64,
+            MemorySource::Allocator => crate::alloc::CountingAlloc::peak() as u64,
             MemorySource::Rss => proc_status_kib("VmHWM:") * 1024,
         }
     }

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Measures ual's memory levers one at a time against the default, in one sitting:
+`ual bench step` with the fused head (default), with `--unfused-head`, with
+`--gradient-checkpointing`, and with `--base-dtype f16`. Prints a Markdown table.
+
+    cargo build --release
+    python scripts/bench_levers.py --preset small --device cpu [--steps 3]
+"""
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+VARIANTS = [
+    ("fused head (default)", []),
+    ("unfused head", ["--unfused-head"]),
+    ("gradient checkpointing", ["--gradient-checkpointing"]),
+    ("f16 frozen weights", ["--base-dtype", "f16"]),
+]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--extra", default="", help="more `ual bench step` flags, e.g. --batch-size 2")
+    a = p.parse_args()
+    rows = []
+    for name, flags in VARIANTS:
+        cmd = ["target/release/ual", "bench", "step", "--preset", a.preset, "--device", a.device,
+               "--steps", str(a.steps), "--warmup", str(a.warmup), *a.extra.split(), *flags]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append((name, None, out.stderr.strip().splitlines()[-1]))
+            continue
+        rows.append((name, json.loads(out.stdout.strip().splitlines()[-1]), None))
+    base = rows[0][1]
+    print(f"preset {a.preset} on {base['device']}, {base['tokens_per_step']} tokens/step")
+    print()
+    print("| variant | tok/s | vs default | peak RSS MB | peak device MB | final loss |")
+    print("|---|---|---|---|---|---|")
+    for name, r, err in rows:
+        if r is None:
+            print(f"| {name} | – | – | – | – | {err} |")
+            continue
+        dev = "–" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 1e6:.0f}"
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
+              f"{r['peak_rss_bytes'] / 1e6:.0f} | {dev} | {r['final_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
