@@ -25,8 +25,20 @@ fn ual(args: &[&str]) -> Result<Value, String> {
 
 fn step(device: &str, extra: &[&str]) -> Value {
     let mut args = vec![
-        "bench", "step", "--preset", "tiny", "--device", device, "--steps", "1", "--warmup",
-        "1", "--batch-size", "2", "--seq-len", "64",
+        "bench",
+        "step",
+        "--preset",
+        "tiny",
+        "--device",
+        device,
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
     ];
     args.extend_from_slice(extra);
     ual(&args).unwrap()
@@ -56,8 +68,17 @@ fn bench_step_reports_throughput_and_memory() {
 
 #[test]
 fn bench_step_rejects_an_unknown_base_dtype() {
-    let err = ual(&["bench", "step", "--preset", "tiny", "--device", "cpu", "--base-dtype", "f8"])
-        .unwrap_err();
+    let err = ual(&[
+        "bench",
+        "step",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--base-dtype",
+        "f8",
+    ])
+    .unwrap_err();
     assert!(err.contains("expected \"f32\" or \"f16\""), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
@@ -67,13 +88,29 @@ fn bench_step_rejects_an_unknown_base_dtype() {
 #[test]
 fn bench_head_fused_memory_is_a_fraction_of_unfused() {
     let r = ual(&[
-        "bench", "head", "--device", "cpu", "--rows", "1024", "--hidden", "64", "--iters", "1",
-        "--chunk-rows", "128",
+        "bench",
+        "head",
+        "--device",
+        "cpu",
+        "--rows",
+        "1024",
+        "--hidden",
+        "64",
+        "--iters",
+        "1",
+        "--chunk-rows",
+        "128",
     ])
     .unwrap();
-    assert_eq!(r["memory_source"], "heap bytes in use (counting allocator)", "{r}");
+    assert_eq!(
+        r["memory_source"], "heap bytes in use (counting allocator)",
+        "{r}"
+    );
     let fused = r["fused"]["peak_extra_bytes"].as_f64().unwrap();
     let unfused = r["unfused"]["peak_extra_bytes"].as_f64().unwrap();
     assert!(unfused >= 262_144_000.0, "{r}");
-    assert!(fused > 0.0 && unfused / fused >= 4.0, "fused {fused} vs unfused {unfused}");
+    assert!(
+        fused > 0.0 && unfused / fused >= 4.0,
+        "fused {fused} vs unfused {unfused}"
+    );
 }

@@ -157,18 +157,14 @@ pub fn attach(model: Llama, config: &LoraConfig, seed: u64, device: &Device) -> 
 /// Stores the frozen weights of every decoder projection in `dtype` (f16 halves the base
 /// model's memory); LoRA factors, norms, embeddings, the loss and optimizer state stay f32.
 pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
+    fn frozen<const D: usize>(p: &Param<Tensor<D>>, dtype: DType) -> Param<Tensor<D>> {
+        let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
+        converted.id = p.id;
+        converted
+    }
     for_each_named(&mut model, |_, proj| {
-        let convert = |p: &Param<Tensor<2>>| {
-            let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
-            converted.id = p.id;
-            converted
-        };
-        proj.base.weight = convert(&proj.base.weight);
-        if let Some(bias) = &proj.base.bias {
-            let mut converted = Param::from_tensor(bias.val().cast(dtype)).set_require_grad(false);
-            converted.id = bias.id;
-            proj.base.bias = Some(converted);
-        }
+        proj.base.weight = frozen(&proj.base.weight, dtype);
+        proj.base.bias = proj.base.bias.as_ref().map(|b| frozen(b, dtype));
     });
     model
 }
