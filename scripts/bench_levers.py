@@ -41,15 +41,16 @@ def main():
     base = rows[0][1]
     print(f"preset {a.preset} on {base['device']}, {base['tokens_per_step']} tokens/step")
     print()
-    print("| variant | tok/s | vs default | peak RSS MB | peak device MB | final loss |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | tok/s | vs default | peak heap MB | peak RSS MB | peak device MB | final loss |")
+    print("|---|---|---|---|---|---|---|")
     for name, r, err in rows:
         if r is None:
-            print(f"| {name} | – | – | – | – | {err} |")
+            print(f"| {name} | – | – | – | – | – | {err} |")
             continue
         dev = "–" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 1e6:.0f}"
+        heap = "–" if r.get("peak_heap_bytes") is None else f"{r['peak_heap_bytes'] / 1e6:.0f}"
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
-              f"{r['peak_rss_bytes'] / 1e6:.0f} | {dev} | {r['final_loss']:.4f} |")
+              f"{heap} | {r['peak_rss_bytes'] / 1e6:.0f} | {dev} | {r['final_loss']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use super::proc_status_kib;
+use crate::alloc::CountingAlloc;
 use crate::data::batch::Sample;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
@@ -125,6 +126,9 @@ pub struct StepBench {
     pub peak_device_bytes: Option<u64>,
     /// The process's peak resident set (VmHWM), weights included.
     pub peak_rss_bytes: u64,
+    /// The most heap bytes in use at once, weights included (the `ual` binary's counting
+    /// allocator; `None` elsewhere). Exact, unlike RSS, which keeps freed pages.
+    pub peak_heap_bytes: Option<u64>,
     pub final_loss: f64,
 }
 
@@ -192,6 +196,7 @@ pub fn run(
         tokens_per_s: tokens_per_step as f64 * steps / seconds.max(1e-9),
         peak_device_bytes: peak_device,
         peak_rss_bytes: proc_status_kib("VmHWM:") * 1024,
+        peak_heap_bytes: CountingAlloc::active().then(|| CountingAlloc::peak() as u64),
         final_loss: loss,
         shape,
         options,
