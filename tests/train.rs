@@ -202,9 +202,11 @@ fn four_micro_batches_of_one_equal_one_batch_of_four() {
     eprintln!(
         "accumulation gap: cpu {cpu_gap:.2e}, wgpu {gpu_gap:.2e}; wgpu vs cpu on one batch {device_gap:.2e}"
     );
-    // 1e-5 relative to each tensor's largest gradient.
-    assert!(cpu_gap <= 1e-5, "cpu: 4x1 vs 1x4 differ by {cpu_gap:.2e}");
-    assert!(gpu_gap <= 1e-5, "wgpu: 4x1 vs 1x4 differ by {gpu_gap:.2e}");
+    // 2e-5 relative to each tensor's largest gradient: the fused head (blocks of rows) and the
+    // unfused one sum in different orders, and wgpu's autotune may pick other matmul kernels
+    // from run to run (seen: 1.12e-5). A wrong normalisation would be off by a factor.
+    assert!(cpu_gap <= 2e-5, "cpu: 4x1 vs 1x4 differ by {cpu_gap:.2e}");
+    assert!(gpu_gap <= 2e-5, "wgpu: 4x1 vs 1x4 differ by {gpu_gap:.2e}");
 }
 
 fn quick_config(dir: &std::path::Path, device: &str, steps: usize) -> TrainConfig {
