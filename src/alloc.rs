@@ -1,7 +1,8 @@
 //! The process's heap: a counting global allocator, so CPU memory figures are exact bytes in use
 //! rather than the resident set (which keeps freed pages and shared libraries), and glibc
 //! tuning so that tensor buffers are reused rather than returned to the kernel. `ual`'s binary
-//! installs both; for library users [`CountingAlloc::active`] stays false.
+//! installs the allocator (for library users [`CountingAlloc::active`] stays false);
+//! `device::select` applies the tuning when it picks the CPU.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -84,7 +85,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
 /// memory freed after a peak stays with the process.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before other threads allocate.
+    // SAFETY: mallopt only changes allocator parameters, under glibc's own arena lock.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);

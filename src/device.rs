@@ -140,12 +140,17 @@ fn adapters_on(backend: wgpu::Backend) -> Vec<AdapterReport> {
 
 /// Resolves `--device` to a burn device, saying which one was chosen.
 pub fn select(spec: DeviceSpec) -> Result<Selected> {
-    let cpu = || Selected {
-        device: Device::flex(),
-        description: "cpu (flex)".to_string(),
-        is_wgpu: false,
-        shader_f16: false,
-        max_binding_bytes: None,
+    let cpu = || {
+        // flex's tensors live on the heap: reuse freed buffers instead of re-faulting pages.
+        // Only here, so GPU drivers keep glibc's defaults for their own host memory.
+        crate::alloc::keep_freed_buffers();
+        Selected {
+            device: Device::flex(),
+            description: "cpu (flex)".to_string(),
+            is_wgpu: false,
+            shader_f16: false,
+            max_binding_bytes: None,
+        }
     };
     match spec {
         DeviceSpec::Cpu => Ok(cpu()),

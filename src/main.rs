@@ -364,7 +364,6 @@ enum BenchCommand {
 static ALLOCATOR: ual::alloc::CountingAlloc = ual::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
-    ual::alloc::keep_freed_buffers();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
