@@ -52,22 +52,9 @@ fn cases() -> Vec<Case> {
     serde_json::from_str::<Cases>(&text).unwrap().cases
 }
 
-fn splitmix64(x: u64) -> u64 {
-    let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 /// The fixture script's hashed matrix, bit for bit.
 fn hashed(seed: u64, rows: usize, cols: usize, scale: f32, device: &Device) -> Tensor<2> {
-    let values: Vec<f32> = (0..(rows * cols) as u64)
-        .map(|i| {
-            let u = (splitmix64(i.wrapping_add(seed.wrapping_mul(1 << 40))) >> 40) as f32
-                / (1u32 << 24) as f32;
-            (u * 2.0 - 1.0) * scale
-        })
-        .collect();
+    let values = common::hashed_values(seed, rows, cols, scale);
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 

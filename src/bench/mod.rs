@@ -37,6 +37,15 @@ pub struct LossBench {
 
 type LossFn = fn(Tensor<2>, &RowLabels) -> Result<LossSum>;
 
+/// Spread targets, a mix of smoothing values and one masked row in eight, as training sees.
+fn bench_labels(rows: usize, vocab: usize) -> Result<RowLabels> {
+    RowLabels::new(
+        (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect(),
+        (0..rows).map(|r| [0.0, 0.05, 0.1, 0.2][r % 4]).collect(),
+        (0..rows).map(|r| r % 8 != 0).collect(),
+    )
+}
+
 /// Benchmarks the fused and the reference UAL loss, forward + backward, on `device`.
 pub fn loss(
     rows: usize,
@@ -45,11 +54,7 @@ pub fn loss(
     device: &Device,
     device_name: &str,
 ) -> Result<LossBench> {
-    let labels = RowLabels::new(
-        (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect(),
-        (0..rows).map(|r| [0.0, 0.05, 0.1, 0.2][r % 4]).collect(),
-        (0..rows).map(|r| r % 8 != 0).collect(),
-    )?;
+    let labels = bench_labels(rows, vocab)?;
     let memory = MemoryProbe::new(device);
     let fused = time_loss(ual_loss_sum, rows, vocab, iters, &labels, device, &memory)?;
     let reference = time_loss(
@@ -151,11 +156,7 @@ pub fn head(
 ) -> Result<HeadBench> {
     use crate::loss::linear::default_chunk_rows;
     use crate::loss::ual_linear_loss_sum;
-    let labels = RowLabels::new(
-        (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect(),
-        (0..rows).map(|r| [0.0, 0.05, 0.1, 0.2][r % 4]).collect(),
-        (0..rows).map(|r| r % 8 != 0).collect(),
-    )?;
+    let labels = bench_labels(rows, vocab)?;
     let ad = device.clone().autodiff();
     let matrix = |rows: usize, cols: usize, scale: f32| -> Tensor<2> {
         let values: Vec<f32> = (0..rows * cols)

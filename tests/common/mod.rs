@@ -47,3 +47,22 @@ pub fn wgpu_spec() -> &'static str {
         }
     }
 }
+
+fn splitmix64(x: u64) -> u64 {
+    let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The loss fixture scripts' hashed matrix `[rows, cols]` (row-major), bit for bit:
+/// (2u − 1)·scale with u a 24-bit uniform from splitmix64(index + seed·2^40).
+pub fn hashed_values(seed: u64, rows: usize, cols: usize, scale: f32) -> Vec<f32> {
+    (0..(rows * cols) as u64)
+        .map(|i| {
+            let u = (splitmix64(i.wrapping_add(seed.wrapping_mul(1 << 40))) >> 40) as f32
+                / (1u32 << 24) as f32;
+            (u * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
