@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measures ual's memory levers one at a time against the default, in one sitting:
 `ual bench step` with the fused head (default), with `--unfused-head`, with
-`--gradient-checkpointing`, and with `--base-dtype f16`. Prints a Markdown table.
+`--gradient-checkpointing ops` and `layers`, and with `--base-dtype f16`. Prints a Markdown table.
 
     cargo build --release
     python scripts/bench_levers.py --preset small --device cpu [--steps 3]
@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VARIANTS = [
     ("fused head (default)", []),
     ("unfused head", ["--unfused-head"]),
-    ("gradient checkpointing", ["--gradient-checkpointing"]),
+    ("checkpointing: ops", ["--gradient-checkpointing", "ops"]),
+    ("checkpointing: layers", ["--gradient-checkpointing", "layers"]),
     ("f16 frozen weights", ["--base-dtype", "f16"]),
 ]
 
@@ -27,11 +28,12 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ual", default="target/release/ual", help="the ual binary")
     p.add_argument("--extra", default="", help="more `ual bench step` flags, e.g. --batch-size 2")
     a = p.parse_args()
     rows = []
     for name, flags in VARIANTS:
-        cmd = ["target/release/ual", "bench", "step", "--preset", a.preset, "--device", a.device,
+        cmd = [a.ual, "bench", "step", "--preset", a.preset, "--device", a.device,
                "--steps", str(a.steps), "--warmup", str(a.warmup), *a.extra.split(), *flags]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:

@@ -36,12 +36,14 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ual-extra", default="", help="extra `ual bench step` flags")
+    p.add_argument("--ual", default="target/release/ual", help="the ual binary")
+    p.add_argument("--torch-device", help="default: cpu for ual's cpu, else cuda")
     a = p.parse_args()
-    torch_device = "cpu" if a.device == "cpu" else "cuda"
+    torch_device = a.torch_device or ("cpu" if a.device == "cpu" else "cuda")
     rows = []
     for preset in a.presets:
         common = ["--preset", preset, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-        ual_cmd = ["target/release/ual", "bench", "step", "--device", a.device, *common,
+        ual_cmd = [a.ual, "bench", "step", "--device", a.device, *common,
                    *a.ual_extra.split()]
         torch_cmd = [sys.executable, "scripts/bench_torch.py", "--device", torch_device, *common]
         best = {}

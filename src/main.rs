@@ -307,9 +307,10 @@ enum BenchCommand {
         /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
         #[arg(long)]
         unfused_head: bool,
-        /// Recompute memory-bound activations in the backward pass (burn's balanced strategy).
-        #[arg(long)]
-        gradient_checkpointing: bool,
+        /// Recompute in the backward pass: `layers` (each decoder layer from its input; the
+        /// default when the flag has no value), `ops` (burn's balanced strategy) or `off`.
+        #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "layers")]
+        gradient_checkpointing: ual::train::Checkpointing,
         /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
         #[arg(long, default_value = "f32")]
         base_dtype: String,

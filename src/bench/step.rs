@@ -17,7 +17,7 @@ use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
 use crate::model::lora::{self, LoraConfig};
 use crate::train::objective::HeadPlan;
-use crate::train::step_gradients;
+use crate::train::{Checkpointing, step_gradients};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -98,7 +98,7 @@ impl PresetShape {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOptions {
     pub fused_head: bool,
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: Checkpointing,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: String,
     pub lora_r: usize,
@@ -144,11 +144,7 @@ pub fn run(
     shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
     let config = ModelConfig::from_json(&shape.config_json().to_string())?;
-    let device = if options.gradient_checkpointing {
-        device.clone().autodiff().gradient_checkpointing()
-    } else {
-        device.clone().autodiff()
-    };
+    let device = options.gradient_checkpointing.autodiff_device(device);
     device.seed(0);
     let model = load_llama(&config, &RandomWeights { seed: 0, std: 0.02 }, &device)?;
     let parameters = burn::module::Module::num_params(&model);
@@ -167,7 +163,9 @@ pub fn run(
     let head = HeadPlan::new(options.fused_head, config.vocab_size, usize::MAX);
     let mut optimizer = AdamWConfig::new().init();
     let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
-        let (grads, loss, _) = step_gradients(&model, std::slice::from_ref(&batch), &device, head)?;
+        let micro = std::slice::from_ref(&batch);
+        let (grads, loss, _) =
+            step_gradients(&model, micro, &device, head, options.gradient_checkpointing)?;
         Ok((optimizer.step(1e-4, model, grads), loss))
     };
     let mut loss = f64::NAN;

@@ -118,6 +118,13 @@ impl Attention {
     }
 }
 
+/// The rotary tables and the additive causal mask that all layers of one forward pass share.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    pub rope: (Tensor<2>, Tensor<2>),
+    pub mask: Tensor<2>,
+}
+
 /// One layer's preallocated keys and values, `[batch, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
@@ -203,15 +210,21 @@ impl Llama {
     /// Right padding needs no padding mask: under the causal mask a real token never sees a later
     /// pad, and the pads' own outputs are ignored by every caller.
     pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let device = ids.device();
         let [_, s] = ids.dims();
-        let rope = self.rope.tables(0, s, &device);
-        let mask = causal_mask(s, self.config.sliding_window, &device);
+        let context = self.layer_context(s, &ids.device());
         let mut x = self.embed_tokens.forward(ids);
         for layer in &self.layers {
-            x = layer.forward(x, &rope, &mask);
+            x = layer.forward(x, &context.rope, &context.mask);
         }
         self.norm.forward(x)
+    }
+
+    /// What every decoder layer of a forward pass over positions `0..len` shares.
+    pub fn layer_context(&self, len: usize, device: &Device) -> LayerContext {
+        LayerContext {
+            rope: self.rope.tables(0, len, device),
+            mask: causal_mask(len, self.config.sliding_window, device),
+        }
     }
 
     /// The LM head applied to hidden states of any leading shape `[.., hidden]`.

@@ -19,6 +19,61 @@ pub enum Mode {
 }
 
 /// AdamW, the schedule and clipping. Defaults are PyTorch's AdamW (eps 1e-8) with no decay.
+/// What the backward pass recomputes instead of keeping from the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Keep every activation the backward pass needs.
+    #[default]
+    Off,
+    /// Recompute memory-bound activations (norms, activations, softmax): burn's balanced
+    /// strategy. Little memory saved; no constraint on the model.
+    Ops,
+    /// Keep only each decoder layer's input; recompute one layer at a time in the backward pass
+    /// (`train::recompute`). One extra forward pass; activation memory of a single layer.
+    Layers,
+}
+
+impl Checkpointing {
+    /// The autodiff device this strategy trains on.
+    pub fn autodiff_device(self, device: &burn::tensor::Device) -> burn::tensor::Device {
+        match self {
+            Checkpointing::Ops => device.clone().autodiff().gradient_checkpointing(),
+            Checkpointing::Off | Checkpointing::Layers => device.clone().autodiff(),
+        }
+    }
+}
+
+/// `true`/`false` (layers/off, as Hugging Face's switch) or one of the names.
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Switch(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Switch(on) => Ok(if on { Self::Layers } else { Self::Off }),
+            Raw::Name(name) => name.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "false" => Ok(Self::Off),
+            "ops" => Ok(Self::Ops),
+            "layers" | "true" => Ok(Self::Layers),
+            other => Err(format!(
+                "gradient_checkpointing = \"{other}\": expected \"off\", \"ops\" or \"layers\""
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
@@ -79,9 +134,8 @@ pub struct TrainConfig {
     /// The LM head and the loss as one fused operation in row blocks (`loss::linear`), so the
     /// `[tokens, vocab]` logits never exist. Off computes the logits, then the fused loss.
     pub fused_head: bool,
-    /// Recompute memory-bound activations (norms, activations, softmax) in the backward pass
-    /// instead of keeping them: burn's balanced gradient checkpointing.
-    pub gradient_checkpointing: bool,
+    /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
+    pub gradient_checkpointing: Checkpointing,
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
     /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
     pub base_dtype: String,
@@ -112,7 +166,7 @@ impl Default for TrainConfig {
             checkpoint_every: 20,
             export_dtype: None,
             fused_head: true,
-            gradient_checkpointing: false,
+            gradient_checkpointing: Checkpointing::Off,
             base_dtype: "f32".into(),
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
@@ -190,6 +244,17 @@ impl TrainConfig {
             self.lora.validate()?;
         }
         self.smoothing.validate()?;
+        if self.gradient_checkpointing == Checkpointing::Layers
+            && self.mode == Mode::Lora
+            && self.lora.dropout > 0.0
+        {
+            // The recomputed layer would draw new dropout masks, and its gradient would belong
+            // to a different function than the forward pass that produced the loss.
+            bail!(
+                "`gradient_checkpointing = \"layers\"` needs `lora.dropout = 0` (it is {}); use \"ops\" with dropout",
+                self.lora.dropout
+            );
+        }
         match (self.base_dtype.as_str(), self.mode) {
             ("f32" | "float32", _) => {}
             ("f16" | "float16", Mode::Lora) => {}
@@ -278,5 +343,31 @@ mod tests {
         assert!(format!("{err:#}").contains("optim.lrr"));
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
+    }
+
+    #[test]
+    fn checkpointing_takes_a_switch_or_a_name() {
+        let strategy = |value: &str| {
+            TrainConfig::resolve(None, &[format!("gradient_checkpointing={value}")])
+                .map(|c| c.gradient_checkpointing)
+        };
+        assert_eq!(strategy("true").unwrap(), Checkpointing::Layers);
+        assert_eq!(strategy("false").unwrap(), Checkpointing::Off);
+        assert_eq!(strategy("ops").unwrap(), Checkpointing::Ops);
+        assert_eq!(strategy("\"layers\"").unwrap(), Checkpointing::Layers);
+        let err = format!("{:#}", strategy("all").unwrap_err());
+        assert!(
+            err.contains("expected \"off\", \"ops\" or \"layers\""),
+            "{err}"
+        );
+        let err = TrainConfig::resolve(
+            None,
+            &[
+                "gradient_checkpointing=layers".into(),
+                "lora.dropout=0.1".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("lora.dropout = 0"), "{err:#}");
     }
 }

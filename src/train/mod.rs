@@ -5,6 +5,7 @@ mod checkpoint;
 pub mod config;
 pub mod objective;
 pub mod optim;
+pub mod recompute;
 mod report;
 
 use std::fs::OpenOptions;
@@ -24,7 +25,7 @@ use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::device::{self, DeviceSpec};
 use crate::model::{Llama, Pretrained, lora, save};
-pub use config::{Mode, TrainConfig};
+pub use config::{Checkpointing, Mode, TrainConfig};
 use objective::{HeadPlan, response_loss};
 
 /// One line of `metrics.jsonl`.
@@ -110,11 +111,9 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .map_err(|e: String| anyhow::anyhow!(e))?;
     let selected = device::select(spec)?;
     eprintln!("device: {}", selected.description);
-    let device = if config.gradient_checkpointing {
-        selected.device.clone().autodiff().gradient_checkpointing()
-    } else {
-        selected.device.clone().autodiff()
-    };
+    let device = config
+        .gradient_checkpointing
+        .autodiff_device(&selected.device);
     let frozen_dtype =
         lora::frozen_dtype(&config.base_dtype, selected.shader_f16, selected.is_wgpu)?;
     device.seed(config.seed);
@@ -241,7 +240,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .map(|_| stream.next().iter().map(|&i| &samples[i]).collect())
             .collect();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
-        let (mut grads, loss_total, tokens) = step_gradients(&model, &micro, &device, head)?;
+        let (mut grads, loss_total, tokens) =
+            step_gradients(&model, &micro, &device, head, config.gradient_checkpointing)?;
         let grad_norm = optim::global_norm(&model, &grads);
         if config.optim.max_grad_norm > 0.0 && grad_norm > config.optim.max_grad_norm {
             optim::scale_grads(
@@ -333,22 +333,32 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
 ///
 /// Each micro-batch's summed loss is divided by the response-token count of the *whole step*,
 /// so k micro-batches give exactly the gradient of one batch holding all of them (DESIGN §3).
+///
+/// With [`Checkpointing::Layers`] each micro-batch's backward recomputes the decoder layers one
+/// at a time (`recompute`); the other strategies live in the autodiff `device`.
 pub fn step_gradients(
     model: &Llama,
     micro: &[Vec<&Sample>],
     device: &burn::tensor::Device,
     head: HeadPlan,
+    checkpointing: Checkpointing,
 ) -> Result<(GradientsParams, f64, usize)> {
     let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
+    let scale = step_tokens.max(1) as f64;
     let mut accumulator = GradientsAccumulator::new();
     let (mut loss_total, mut tokens) = (0.0, 0);
     for batch_samples in micro {
         let batch = Batch::new(batch_samples, device)?;
         tokens += batch.tokens;
-        let sum = response_loss(model, &batch, head)?.sum;
-        let loss = sum.div_scalar(step_tokens.max(1) as f64);
-        loss_total += loss.clone().into_scalar::<f32>() as f64;
-        accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+        let loss = if checkpointing == Checkpointing::Layers {
+            recompute::accumulate_gradients(model, &batch, head, scale, &mut accumulator)?
+        } else {
+            let loss = response_loss(model, &batch, head)?.sum.div_scalar(scale);
+            let value = loss.clone().into_scalar::<f32>();
+            accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            value
+        };
+        loss_total += loss as f64;
     }
     Ok((accumulator.grads(), loss_total, tokens))
 }

@@ -49,7 +49,16 @@ impl HeadPlan {
 ///
 /// Prompt and padding positions never reach the head: the response rows are gathered first.
 pub fn response_loss(model: &Llama, batch: &Batch, head: HeadPlan) -> Result<LossSum> {
-    let hidden = model.hidden_states(batch.ids.clone());
+    head_loss(model, model.hidden_states(batch.ids.clone()), batch, head)
+}
+
+/// The summed UAL loss of the response rows of final-norm `hidden: [batch, len, hidden]`.
+pub fn head_loss(
+    model: &Llama,
+    hidden: Tensor<3>,
+    batch: &Batch,
+    head: HeadPlan,
+) -> Result<LossSum> {
     let [b, s, h] = hidden.dims();
     let n = batch.labels.rows();
     let device = hidden.device();

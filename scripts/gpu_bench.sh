@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One sitting on a GPU machine: ual on wgpu (Vulkan) against PyTorch CUDA + PEFT, a per-kernel
+# profile of ual's 125m step, the memory levers, the fused head alone, then the small and 1b
+# presets. Most important first; each table is written to $OUT as soon as it is measured, so a
+# sitting cut short keeps what it finished.
+#
+#   cargo build --release
+#   OUT=/tmp/gpu scripts/gpu_bench.sh            # UAL=path/to/ual for a binary built elsewhere
+#
+# Needs the Vulkan loader and the vendor's Vulkan driver, and python3 with torch (CUDA),
+# transformers and peft. Both engines compute in f32 (PyTorch's TF32 matmuls stay off, its
+# default). BIG, SMALL, LARGE and STEPS override the presets and step counts (a rehearsal on
+# lavapipe: BIG=tiny SMALL=tiny LARGE=tiny STEPS=1 COMPARE_EXTRA="--torch-device cpu").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+UAL=${UAL:-target/release/ual}
+OUT=${OUT:-/tmp/ual-gpu}
+BIG=${BIG:-125m} SMALL=${SMALL:-small} LARGE=${LARGE:-1b}
+mkdir -p "$OUT"
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+export PYTHONUNBUFFERED=1
+step() { echo; echo "== $* ($(date +%T))"; }
+
+step machine
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+"$UAL" devices | tee "$OUT/devices.txt"
+
+step "ual (wgpu) vs PyTorch CUDA + PEFT: $BIG"
+python3 scripts/bench_step_compare.py --ual "$UAL" --device wgpu --presets "$BIG" \
+  --repeats 2 --steps "${STEPS:-10}" --warmup 3 ${COMPARE_EXTRA:-} | tee "$OUT/compare.md"
+
+step "kernel profile, $BIG on wgpu"
+python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" | tee "$OUT/profile.md"
+
+step "memory levers, $BIG on wgpu"
+python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \
+  --steps "${STEPS:-3}" --warmup 2 | tee "$OUT/levers.md"
+
+step "fused head alone, 4096 rows, wgpu"
+for v in 32000 128256; do
+  "$UAL" bench head --device wgpu --rows 4096 --hidden 512 --vocab "$v" --iters "${STEPS:-5}" 2>&1 \
+    | tee -a "$OUT/head.txt"
+done
+
+step "ual (wgpu) vs PyTorch CUDA + PEFT: $SMALL and $LARGE"
+python3 scripts/bench_step_compare.py --ual "$UAL" --device wgpu --presets "$SMALL" "$LARGE" \
+  --repeats 1 --steps "${STEPS:-3}" --warmup 2 ${COMPARE_EXTRA:-} | tee "$OUT/compare-more.md"
+step done
