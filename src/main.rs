@@ -307,6 +307,9 @@ enum BenchCommand {
         /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
         #[arg(long)]
         unfused_head: bool,
+        /// Rows per block of the fused head (0: blocks of 8 Mi logits, at least 128 rows).
+        #[arg(long, default_value_t = 0)]
+        head_block_rows: usize,
         /// Recompute in the backward pass: `layers` (each decoder layer from its input; the
         /// default when the flag has no value), `ops` (burn's balanced strategy) or `off`.
         #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "layers")]
@@ -550,6 +553,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Step {
             preset,
             unfused_head,
+            head_block_rows,
             gradient_checkpointing,
             base_dtype,
             lora_r,
@@ -565,6 +569,7 @@ fn run(cli: Cli) -> Result<()> {
                 ual::model::lora::frozen_dtype(&base_dtype, selected.shader_f16, selected.is_wgpu)?;
             let options = ual::bench::step::StepOptions {
                 fused_head: !unfused_head,
+                head_block_rows,
                 gradient_checkpointing,
                 base_dtype,
                 lora_r,

@@ -98,6 +98,8 @@ impl PresetShape {
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOptions {
     pub fused_head: bool,
+    /// Rows per block of the fused head; 0 = the default.
+    pub head_block_rows: usize,
     pub gradient_checkpointing: Checkpointing,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: String,
@@ -160,7 +162,12 @@ pub fn run(
     let trainable = trainable_params(&model);
     let samples = random_samples(&shape, config.vocab_size);
     let batch: Vec<&Sample> = samples.iter().collect();
-    let head = HeadPlan::new(options.fused_head, config.vocab_size, usize::MAX);
+    let head = HeadPlan::new(
+        options.fused_head,
+        config.vocab_size,
+        usize::MAX,
+        options.head_block_rows,
+    );
     let mut optimizer = AdamWConfig::new().init();
     let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
         let micro = std::slice::from_ref(&batch);

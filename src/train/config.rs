@@ -134,6 +134,9 @@ pub struct TrainConfig {
     /// The LM head and the loss as one fused operation in row blocks (`loss::linear`), so the
     /// `[tokens, vocab]` logits never exist. Off computes the logits, then the fused loss.
     pub fused_head: bool,
+    /// Rows per block of the fused head; 0 picks blocks of 8 Mi logits (at least 128 rows).
+    /// Larger blocks cost memory and, on big GPUs, save time (`BENCHMARKS.md`).
+    pub head_block_rows: usize,
     /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
     pub gradient_checkpointing: Checkpointing,
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
@@ -166,6 +169,7 @@ impl Default for TrainConfig {
             checkpoint_every: 20,
             export_dtype: None,
             fused_head: true,
+            head_block_rows: 0,
             gradient_checkpointing: Checkpointing::Off,
             base_dtype: "f32".into(),
             optim: OptimConfig::default(),

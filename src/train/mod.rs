@@ -188,6 +188,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         config.fused_head,
         model_config.vocab_size,
         selected.rows_per_binding(model_config.vocab_size),
+        config.head_block_rows,
     );
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(config.optim.beta1 as f32)

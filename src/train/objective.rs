@@ -35,12 +35,15 @@ impl HeadPlan {
         }
     }
 
-    /// The plan a training configuration asks for.
-    pub fn new(fused: bool, vocab: usize, rows_per_binding: usize) -> Self {
-        if fused {
-            Self::fused(vocab, rows_per_binding)
-        } else {
-            Self::unfused(rows_per_binding)
+    /// The plan a training configuration asks for; `block_rows` 0 means [`default_chunk_rows`].
+    pub fn new(fused: bool, vocab: usize, rows_per_binding: usize, block_rows: usize) -> Self {
+        match (fused, block_rows) {
+            (false, _) => Self::unfused(rows_per_binding),
+            (true, 0) => Self::fused(vocab, rows_per_binding),
+            (true, rows) => Self {
+                fused: true,
+                rows_per_chunk: rows.min(rows_per_binding),
+            },
         }
     }
 }
@@ -89,4 +92,26 @@ pub fn head_loss(
         sum: sum.expect("at least one chunk"),
         count: n,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_rows_are_the_default_or_asked_for_and_fit_a_binding() {
+        let default = default_chunk_rows(32_000);
+        assert_eq!(
+            HeadPlan::new(true, 32_000, usize::MAX, 0).rows_per_chunk,
+            default
+        );
+        assert_eq!(
+            HeadPlan::new(true, 32_000, usize::MAX, 1024).rows_per_chunk,
+            1024
+        );
+        assert_eq!(HeadPlan::new(true, 32_000, 500, 1024).rows_per_chunk, 500);
+        let unfused = HeadPlan::new(false, 32_000, 700, 1024);
+        assert!(!unfused.fused);
+        assert_eq!(unfused.rows_per_chunk, 700);
+    }
 }
