@@ -30,14 +30,18 @@ use super::{LossSum, RowLabels};
 /// plus the `[rows, H]` hidden gradient: 1/14 of the unfused head at 4,096 rows and V = 32,000.
 pub const CHUNK_ELEMENTS: usize = 1 << 23;
 
-/// The fewest rows per block. The CPU matmul repacks the head for every block, a cost of about
-/// 1/rows of the block's arithmetic: below ~128 rows it shows (0.75× at 65 rows, V = 128,256).
+/// Blocks hold a multiple of this many rows, and at least this many. The CPU matmul repacks the
+/// head for every block, a cost of about 1/rows of the block's arithmetic: below ~128 rows it
+/// shows (0.75× at 65 rows, V = 128,256). GPU matmuls work in tiles of rows: a block just past a
+/// tile boundary pays for a nearly empty tile (on lavapipe 262-row blocks took 1.47× the
+/// unfused time, 256-row blocks 1.1×).
 pub const MIN_CHUNK_ROWS: usize = 128;
 
-/// Rows per block for a vocabulary of `vocab`: [`CHUNK_ELEMENTS`] / V, at least
-/// [`MIN_CHUNK_ROWS`].
+/// Rows per block for a vocabulary of `vocab`: [`CHUNK_ELEMENTS`] / V rounded down to a multiple
+/// of [`MIN_CHUNK_ROWS`], and at least that.
 pub fn default_chunk_rows(vocab: usize) -> usize {
-    (CHUNK_ELEMENTS / vocab.max(1)).max(MIN_CHUNK_ROWS)
+    let rows = CHUNK_ELEMENTS / vocab.max(1);
+    (rows / MIN_CHUNK_ROWS).max(1) * MIN_CHUNK_ROWS
 }
 
 /// The UAL loss summed over counted rows of `hidden @ head`, with `hidden: [rows, H]` and
@@ -205,5 +209,18 @@ pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
         OpsKind::UnTracked(prep) => {
             prep.finish(B::ual_linear_ce_sum(hidden, head, labels, chunk_rows))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_blocks_are_whole_tiles_of_rows() {
+        assert_eq!(default_chunk_rows(32_000), 256);
+        assert_eq!(default_chunk_rows(128_256), 128);
+        assert_eq!(default_chunk_rows(97), (CHUNK_ELEMENTS / 97) / 128 * 128);
+        assert_eq!(default_chunk_rows(10_000_000), MIN_CHUNK_ROWS);
     }
 }
