@@ -307,7 +307,7 @@ enum BenchCommand {
         /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
         #[arg(long)]
         unfused_head: bool,
-        /// Rows per block of the fused head (0: blocks of 8 Mi logits, at least 128 rows).
+        /// Rows per block of the fused head (0: about 8 Mi logits, in whole 128-row tiles).
         #[arg(long, default_value_t = 0)]
         head_block_rows: usize,
         /// Recompute in the backward pass: `layers` (each decoder layer from its input; the
@@ -341,7 +341,7 @@ enum BenchCommand {
         vocab: usize,
         #[arg(long, default_value_t = 2)]
         iters: usize,
-        /// Rows per block of the fused head; default: 8 Mi logits per block, at least 128 rows.
+        /// Rows per block of the fused head; default: about 8 Mi logits, in whole 128-row tiles.
         #[arg(long)]
         chunk_rows: Option<usize>,
         #[command(flatten)]

@@ -134,7 +134,7 @@ pub struct TrainConfig {
     /// The LM head and the loss as one fused operation in row blocks (`loss::linear`), so the
     /// `[tokens, vocab]` logits never exist. Off computes the logits, then the fused loss.
     pub fused_head: bool,
-    /// Rows per block of the fused head; 0 picks blocks of 8 Mi logits (at least 128 rows).
+    /// Rows per block of the fused head; 0 picks about 8 Mi logits in whole 128-row tiles.
     /// Larger blocks cost memory and, on big GPUs, save time (`BENCHMARKS.md`).
     pub head_block_rows: usize,
     /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
