@@ -18,7 +18,6 @@ pub enum Mode {
     Full,
 }
 
-/// AdamW, the schedule and clipping. Defaults are PyTorch's AdamW (eps 1e-8) with no decay.
 /// What the backward pass recomputes instead of keeping from the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +73,7 @@ impl std::str::FromStr for Checkpointing {
     }
 }
 
+/// AdamW, the schedule and clipping. Defaults are PyTorch's AdamW (eps 1e-8) with no decay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {

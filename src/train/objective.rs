@@ -21,10 +21,7 @@ pub struct HeadPlan {
 impl HeadPlan {
     /// The fused head in blocks of [`default_chunk_rows`], capped at what one binding holds.
     pub fn fused(vocab: usize, rows_per_binding: usize) -> Self {
-        Self {
-            fused: true,
-            rows_per_chunk: default_chunk_rows(vocab).min(rows_per_binding),
-        }
+        Self::new(true, vocab, rows_per_binding, 0)
     }
 
     /// Logits for `rows_per_chunk` rows at a time, then the fused loss on them.
@@ -37,13 +34,16 @@ impl HeadPlan {
 
     /// The plan a training configuration asks for; `block_rows` 0 means [`default_chunk_rows`].
     pub fn new(fused: bool, vocab: usize, rows_per_binding: usize, block_rows: usize) -> Self {
-        match (fused, block_rows) {
-            (false, _) => Self::unfused(rows_per_binding),
-            (true, 0) => Self::fused(vocab, rows_per_binding),
-            (true, rows) => Self {
-                fused: true,
-                rows_per_chunk: rows.min(rows_per_binding),
-            },
+        if !fused {
+            return Self::unfused(rows_per_binding);
+        }
+        let rows = match block_rows {
+            0 => default_chunk_rows(vocab),
+            rows => rows,
+        };
+        Self {
+            fused: true,
+            rows_per_chunk: rows.min(rows_per_binding),
         }
     }
 }
