@@ -67,6 +67,8 @@ pub struct Selected {
     pub device: Device,
     pub description: String,
     pub is_wgpu: bool,
+    /// A wgpu adapter that is real hardware, not a software rasterizer running on the CPU.
+    pub hardware_gpu: bool,
     /// Whether shaders may use f16 (always false on the CPU, where f16 is emulated).
     pub shader_f16: bool,
     /// The largest buffer one shader may bind (DESIGN §7); `None` on the CPU.
@@ -148,6 +150,7 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
             device: Device::flex(),
             description: "cpu (flex)".to_string(),
             is_wgpu: false,
+            hardware_gpu: false,
             shader_f16: false,
             max_binding_bytes: None,
         }
@@ -196,6 +199,7 @@ fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
             adapter.index, adapter.name, adapter.backend, adapter.device_type
         ),
         is_wgpu: true,
+        hardware_gpu: adapter.device_type != "Cpu",
         shader_f16: adapter.shader_f16,
         max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
     })

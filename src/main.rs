@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use ual::device::{self, DeviceSpec};
 use ual::eval::score;
 use ual::model::Pretrained;
+use ual::train::objective::HeadPlan;
 
 #[derive(Parser)]
 #[command(
@@ -310,6 +311,10 @@ enum BenchCommand {
         /// Rows per block of the fused head (0: about 8 Mi logits, in whole 128-row tiles).
         #[arg(long, default_value_t = 0)]
         head_block_rows: usize,
+        /// Vocabulary slices of the fused head's hidden gradient (0: split on hardware GPUs
+        /// only, 1: no split).
+        #[arg(long, default_value_t = 0)]
+        head_vocab_splits: usize,
         /// Recompute in the backward pass: `layers` (each decoder layer from its input; the
         /// default when the flag has no value), `ops` (burn's balanced strategy) or `off`.
         #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "layers")]
@@ -344,6 +349,9 @@ enum BenchCommand {
         /// Rows per block of the fused head; default: about 8 Mi logits, in whole 128-row tiles.
         #[arg(long)]
         chunk_rows: Option<usize>,
+        /// Vocabulary slices of the hidden gradient (0: split on hardware GPUs only, 1: none).
+        #[arg(long, default_value_t = 0)]
+        vocab_splits: usize,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -554,6 +562,7 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             unfused_head,
             head_block_rows,
+            head_vocab_splits,
             gradient_checkpointing,
             base_dtype,
             lora_r,
@@ -570,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = ual::bench::step::StepOptions {
                 fused_head: !unfused_head,
                 head_block_rows,
+                head_vocab_splits,
                 gradient_checkpointing,
                 base_dtype,
                 lora_r,
@@ -578,13 +588,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size,
                 seq_len,
             };
-            let report = ual::bench::step::run(
-                preset,
-                options,
-                &selected.device,
-                &selected.description,
-                base,
-            )?;
+            let report = ual::bench::step::run(preset, options, &selected, base)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -594,16 +598,20 @@ fn run(cli: Cli) -> Result<()> {
             vocab,
             iters,
             chunk_rows,
+            vocab_splits,
             device,
         }) => {
             let selected = device::select(device.device)?;
             eprintln!("device: {}", selected.description);
+            let blocks = HeadPlan::new(true, vocab, usize::MAX, chunk_rows.unwrap_or(0))
+                .split_vocab(vocab_splits, hidden, vocab, selected.hardware_gpu)
+                .blocks();
             let report = ual::bench::head(
                 rows,
                 hidden,
                 vocab,
                 iters.max(1),
-                chunk_rows,
+                blocks,
                 &selected.device,
                 &selected.description,
             )?;

@@ -1,6 +1,7 @@
 //! The fused linear cross-entropy (LM head + UAL loss in row blocks) against PyTorch's
 //! `linear` + `cross_entropy(label_smoothing=ε)` with autograd, and against the unfused path
-//! (head matmul, then the reference loss) under burn's autodiff, on CPU and wgpu.
+//! (head matmul, then the reference loss) under burn's autodiff, on CPU and wgpu; each with the
+//! hidden gradient formed whole and over slices of the vocabulary (split-K).
 //!
 //! Tolerances (f32 against float64 references): the loss sum within 2e-5·max(|b|, 1); a hidden
 //! gradient entry within 2e-5·max(max |b|, 1e-3) of the case; a sampled head-gradient entry
@@ -13,7 +14,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use common::{devices, fixtures};
 use serde::Deserialize;
 use ual::loss::linear::default_chunk_rows;
-use ual::loss::{RowLabels, reference, ual_linear_loss_sum};
+use ual::loss::{HeadBlocks, RowLabels, reference, ual_linear_loss_sum};
 
 const RTOL: f64 = 2e-5;
 
@@ -72,11 +73,11 @@ fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
     );
 }
 
-fn check_case(case: &Case, device: &Device, device_name: &str, chunk_rows: usize) {
+fn check_case(case: &Case, device: &Device, device_name: &str, blocks: HeadBlocks) {
     let device = device.clone().autodiff();
     let what = format!(
-        "{} on {device_name}, {chunk_rows} rows per block",
-        case.name
+        "{} on {device_name}, {} rows per block, {} vocabulary slices",
+        case.name, blocks.rows, blocks.vocab_splits
     );
     let hidden = hashed(case.seed, case.rows, case.hidden, 1.0, &device).require_grad();
     let head = hashed(
@@ -93,7 +94,7 @@ fn check_case(case: &Case, device: &Device, device_name: &str, chunk_rows: usize
         case.mask.clone(),
     )
     .unwrap();
-    let loss = ual_linear_loss_sum(hidden.clone(), head.clone(), &labels, chunk_rows).unwrap();
+    let loss = ual_linear_loss_sum(hidden.clone(), head.clone(), &labels, blocks).unwrap();
     assert_eq!(loss.count, case.count, "{what}");
     let sum = to_vec(loss.sum.clone())[0] as f64;
     assert_close(
@@ -133,13 +134,18 @@ fn check_case(case: &Case, device: &Device, device_name: &str, chunk_rows: usize
 fn fused_linear_loss_and_gradients_match_pytorch() {
     for (device_name, device) in devices() {
         for case in cases() {
-            // One block, a block that does not divide the rows, and (small V) one row per block.
+            // One block, a block that does not divide the rows, and (small V) one row per block;
+            // where V allows, the hidden gradient also over 8 vocabulary slices.
             let mut sizes = vec![default_chunk_rows(case.vocab), 2];
             if case.vocab <= 1000 {
                 sizes.push(1);
             }
-            for chunk_rows in sizes {
-                check_case(&case, &device, device_name, chunk_rows);
+            let splits: &[usize] = if case.vocab % 8 == 0 { &[1, 8] } else { &[1] };
+            for rows in sizes {
+                for &vocab_splits in splits {
+                    let blocks = HeadBlocks { rows, vocab_splits };
+                    check_case(&case, &device, device_name, blocks);
+                }
             }
         }
         eprintln!("{device_name}: all fused linear loss fixtures match PyTorch");
@@ -159,9 +165,19 @@ fn labels(rows: usize, vocab: usize) -> RowLabels {
 /// gradient must reach the embedding through that view exactly as the unfused matmul's does.
 #[test]
 fn tied_head_matches_unfused_reference_autodiff() {
-    for (device_name, device) in devices() {
+    // 333 = 9 · 37: the split head is the embedding itself, sliced without a copy.
+    let splits = [1, 9];
+    for ((device_name, device), vocab_splits) in devices()
+        .into_iter()
+        .flat_map(|d| splits.map(|s| (d.clone(), s)))
+    {
         let device = device.autodiff();
         let (rows, h, vocab) = (11, 24, 333);
+        let blocks = HeadBlocks {
+            rows: 4,
+            vocab_splits,
+        };
+        let device_name = format!("{device_name}, {vocab_splits} vocabulary slices");
         let labels = labels(rows, vocab);
         let hidden = hashed(7, rows, h, 1.0, &device);
         let embedding = hashed(8, vocab, h, 0.8, &device);
@@ -170,7 +186,7 @@ fn tied_head_matches_unfused_reference_autodiff() {
             embedding.clone().require_grad(),
         );
         let (h2, e2) = (hidden.require_grad(), embedding.require_grad());
-        let fused = ual_linear_loss_sum(h1.clone(), e1.clone().transpose(), &labels, 4)
+        let fused = ual_linear_loss_sum(h1.clone(), e1.clone().transpose(), &labels, blocks)
             .unwrap()
             .sum;
         let logits = h2.clone().matmul(e2.clone().transpose());
@@ -208,13 +224,22 @@ fn tied_head_matches_unfused_reference_autodiff() {
 /// Without autodiff (evaluation) the same sum comes back.
 #[test]
 fn frozen_head_and_inference_give_the_same_loss() {
-    for (device_name, device) in devices() {
+    let splits = [1, 8];
+    for ((device_name, device), vocab_splits) in devices()
+        .into_iter()
+        .flat_map(|d| splits.map(|s| (d.clone(), s)))
+    {
         let (rows, h, vocab) = (9, 16, 1000);
+        let blocks = HeadBlocks {
+            rows: 2,
+            vocab_splits,
+        };
+        let device_name = format!("{device_name}, {vocab_splits} vocabulary slices");
         let labels = labels(rows, vocab);
         let ad = device.clone().autodiff();
         let hidden = hashed(3, rows, h, 1.0, &ad).require_grad();
         let head = hashed(4, h, vocab, 0.5, &ad);
-        let loss = ual_linear_loss_sum(hidden.clone(), head.clone(), &labels, 2).unwrap();
+        let loss = ual_linear_loss_sum(hidden.clone(), head.clone(), &labels, blocks).unwrap();
         let tracked = to_vec(loss.sum.clone())[0];
         let grads = loss.sum.backward();
         assert!(
@@ -239,7 +264,7 @@ fn frozen_head_and_inference_give_the_same_loss() {
             hashed(3, rows, h, 1.0, &device),
             hashed(4, h, vocab, 0.5, &device),
             &labels,
-            3,
+            HeadBlocks::rows(3),
         )
         .unwrap();
         let untracked = to_vec(plain.sum)[0];
@@ -258,7 +283,7 @@ fn mismatched_shapes_and_targets_are_errors() {
         hashed(1, 4, 8, 1.0, &device),
         hashed(2, 6, 10, 1.0, &device),
         &labels,
-        2,
+        HeadBlocks::rows(2),
     )
     .err()
     .expect("width mismatch");
@@ -267,7 +292,7 @@ fn mismatched_shapes_and_targets_are_errors() {
         hashed(1, 4, 8, 1.0, &device),
         hashed(2, 8, 3, 1.0, &device),
         &labels,
-        2,
+        HeadBlocks::rows(2),
     )
     .err()
     .expect("target outside the vocabulary");

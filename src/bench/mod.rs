@@ -8,7 +8,7 @@ use anyhow::Result;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::loss::{LossSum, RowLabels, reference, ual_loss_sum};
+use crate::loss::{HeadBlocks, LossSum, RowLabels, reference, ual_loss_sum};
 
 /// Time and memory of one loss implementation at one size.
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +136,7 @@ pub struct HeadBench {
     /// 2 × rows × V × 4: the logits and their gradient, which the fused head never forms.
     pub logits_and_grad_bytes: u64,
     pub chunk_rows: usize,
+    pub vocab_splits: usize,
     pub fused: LossTiming,
     pub unfused: LossTiming,
     /// unfused time / fused time.
@@ -150,11 +151,10 @@ pub fn head(
     hidden: usize,
     vocab: usize,
     iters: usize,
-    chunk_rows: Option<usize>,
+    blocks: HeadBlocks,
     device: &Device,
     device_name: &str,
 ) -> Result<HeadBench> {
-    use crate::loss::linear::default_chunk_rows;
     use crate::loss::ual_linear_loss_sum;
     let labels = bench_labels(rows, vocab)?;
     let ad = device.clone().autodiff();
@@ -165,8 +165,8 @@ pub fn head(
         Tensor::from_data(TensorData::new(values, [rows, cols]), &ad)
     };
     let states = matrix(rows, hidden, 1.0).require_grad();
-    let weight = matrix(hidden, vocab, 2.0 / (hidden as f32).sqrt());
-    let chunk_rows = chunk_rows.unwrap_or_else(|| default_chunk_rows(vocab));
+    // Vocabulary-major, as the model stores its head (`model::load`).
+    let weight = matrix(vocab, hidden, 2.0 / (hidden as f32).sqrt()).transpose();
     let memory = MemoryProbe::new(device);
     let read_grad = |sum: Tensor<1>| -> f32 {
         let grad = states
@@ -175,7 +175,7 @@ pub fn head(
         grad.slice([0..1, 0..1]).into_scalar()
     };
     let fused = measure(iters, &memory, || {
-        let sum = ual_linear_loss_sum(states.clone(), weight.clone(), &labels, chunk_rows)?.sum;
+        let sum = ual_linear_loss_sum(states.clone(), weight.clone(), &labels, blocks)?.sum;
         Ok(read_grad(sum))
     })?;
     let unfused = measure(iters, &memory, || {
@@ -189,7 +189,8 @@ pub fn head(
         device: device_name.to_string(),
         memory_source: memory.source(),
         logits_and_grad_bytes: (2 * rows * vocab * 4) as u64,
-        chunk_rows,
+        chunk_rows: blocks.rows,
+        vocab_splits: blocks.vocab_splits,
         speedup: unfused.seconds_per_step / fused.seconds_per_step,
         memory_ratio: unfused.peak_extra_bytes as f64 / fused.peak_extra_bytes.max(1) as f64,
         fused,

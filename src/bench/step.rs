@@ -6,13 +6,14 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::optim::AdamWConfig;
-use burn::tensor::{DType, Device};
+use burn::tensor::DType;
 use clap::ValueEnum;
 use serde::Serialize;
 
 use super::proc_status_kib;
 use crate::alloc::CountingAlloc;
 use crate::data::batch::Sample;
+use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
 use crate::model::lora::{self, LoraConfig};
@@ -100,6 +101,8 @@ pub struct StepOptions {
     pub fused_head: bool,
     /// Rows per block of the fused head; 0 = the default.
     pub head_block_rows: usize,
+    /// Vocabulary slices of the fused head's hidden gradient; 0 = the default for the device.
+    pub head_vocab_splits: usize,
     pub gradient_checkpointing: Checkpointing,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: String,
@@ -138,10 +141,10 @@ pub struct StepBench {
 pub fn run(
     preset: Preset,
     options: StepOptions,
-    device: &Device,
-    device_name: &str,
+    selected: &Selected,
     base: DType,
 ) -> Result<StepBench> {
+    let (device, device_name) = (&selected.device, selected.description.as_str());
     let mut shape = preset.shape();
     shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
@@ -167,6 +170,12 @@ pub fn run(
         config.vocab_size,
         usize::MAX,
         options.head_block_rows,
+    )
+    .split_vocab(
+        options.head_vocab_splits,
+        config.hidden_size,
+        config.vocab_size,
+        selected.hardware_gpu,
     );
     let mut optimizer = AdamWConfig::new().init();
     let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {

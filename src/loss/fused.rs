@@ -42,14 +42,17 @@ pub trait UalLossBackend: Backend {
     }
 
     /// `[rows, H]` hidden states, a `[H, V]` head and `[rows, 3]` labels → the `[1]` loss
-    /// summed over counted rows, the head applied `chunk_rows` rows at a time (`super::linear`).
+    /// summed over counted rows, the head applied `chunk_rows` rows at a time (`super::linear`);
+    /// under autodiff the hidden gradient is formed over `vocab_splits` slices of the vocabulary.
     #[fusion(default)]
     fn ual_linear_ce_sum(
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
         chunk_rows: usize,
+        vocab_splits: usize,
     ) -> FloatTensor<Self> {
+        let _ = vocab_splits; // the loss alone forms no gradient
         super::linear::loss_sum::<Self>(hidden, head, labels, chunk_rows)
     }
 }
@@ -163,8 +166,13 @@ impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C>
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
         chunk_rows: usize,
+        vocab_splits: usize,
     ) -> FloatTensor<Self> {
-        super::linear::autodiff_loss_sum::<B, C>(hidden, head, labels, chunk_rows)
+        let blocks = super::linear::HeadBlocks {
+            rows: chunk_rows,
+            vocab_splits,
+        };
+        super::linear::autodiff_loss_sum::<B, C>(hidden, head, labels, blocks)
     }
 }
 

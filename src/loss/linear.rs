@@ -8,6 +8,12 @@
 //! head needs, with nothing recomputed. The backward only scales them by the upstream gradient,
 //! which is why the operation returns the *summed* loss (a per-row output would need the head
 //! gradient re-weighted row by row).
+//!
+//! A block's hidden gradient `[rows, V] @ [V, H]` has a small output and a long inner dimension.
+//! A GPU computes it in output tiles, so a 256-row block of a 512-wide model fills 8 of the
+//! H100's 132 multiprocessors. With `vocab_splits = S` the vocabulary is cut into S slices whose
+//! partial products run side by side as one batched matmul and are summed afterwards (split-K):
+//! S times the tiles for the price of one copy of the block and an `[S, rows, H]` sum.
 
 use std::ops::Range;
 
@@ -44,6 +50,54 @@ pub fn default_chunk_rows(vocab: usize) -> usize {
     (rows / MIN_CHUNK_ROWS).max(1) * MIN_CHUNK_ROWS
 }
 
+/// How the fused head cuts its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadBlocks {
+    /// Rows of logits that exist at once.
+    pub rows: usize,
+    /// Vocabulary slices of the hidden gradient (split-K); 1 = one plain matmul. A count that
+    /// does not divide V is lowered to the largest one that does.
+    pub vocab_splits: usize,
+}
+
+impl HeadBlocks {
+    /// Blocks of `rows` rows with an unsplit hidden gradient.
+    pub fn rows(rows: usize) -> Self {
+        Self {
+            rows,
+            vocab_splits: 1,
+        }
+    }
+}
+
+/// Output tiles GPU matmuls of this size use (cubecl's largest); a conservative count of what a
+/// block's hidden gradient occupies.
+const GPU_TILE: usize = 128;
+/// Tiles that keep a large GPU busy: about two per multiprocessor of an H100 (132).
+const GPU_BUSY_TILES: usize = 256;
+/// The narrowest vocabulary slice worth a matmul of its own.
+const MIN_VOCAB_SLICE: usize = 1024;
+
+/// Vocabulary slices for the hidden gradient of `rows`-row blocks on a hardware GPU: enough
+/// for [`GPU_BUSY_TILES`] output tiles, no slice under [`MIN_VOCAB_SLICE`], dividing `vocab`.
+/// Over-splitting costs little (the partial sums are `[S, rows, H]`); under-splitting leaves
+/// most of the GPU idle for the longest matmul of the head.
+pub fn gpu_vocab_splits(rows: usize, hidden: usize, vocab: usize) -> usize {
+    let tiles = rows.div_ceil(GPU_TILE) * hidden.div_ceil(GPU_TILE);
+    let wanted = GPU_BUSY_TILES
+        .div_ceil(tiles.max(1))
+        .min(vocab / MIN_VOCAB_SLICE);
+    divisor_at_most(vocab, wanted)
+}
+
+/// The largest divisor of `n` that is at most `k` (1 when `k` is 0).
+fn divisor_at_most(n: usize, k: usize) -> usize {
+    (1..=k.max(1))
+        .rev()
+        .find(|&d| n.is_multiple_of(d))
+        .unwrap_or(1)
+}
+
 /// The UAL loss summed over counted rows of `hidden @ head`, with `hidden: [rows, H]` and
 /// `head: [H, V]` (burn's `Linear` layout; a tied head is the embedding transposed).
 /// Differentiable with respect to both; the head's gradient is formed only when it trains.
@@ -51,7 +105,7 @@ pub fn ual_linear_loss_sum(
     hidden: Tensor<2>,
     head: Tensor<2>,
     labels: &RowLabels,
-    chunk_rows: usize,
+    blocks: HeadBlocks,
 ) -> Result<LossSum> {
     let [rows, h] = hidden.dims();
     let [head_in, vocab] = head.dims();
@@ -73,7 +127,8 @@ pub fn ual_linear_loss_sum(
         hidden.into_dispatch(),
         head.into_dispatch(),
         packed.into_dispatch(),
-        chunk_rows.max(1),
+        blocks.rows.max(1),
+        divisor_at_most(vocab, blocks.vocab_splits),
     ));
     Ok(LossSum {
         sum,
@@ -88,7 +143,8 @@ pub(super) fn loss_sum<B: UalLossBackend>(
     labels: FloatTensor<B>,
     chunk_rows: usize,
 ) -> FloatTensor<B> {
-    chunked::<B>(hidden, head, labels, chunk_rows, false, false).sum
+    let blocks = HeadBlocks::rows(chunk_rows);
+    chunked::<B>(hidden, head, labels, blocks, false, false).sum
 }
 
 /// The loss sum and, where asked, the gradients of that sum.
@@ -102,17 +158,18 @@ fn chunked<B: UalLossBackend>(
     hidden: FloatTensor<B>,
     head: FloatTensor<B>,
     labels: FloatTensor<B>,
-    chunk_rows: usize,
+    blocks: HeadBlocks,
     want_hidden: bool,
     want_head: bool,
 ) -> Parts<B> {
     let rows = hidden.shape()[0];
     let device = hidden.device();
-    let head_t = want_hidden.then(|| B::float_transpose(head.clone()));
+    let splits = blocks.vocab_splits;
+    let head_t = want_hidden.then(|| vocab_sliced::<B>(B::float_transpose(head.clone()), splits));
     let mut sum: Option<FloatTensor<B>> = None;
     let mut grad_hidden = Vec::new();
     let mut grad_head: Option<FloatTensor<B>> = None;
-    for range in chunks(rows, chunk_rows) {
+    for range in chunks(rows, blocks.rows) {
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
         let logits = B::float_matmul(h.clone(), head.clone());
@@ -129,7 +186,8 @@ fn chunked<B: UalLossBackend>(
         let upstream = loss_only::<B>(range.len(), &device);
         let grad_logits = B::ual_ce_backward(logits, labels, stats, upstream);
         if let Some(head_t) = &head_t {
-            grad_hidden.push(B::float_matmul(grad_logits.clone(), head_t.clone()));
+            let g = hidden_gradient::<B>(grad_logits.clone(), head_t.clone(), splits);
+            grad_hidden.push(g);
         }
         if want_head {
             let g = B::float_matmul(B::float_transpose(h), grad_logits);
@@ -141,6 +199,34 @@ fn chunked<B: UalLossBackend>(
         grad_hidden: (!grad_hidden.is_empty()).then(|| B::float_cat(grad_hidden, 0)),
         grad_head,
     }
+}
+
+/// The transposed head `[V, H]` as `[S, V/S, H]` slices of the vocabulary. Free when the head is
+/// stored vocabulary-major (a tied embedding, or an untied head as the model loads it); a
+/// row-major `[H, V]` head is copied once here.
+fn vocab_sliced<B: Backend>(head_t: FloatTensor<B>, splits: usize) -> FloatTensor<B> {
+    if splits == 1 {
+        return head_t;
+    }
+    let [vocab, hidden] = [head_t.shape()[0], head_t.shape()[1]];
+    B::float_reshape(head_t, Shape::new([splits, vocab / splits, hidden]))
+}
+
+/// `grad_logits [r, V] @ head_t`: one matmul, or with `splits` > 1 a batched matmul over
+/// vocabulary slices (`head_t: [S, V/S, H]`) and the sum of its `[S, r, H]` partial products.
+fn hidden_gradient<B: Backend>(
+    grad_logits: FloatTensor<B>,
+    head_t: FloatTensor<B>,
+    splits: usize,
+) -> FloatTensor<B> {
+    if splits == 1 {
+        return B::float_matmul(grad_logits, head_t);
+    }
+    let [r, vocab] = [grad_logits.shape()[0], grad_logits.shape()[1]];
+    let hidden = head_t.shape()[2];
+    let slices = B::float_reshape(grad_logits, Shape::new([r, splits, vocab / splits]));
+    let partial = B::float_matmul(B::float_swap_dims(slices, 0, 1), head_t);
+    B::float_reshape(B::float_sum_dim(partial, 0), Shape::new([r, hidden]))
 }
 
 fn chunks(rows: usize, chunk_rows: usize) -> impl Iterator<Item = Range<usize>> {
@@ -172,7 +258,7 @@ pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
     hidden: FloatTensor<Autodiff<B, C>>,
     head: FloatTensor<Autodiff<B, C>>,
     labels: FloatTensor<Autodiff<B, C>>,
-    chunk_rows: usize,
+    blocks: HeadBlocks,
 ) -> FloatTensor<Autodiff<B, C>> {
     #[derive(Debug)]
     struct LinearCeBackward;
@@ -203,11 +289,12 @@ pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let parts = chunked::<B>(hidden, head, labels, chunk_rows, want_hidden, want_head);
+            let parts = chunked::<B>(hidden, head, labels, blocks, want_hidden, want_head);
             prep.finish((parts.grad_hidden, parts.grad_head), parts.sum)
         }
         OpsKind::UnTracked(prep) => {
-            prep.finish(B::ual_linear_ce_sum(hidden, head, labels, chunk_rows))
+            let sum = B::ual_linear_ce_sum(hidden, head, labels, blocks.rows, blocks.vocab_splits);
+            prep.finish(sum)
         }
     }
 }
@@ -222,5 +309,20 @@ mod tests {
         assert_eq!(default_chunk_rows(128_256), 128);
         assert_eq!(default_chunk_rows(97), (CHUNK_ELEMENTS / 97) / 128 * 128);
         assert_eq!(default_chunk_rows(10_000_000), MIN_CHUNK_ROWS);
+    }
+
+    #[test]
+    fn gpu_splits_fill_the_tiles_and_divide_the_vocabulary() {
+        // 256 rows × 512 wide = 8 tiles: 32 slices wanted, 31 allowed (≥ 1024 wide), 25 divides.
+        assert_eq!(gpu_vocab_splits(256, 512, 32_000), 25);
+        // 256 × 768 = 12 tiles: 22 wanted; 20 divides 32,000.
+        assert_eq!(gpu_vocab_splits(256, 768, 32_000), 20);
+        // 128 × 512 = 4 tiles: 64 wanted; 128,256 = 2⁸·3·167, so 64.
+        assert_eq!(gpu_vocab_splits(128, 512, 128_256), 64);
+        // A block that already fills the GPU, or a vocabulary too small to slice: none.
+        assert_eq!(gpu_vocab_splits(4096, 2048, 32_000), 1);
+        assert_eq!(gpu_vocab_splits(256, 64, 97), 1);
+        assert_eq!(divisor_at_most(97, 8), 1);
+        assert_eq!(divisor_at_most(32_000, 0), 1);
     }
 }

@@ -20,7 +20,7 @@ mod wgsl;
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-pub use linear::ual_linear_loss_sum;
+pub use linear::{HeadBlocks, ual_linear_loss_sum};
 
 /// Per-row targets, smoothing values and mask, validated at the API boundary.
 #[derive(Debug, Clone, PartialEq)]

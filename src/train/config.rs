@@ -137,6 +137,10 @@ pub struct TrainConfig {
     /// Rows per block of the fused head; 0 picks about 8 Mi logits in whole 128-row tiles.
     /// Larger blocks cost memory and, on big GPUs, save time (`BENCHMARKS.md`).
     pub head_block_rows: usize,
+    /// Vocabulary slices of the fused head's hidden gradient (split-K), so that a block's
+    /// `[rows, H]` gradient keeps a large GPU busy; 0 picks them on hardware GPUs and uses none
+    /// on CPUs, 1 turns the split off.
+    pub head_vocab_splits: usize,
     /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
     pub gradient_checkpointing: Checkpointing,
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
@@ -170,6 +174,7 @@ impl Default for TrainConfig {
             export_dtype: None,
             fused_head: true,
             head_block_rows: 0,
+            head_vocab_splits: 0,
             gradient_checkpointing: Checkpointing::Off,
             base_dtype: "f32".into(),
             optim: OptimConfig::default(),

@@ -189,6 +189,12 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         model_config.vocab_size,
         selected.rows_per_binding(model_config.vocab_size),
         config.head_block_rows,
+    )
+    .split_vocab(
+        config.head_vocab_splits,
+        model_config.hidden_size,
+        model_config.vocab_size,
+        selected.hardware_gpu,
     );
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(config.optim.beta1 as f32)

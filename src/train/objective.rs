@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 
 use crate::data::batch::Batch;
-use crate::loss::linear::default_chunk_rows;
+use crate::loss::linear::{HeadBlocks, default_chunk_rows, gpu_vocab_splits};
 use crate::loss::{LossSum, ual_linear_loss_sum, ual_loss_sum};
 use crate::model::Llama;
 
@@ -16,6 +16,8 @@ pub struct HeadPlan {
     pub fused: bool,
     /// Rows per block: of the fused head, or of the unfused logits (one binding's worth on wgpu).
     pub rows_per_chunk: usize,
+    /// Vocabulary slices of the fused head's hidden gradient ([`HeadBlocks::vocab_splits`]).
+    pub vocab_splits: usize,
 }
 
 impl HeadPlan {
@@ -29,6 +31,7 @@ impl HeadPlan {
         Self {
             fused: false,
             rows_per_chunk,
+            vocab_splits: 1,
         }
     }
 
@@ -44,6 +47,28 @@ impl HeadPlan {
         Self {
             fused: true,
             rows_per_chunk: rows.min(rows_per_binding),
+            vocab_splits: 1,
+        }
+    }
+
+    /// Splits the fused head's hidden gradient over the vocabulary: `setting` slices, or with 0
+    /// as many as fill a hardware GPU ([`gpu_vocab_splits`]) and none on a CPU or a software
+    /// adapter, whose few cores the unsplit blocks already keep busy.
+    pub fn split_vocab(mut self, setting: usize, hidden: usize, vocab: usize, gpu: bool) -> Self {
+        self.vocab_splits = match setting {
+            _ if !self.fused => 1,
+            0 if gpu => gpu_vocab_splits(self.rows_per_chunk, hidden, vocab),
+            0 => 1,
+            n => n,
+        };
+        self
+    }
+
+    /// The fused head's blocks.
+    pub fn blocks(self) -> HeadBlocks {
+        HeadBlocks {
+            rows: self.rows_per_chunk,
+            vocab_splits: self.vocab_splits,
         }
     }
 }
@@ -75,7 +100,7 @@ pub fn head_loss(
     if head.fused
         && let Some(weight) = model.head_weight()
     {
-        return ual_linear_loss_sum(response, weight, &batch.labels, head.rows_per_chunk);
+        return ual_linear_loss_sum(response, weight, &batch.labels, head.blocks());
     }
     let mut sum: Option<Tensor<1>> = None;
     let chunk = head.rows_per_chunk.max(1);
@@ -113,5 +138,16 @@ mod tests {
         let unfused = HeadPlan::new(false, 32_000, 700, 1024);
         assert!(!unfused.fused);
         assert_eq!(unfused.rows_per_chunk, 700);
+    }
+
+    #[test]
+    fn vocabulary_splits_are_automatic_on_gpus_only_and_can_be_forced() {
+        let fused = HeadPlan::new(true, 32_000, usize::MAX, 0);
+        assert_eq!(fused.split_vocab(0, 768, 32_000, true).vocab_splits, 20);
+        assert_eq!(fused.split_vocab(0, 768, 32_000, false).vocab_splits, 1);
+        assert_eq!(fused.split_vocab(8, 768, 32_000, false).vocab_splits, 8);
+        assert_eq!(fused.split_vocab(1, 768, 32_000, true).vocab_splits, 1);
+        let unfused = HeadPlan::new(false, 32_000, 700, 0);
+        assert_eq!(unfused.split_vocab(8, 768, 32_000, true).vocab_splits, 1);
     }
 }
