@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One sitting on a GPU machine: ual on wgpu (Vulkan) against PyTorch CUDA + PEFT, a per-kernel
-# profile of ual's 125m step, the memory levers, the fused head alone, then the small and 1b
-# presets. Most important first; each table is written to $OUT as soon as it is measured, so a
+# One sitting on a GPU machine: the fused head against the unfused one inside a training step
+# (with and without its vocabulary split), ual on wgpu (Vulkan) against PyTorch CUDA + PEFT,
+# the fused head alone, a per-kernel profile of ual's 125m step, the memory levers, then the
+# small and 1b presets. Most important first; each table is written to $OUT as soon as it is measured, so a
 # sitting cut short keeps what it finished.
 #
 #   cargo build --release
@@ -26,9 +27,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 "$UAL" devices | tee "$OUT/devices.txt"
 
+step "fused vs unfused head in a training step, $BIG on wgpu"
+python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \
+  --variants fused,nosplit,unfused --repeats 2 --steps "${STEPS:-10}" --warmup 3 \
+  | tee "$OUT/fused-step.md"
+
 step "ual (wgpu) vs PyTorch CUDA + PEFT: $BIG"
 python3 scripts/bench_step_compare.py --ual "$UAL" --device wgpu --presets "$BIG" \
   --repeats 2 --steps "${STEPS:-10}" --warmup 3 ${COMPARE_EXTRA:-} | tee "$OUT/compare.md"
+
+step "fused head alone, 4096 rows, wgpu: vocabulary split by default, then without"
+for v in 32000 128256; do
+  for splits in 0 1; do
+    "$UAL" bench head --device wgpu --rows 4096 --hidden 512 --vocab "$v" --iters "${STEPS:-5}" \
+      --vocab-splits "$splits" 2>&1 | tee -a "$OUT/head.txt"
+  done
+done
 
 step "kernel profile, $BIG on wgpu"
 python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" | tee "$OUT/profile.md"
@@ -37,11 +51,6 @@ step "memory levers, $BIG on wgpu"
 python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \
   --steps "${STEPS:-3}" --warmup 2 | tee "$OUT/levers.md"
 
-step "fused head alone, 4096 rows, wgpu"
-for v in 32000 128256; do
-  "$UAL" bench head --device wgpu --rows 4096 --hidden 512 --vocab "$v" --iters "${STEPS:-5}" 2>&1 \
-    | tee -a "$OUT/head.txt"
-done
 
 step "ual (wgpu) vs PyTorch CUDA + PEFT: $SMALL and $LARGE"
 python3 scripts/bench_step_compare.py --ual "$UAL" --device wgpu --presets "$SMALL" "$LARGE" \

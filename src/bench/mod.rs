@@ -165,8 +165,13 @@ pub fn head(
         Tensor::from_data(TensorData::new(values, [rows, cols]), &ad)
     };
     let states = matrix(rows, hidden, 1.0).require_grad();
-    // Vocabulary-major, as the model stores its head (`model::load`).
-    let weight = matrix(vocab, hidden, 2.0 / (hidden as f32).sqrt()).transpose();
+    // Stored as the model stores its head: vocabulary-major where the head is split by vocabulary
+    // (`Llama::with_vocab_major_head`), row-major otherwise.
+    let scale = 2.0 / (hidden as f32).sqrt();
+    let weight = match blocks.vocab_splits {
+        1 => matrix(hidden, vocab, scale),
+        _ => matrix(vocab, hidden, scale).transpose(),
+    };
     let memory = MemoryProbe::new(device);
     let read_grad = |sum: Tensor<1>| -> f32 {
         let grad = states

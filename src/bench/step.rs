@@ -177,6 +177,9 @@ pub fn run(
         config.vocab_size,
         selected.hardware_gpu,
     );
+    if head.vocab_splits > 1 {
+        model = model.with_vocab_major_head();
+    }
     let mut optimizer = AdamWConfig::new().init();
     let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
         let micro = std::slice::from_ref(&batch);

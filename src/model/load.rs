@@ -238,7 +238,7 @@ pub fn load_llama(config: &ModelConfig, weights: &dyn Weights, device: &Device) 
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(loader.head(c.hidden_size, c.vocab_size)?)
+        Some(loader.linear("lm_head", c.hidden_size, c.vocab_size, false)?)
     };
     Ok(Llama {
         embed_tokens: Embedding {
@@ -298,19 +298,6 @@ impl Loader<'_> {
         Ok(Linear {
             weight: param(&name, weight),
             bias,
-        })
-    }
-
-    /// The untied LM head, kept in the checkpoint's vocabulary-major `[V, H]` memory and seen
-    /// through a transpose as burn's `[H, V]`: like a tied head, its transpose is then a
-    /// contiguous `[V, H]` that the fused head slices by vocabulary without a copy
-    /// (`loss::linear`), and loading skips a host transpose of the largest matrix.
-    fn head(&self, hidden: usize, vocab: usize) -> Result<Linear> {
-        let name = "lm_head.weight";
-        let weight = self.tensor2(name, [vocab, hidden])?.transpose();
-        Ok(Linear {
-            weight: param(name, weight),
-            bias: None,
         })
     }
 
