@@ -3,7 +3,9 @@
 //
 //   dL/dz_k = (g_loss + g_lse) * exp(z_k - lse) - g_loss * ((1 - eps) * [k == y] + eps / V)
 //
-// No one-hot, probability or target tensor exists; masked rows get zeros.
+// No one-hot, probability or target tensor exists; masked rows get zeros. With a slice width
+// below V the gradient is written slice-major, [V / slice, rows, slice], for a matmul over
+// slices of the vocabulary; a slice of V is the plain [rows, V] layout.
 {{ enable_f16 }}
 @group(0) @binding(0) var<storage, read_write> logits: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> labels: array<f32>;
@@ -22,6 +24,7 @@ fn main(
 ) {
     let rows = info[0];
     let vocab = info[1];
+    let slice = info[2];
     let row = wid.x + wid.y * groups.x;
     if (row >= rows) {
         return;
@@ -29,7 +32,7 @@ fn main(
     let base = row * vocab;
     if (labels[row * 3u + 2u] == 0.0) {
         for (var k = lid; k < vocab; k = k + WG) {
-            grad_logits[base + k] = {{ elem }}(0.0);
+            grad_logits[out_index(row, k, rows, slice)] = {{ elem }}(0.0);
         }
         return;
     }
@@ -45,6 +48,11 @@ fn main(
         if (k == target_id) {
             g = g - g_loss * (1.0 - eps);
         }
-        grad_logits[base + k] = {{ elem }}(g);
+        grad_logits[out_index(row, k, rows, slice)] = {{ elem }}(g);
     }
+}
+
+// Where column k of a row goes: slice k / slice, then the row within it.
+fn out_index(row: u32, k: u32, rows: u32, slice: u32) -> u32 {
+    return (k / slice) * rows * slice + row * slice + k % slice;
 }

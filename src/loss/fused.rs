@@ -22,6 +22,11 @@ pub fn stats_shape(logits: &Shape) -> Shape {
     Shape::new([logits[0], 2])
 }
 
+/// The shape of a gradient written slice-major: `[slices, rows, V / slices]`.
+pub fn sliced_shape(logits: &Shape, slices: &usize) -> Shape {
+    Shape::new([*slices, logits[0], logits[1] / slices])
+}
+
 #[backend_extension(Autodiff, Cube, Flex, Fusion)]
 pub trait UalLossBackend: Backend {
     /// `[rows, V]` logits and `[rows, 3]` (target, ε, mask) labels → `[rows, 2]` f32 (loss, lse).
@@ -39,6 +44,23 @@ pub trait UalLossBackend: Backend {
         grad_stats: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         host::backward::<Self>(logits, labels, stats, grad_stats)
+    }
+
+    /// [`Self::ual_ce_backward`] written slice-major, `[slices, rows, V / slices]`: slice `s`
+    /// holds columns `s·V/S .. (s+1)·V/S` of every row, the layout a batched matmul over slices
+    /// of the vocabulary reads without a copy (`super::linear`). `slices` divides V.
+    #[fusion(dtype = logits, shape = sliced_shape(logits, slices))]
+    fn ual_ce_backward_sliced(
+        logits: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad_stats: FloatTensor<Self>,
+        slices: usize,
+    ) -> FloatTensor<Self> {
+        let [rows, vocab] = [logits.shape()[0], logits.shape()[1]];
+        let grad = Self::ual_ce_backward(logits, labels, stats, grad_stats);
+        let grad = Self::float_reshape(grad, Shape::new([rows, slices, vocab / slices]));
+        Self::float_swap_dims(grad, 0, 1)
     }
 
     /// `[rows, H]` hidden states, a `[H, V]` head and `[rows, 3]` labels → the `[1]` loss

@@ -13,7 +13,9 @@
 //! A GPU computes it in output tiles, so a 256-row block of a 512-wide model fills 8 of the
 //! H100's 132 multiprocessors. With `vocab_splits = S` the vocabulary is cut into S slices whose
 //! partial products run side by side as one batched matmul and are summed afterwards (split-K):
-//! S times the tiles for the price of one copy of the block and an `[S, rows, H]` sum.
+//! S times the tiles for the price of an `[S, rows, H]` sum: the loss kernel writes the block's
+//! gradient slice-major, so the slices need no copy (a trained head, which needs the gradient
+//! whole too, pays one copy of the block).
 
 use std::ops::Range;
 
@@ -184,6 +186,14 @@ fn chunked<B: UalLossBackend>(
         }
         // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
         let upstream = loss_only::<B>(range.len(), &device);
+        if splits > 1 && !want_head {
+            // A frozen head (LoRA): the kernel writes the gradient slice by slice, ready for
+            // the batched matmul.
+            let sliced = B::ual_ce_backward_sliced(logits, labels, stats, upstream, splits);
+            let head_t = head_t.clone().expect("the hidden gradient is wanted");
+            grad_hidden.push(sum_of_slices::<B>(B::float_matmul(sliced, head_t)));
+            continue;
+        }
         let grad_logits = B::ual_ce_backward(logits, labels, stats, upstream);
         if let Some(head_t) = &head_t {
             let g = hidden_gradient::<B>(grad_logits.clone(), head_t.clone(), splits);
@@ -213,7 +223,8 @@ fn vocab_sliced<B: Backend>(head_t: FloatTensor<B>, splits: usize) -> FloatTenso
 }
 
 /// `grad_logits [r, V] @ head_t`: one matmul, or with `splits` > 1 a batched matmul over
-/// vocabulary slices (`head_t: [S, V/S, H]`) and the sum of its `[S, r, H]` partial products.
+/// vocabulary slices (`head_t: [S, V/S, H]`; the matmul copies the block into slices, which a
+/// trained head's gradient needs whole as well) and the sum of its partial products.
 fn hidden_gradient<B: Backend>(
     grad_logits: FloatTensor<B>,
     head_t: FloatTensor<B>,
@@ -223,9 +234,13 @@ fn hidden_gradient<B: Backend>(
         return B::float_matmul(grad_logits, head_t);
     }
     let [r, vocab] = [grad_logits.shape()[0], grad_logits.shape()[1]];
-    let hidden = head_t.shape()[2];
     let slices = B::float_reshape(grad_logits, Shape::new([r, splits, vocab / splits]));
-    let partial = B::float_matmul(B::float_swap_dims(slices, 0, 1), head_t);
+    sum_of_slices::<B>(B::float_matmul(B::float_swap_dims(slices, 0, 1), head_t))
+}
+
+/// `[S, r, H]` partial products → their `[r, H]` sum.
+fn sum_of_slices<B: Backend>(partial: FloatTensor<B>) -> FloatTensor<B> {
+    let [r, hidden] = [partial.shape()[1], partial.shape()[2]];
     B::float_reshape(B::float_sum_dim(partial, 0), Shape::new([r, hidden]))
 }
 

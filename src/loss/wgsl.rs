@@ -3,6 +3,7 @@
 //! Other CubeCL devices fall back to the host loop: the kernels are WGSL source and only the
 //! wgpu runtime compiles WGSL.
 
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{
     CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
@@ -12,7 +13,7 @@ use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArgument
 use burn::tensor::{DType, Shape};
 use derive_new::new;
 
-use super::fused::{UalLossBackend, host, stats_shape};
+use super::fused::{UalLossBackend, host, sliced_shape, stats_shape};
 
 kernel_source!(ForwardSource, "../../shaders/ual_ce_forward.wgsl");
 kernel_source!(BackwardSource, "../../shaders/ual_ce_backward.wgsl");
@@ -120,31 +121,62 @@ impl UalLossBackend for CubeBackend {
         if !is_wgpu(&logits) {
             return host::backward::<Self>(logits, labels, stats, grad_stats);
         }
-        let logits = into_contiguous(logits);
-        let labels = into_contiguous(labels);
-        let stats = into_contiguous(stats);
-        let grad_stats = into_contiguous(grad_stats);
-        let shape = logits.meta.shape().clone();
-        let (rows, vocab) = (shape[0], shape[1]);
-        let grad = empty(&logits, shape, logits.dtype);
-        let info = [rows as u32, vocab as u32];
-        let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
-        let kernel = UalCeKernel {
-            pass: Pass::Backward,
-            dtype: logits.dtype,
-        };
-        logits.client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-            row_groups(rows),
-            KernelArguments::new().with_buffers(vec![
-                logits.handle.clone().binding(),
-                labels.handle.clone().binding(),
-                stats.handle.clone().binding(),
-                grad_stats.handle.clone().binding(),
-                grad.handle.clone().binding(),
-                info.binding(),
-            ]),
-        );
-        grad
+        backward(logits, labels, stats, grad_stats, 1)
     }
+
+    fn ual_ce_backward_sliced(
+        logits: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad_stats: FloatTensor<Self>,
+        slices: usize,
+    ) -> FloatTensor<Self> {
+        if !is_wgpu(&logits) {
+            let [rows, vocab] = [logits.meta.shape()[0], logits.meta.shape()[1]];
+            let grad = host::backward::<Self>(logits, labels, stats, grad_stats);
+            let grad = Self::float_reshape(grad, Shape::new([rows, slices, vocab / slices]));
+            return Self::float_swap_dims(grad, 0, 1);
+        }
+        backward(logits, labels, stats, grad_stats, slices)
+    }
+}
+
+/// The backward kernel: the gradient as `[rows, V]`, or slice-major `[slices, rows, V / slices]`.
+fn backward(
+    logits: CubeTensor,
+    labels: CubeTensor,
+    stats: CubeTensor,
+    grad_stats: CubeTensor,
+    slices: usize,
+) -> CubeTensor {
+    let logits = into_contiguous(logits);
+    let labels = into_contiguous(labels);
+    let stats = into_contiguous(stats);
+    let grad_stats = into_contiguous(grad_stats);
+    let shape = logits.meta.shape().clone();
+    let (rows, vocab) = (shape[0], shape[1]);
+    let out_shape = match slices {
+        1 => shape,
+        _ => sliced_shape(&shape, &slices),
+    };
+    let grad = empty(&logits, out_shape, logits.dtype);
+    let info = [rows as u32, vocab as u32, (vocab / slices) as u32];
+    let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
+    let kernel = UalCeKernel {
+        pass: Pass::Backward,
+        dtype: logits.dtype,
+    };
+    logits.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        row_groups(rows),
+        KernelArguments::new().with_buffers(vec![
+            logits.handle.clone().binding(),
+            labels.handle.clone().binding(),
+            stats.handle.clone().binding(),
+            grad_stats.handle.clone().binding(),
+            grad.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    grad
 }
