@@ -92,8 +92,9 @@ pub fn gpu_vocab_splits(rows: usize, hidden: usize, vocab: usize) -> usize {
     divisor_at_most(vocab, wanted)
 }
 
-/// The largest divisor of `n` that is at most `k` (1 when `k` is 0).
-fn divisor_at_most(n: usize, k: usize) -> usize {
+/// The largest divisor of `n` that is at most `k` (1 when `k` is 0): the slice count used when
+/// `k` slices of an `n`-word vocabulary are asked for.
+pub fn divisor_at_most(n: usize, k: usize) -> usize {
     (1..=k.max(1))
         .rev()
         .find(|&d| n.is_multiple_of(d))
@@ -171,6 +172,9 @@ fn chunked<B: UalLossBackend>(
     let mut sum: Option<FloatTensor<B>> = None;
     let mut grad_hidden = Vec::new();
     let mut grad_head: Option<FloatTensor<B>> = None;
+    // Uploaded once for a whole block; the last, shorter block takes its first rows.
+    let block_rows = blocks.rows.max(1).min(rows);
+    let upstream = (want_hidden || want_head).then(|| loss_only::<B>(block_rows, &device));
     for range in chunks(rows, blocks.rows) {
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
@@ -181,11 +185,11 @@ fn chunked<B: UalLossBackend>(
             &[Slice::from(..), Slice::from(0..1)],
         ));
         sum = Some(accumulate::<B>(sum, part));
-        if !(want_hidden || want_head) {
+        let Some(upstream) = &upstream else {
             continue;
-        }
+        };
         // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
-        let upstream = loss_only::<B>(range.len(), &device);
+        let upstream = rows_of::<B>(upstream.clone(), 0..range.len());
         if splits > 1 && !want_head {
             // A frozen head (LoRA): the kernel writes the gradient slice by slice, ready for
             // the batched matmul.

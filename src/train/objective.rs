@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 
 use crate::data::batch::Batch;
-use crate::loss::linear::{HeadBlocks, default_chunk_rows, gpu_vocab_splits};
+use crate::loss::linear::{HeadBlocks, default_chunk_rows, divisor_at_most, gpu_vocab_splits};
 use crate::loss::{LossSum, ual_linear_loss_sum, ual_loss_sum};
 use crate::model::Llama;
 
@@ -59,7 +59,7 @@ impl HeadPlan {
             _ if !self.fused => 1,
             0 if gpu => gpu_vocab_splits(self.rows_per_chunk, hidden, vocab),
             0 => 1,
-            n => n,
+            n => divisor_at_most(vocab, n),
         };
         self
     }
@@ -147,6 +147,8 @@ mod tests {
         assert_eq!(fused.split_vocab(0, 768, 32_000, false).vocab_splits, 1);
         assert_eq!(fused.split_vocab(8, 768, 32_000, false).vocab_splits, 8);
         assert_eq!(fused.split_vocab(1, 768, 32_000, true).vocab_splits, 1);
+        // 24 does not divide 32,000: the largest count that does.
+        assert_eq!(fused.split_vocab(24, 768, 32_000, false).vocab_splits, 20);
         let unfused = HeadPlan::new(false, 32_000, 700, 0);
         assert_eq!(unfused.split_vocab(8, 768, 32_000, true).vocab_splits, 1);
     }
