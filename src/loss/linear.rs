@@ -13,7 +13,7 @@
 //! A GPU computes it in output tiles, so a 256-row block of a 512-wide model fills 8 of the
 //! H100's 132 multiprocessors. With `vocab_splits = S` the vocabulary is cut into S slices whose
 //! partial products run side by side as one batched matmul and are summed afterwards (split-K):
-//! S times the tiles for the price of an `[S, rows, H]` sum: the loss kernel writes the block's
+//! S times the tiles for the price of an `[S, rows, H]` sum. The loss kernel writes the block's
 //! gradient slice-major, so the slices need no copy (a trained head, which needs the gradient
 //! whole too, pays one copy of the block).
 
