@@ -149,9 +149,7 @@ fn one_step(
     let batch: Vec<&Sample> = samples.iter().collect();
     let hidden = model.config.hidden_size;
     let head = HeadPlan::fused(32000, usize::MAX).split_vocab(vocab_splits, hidden, 32000, false);
-    if head.vocab_splits > 1 {
-        model = model.with_vocab_major_head();
-    }
+    let model = head.arrange(model);
     let (g, loss, _) = step_gradients(&model, &[batch], &device, head, checkpointing).unwrap();
     (grads_of(&model, &g), loss)
 }
@@ -258,7 +256,7 @@ fn vocabulary_split_head_trains_every_weight() {
         let whole = HeadPlan::fused(32000, usize::MAX);
         let sliced = whole.split_vocab(16, p.model.config.hidden_size, 32000, false);
         assert_eq!(sliced.vocab_splits, 16);
-        let split_model = p.model.clone().with_vocab_major_head();
+        let split_model = sliced.arrange(p.model.clone());
         let (plain, plain_loss, _) = step_gradients(&p.model, &micro, &device, whole, off).unwrap();
         let (split, split_loss, _) =
             step_gradients(&split_model, &micro, &device, sliced, off).unwrap();

@@ -177,9 +177,7 @@ pub fn run(
         config.vocab_size,
         selected.hardware_gpu,
     );
-    if head.vocab_splits > 1 {
-        model = model.with_vocab_major_head();
-    }
+    model = head.arrange(model);
     let mut optimizer = AdamWConfig::new().init();
     let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
         let micro = std::slice::from_ref(&batch);

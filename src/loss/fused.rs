@@ -27,6 +27,13 @@ pub fn sliced_shape(logits: &Shape, slices: &usize) -> Shape {
     Shape::new([*slices, logits[0], logits[1] / slices])
 }
 
+/// A `[rows, V]` gradient seen slice-major (a view; the matmul that reads it makes the copy).
+pub(super) fn slice_major<B: Backend>(grad: FloatTensor<B>, slices: usize) -> FloatTensor<B> {
+    let [rows, vocab] = [grad.shape()[0], grad.shape()[1]];
+    let grad = B::float_reshape(grad, Shape::new([rows, slices, vocab / slices]));
+    B::float_swap_dims(grad, 0, 1)
+}
+
 #[backend_extension(Autodiff, Cube, Flex, Fusion)]
 pub trait UalLossBackend: Backend {
     /// `[rows, V]` logits and `[rows, 3]` (target, ε, mask) labels → `[rows, 2]` f32 (loss, lse).
@@ -57,10 +64,10 @@ pub trait UalLossBackend: Backend {
         grad_stats: FloatTensor<Self>,
         slices: usize,
     ) -> FloatTensor<Self> {
-        let [rows, vocab] = [logits.shape()[0], logits.shape()[1]];
-        let grad = Self::ual_ce_backward(logits, labels, stats, grad_stats);
-        let grad = Self::float_reshape(grad, Shape::new([rows, slices, vocab / slices]));
-        Self::float_swap_dims(grad, 0, 1)
+        slice_major::<Self>(
+            Self::ual_ce_backward(logits, labels, stats, grad_stats),
+            slices,
+        )
     }
 
     /// `[rows, H]` hidden states, a `[H, V]` head and `[rows, 3]` labels → the `[1]` loss

@@ -3,7 +3,6 @@
 //! Other CubeCL devices fall back to the host loop: the kernels are WGSL source and only the
 //! wgpu runtime compiles WGSL.
 
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{
     CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
@@ -13,7 +12,7 @@ use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArgument
 use burn::tensor::{DType, Shape};
 use derive_new::new;
 
-use super::fused::{UalLossBackend, host, sliced_shape, stats_shape};
+use super::fused::{UalLossBackend, host, slice_major, sliced_shape, stats_shape};
 
 kernel_source!(ForwardSource, "../../shaders/ual_ce_forward.wgsl");
 kernel_source!(BackwardSource, "../../shaders/ual_ce_backward.wgsl");
@@ -94,21 +93,7 @@ impl UalLossBackend for CubeBackend {
         let (rows, vocab) = (shape[0], shape[1]);
         let stats = empty(&logits, stats_shape(&shape), DType::F32);
         let info = [rows as u32, vocab as u32];
-        let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
-        let kernel = UalCeKernel {
-            pass: Pass::Forward,
-            dtype: logits.dtype,
-        };
-        logits.client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-            row_groups(rows),
-            KernelArguments::new().with_buffers(vec![
-                logits.handle.clone().binding(),
-                labels.handle.clone().binding(),
-                stats.handle.clone().binding(),
-                info.binding(),
-            ]),
-        );
+        launch(Pass::Forward, &logits, &info, [&labels, &stats]);
         stats
     }
 
@@ -132,10 +117,8 @@ impl UalLossBackend for CubeBackend {
         slices: usize,
     ) -> FloatTensor<Self> {
         if !is_wgpu(&logits) {
-            let [rows, vocab] = [logits.meta.shape()[0], logits.meta.shape()[1]];
             let grad = host::backward::<Self>(logits, labels, stats, grad_stats);
-            let grad = Self::float_reshape(grad, Shape::new([rows, slices, vocab / slices]));
-            return Self::float_swap_dims(grad, 0, 1);
+            return slice_major::<Self>(grad, slices);
         }
         backward(logits, labels, stats, grad_stats, slices)
     }
@@ -161,22 +144,31 @@ fn backward(
     };
     let grad = empty(&logits, out_shape, logits.dtype);
     let info = [rows as u32, vocab as u32, (vocab / slices) as u32];
-    let info = logits.client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = UalCeKernel {
-        pass: Pass::Backward,
-        dtype: logits.dtype,
-    };
-    logits.client.launch(
-        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-        row_groups(rows),
-        KernelArguments::new().with_buffers(vec![
-            logits.handle.clone().binding(),
-            labels.handle.clone().binding(),
-            stats.handle.clone().binding(),
-            grad_stats.handle.clone().binding(),
-            grad.handle.clone().binding(),
-            info.binding(),
-        ]),
+    launch(
+        Pass::Backward,
+        &logits,
+        &info,
+        [&labels, &stats, &grad_stats, &grad],
     );
     grad
+}
+
+/// Launches one kernel, one workgroup per logits row: the bindings are the logits, `others` in
+/// the shader's order, then `info`.
+fn launch<const N: usize>(pass: Pass, logits: &CubeTensor, info: &[u32], others: [&CubeTensor; N]) {
+    let info = logits.client.create_from_slice(bytemuck::cast_slice(info));
+    let kernel = UalCeKernel {
+        pass,
+        dtype: logits.dtype,
+    };
+    let buffers = std::iter::once(logits)
+        .chain(others)
+        .map(|t| t.handle.clone().binding())
+        .chain([info.binding()])
+        .collect();
+    logits.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        row_groups(logits.meta.shape()[0]),
+        KernelArguments::new().with_buffers(buffers),
+    );
 }

@@ -196,9 +196,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         model_config.vocab_size,
         selected.hardware_gpu,
     );
-    if head.vocab_splits > 1 {
-        model = model.with_vocab_major_head();
-    }
+    model = head.arrange(model);
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(config.optim.beta1 as f32)
         .with_beta_2(config.optim.beta2 as f32)

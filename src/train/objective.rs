@@ -64,6 +64,15 @@ impl HeadPlan {
         self
     }
 
+    /// `model` with its head stored the way this plan reads it: vocabulary-major when the
+    /// hidden gradient is split, so that the slices are views ([`Llama::with_vocab_major_head`]).
+    pub fn arrange(self, model: Llama) -> Llama {
+        match self.vocab_splits {
+            1 => model,
+            _ => model.with_vocab_major_head(),
+        }
+    }
+
     /// The fused head's blocks.
     pub fn blocks(self) -> HeadBlocks {
         HeadBlocks {
