@@ -17,6 +17,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 
+use super::host;
+
 /// The shape of the per-row statistics: `[rows, 2]`.
 pub fn stats_shape(logits: &Shape) -> Shape {
     Shape::new([logits[0], 2])
@@ -51,6 +53,21 @@ pub trait UalLossBackend: Backend {
         grad_stats: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         host::backward::<Self>(logits, labels, stats, grad_stats)
+    }
+
+    /// The statistics and, from the same logits, their gradient for `grad_stats`: the forward
+    /// and backward of a block whose upstream gradient is known before its forward ends (the
+    /// fused head's). Returns `(stats, grad)`. The CPU does it in one visit of each row;
+    /// elsewhere it is the two operations in turn.
+    #[fusion(default)]
+    fn ual_ce_forward_backward(
+        logits: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        grad_stats: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let stats = Self::ual_ce_forward(logits.clone(), labels.clone());
+        let grad = Self::ual_ce_backward(logits, labels, stats.clone(), grad_stats);
+        (stats, grad)
     }
 
     /// [`Self::ual_ce_backward`] written slice-major, `[slices, rows, V / slices]`: slice `s`
@@ -137,6 +154,34 @@ impl UalLossBackend for Flex {
         );
         grad
     }
+
+    fn ual_ce_forward_backward(
+        logits: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        grad_stats: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let mut logits = logits;
+        let shape = logits.shape();
+        let (rows, vocab, numel) = (shape[0], shape[1], shape.num_elements());
+        let whole = logits.dtype() == DType::F32
+            && logits.layout().contiguous_offsets() == Some((0, numel));
+        // Only logits that nothing else holds can become their own gradient.
+        let z = match whole.then(|| logits.try_storage_mut::<f32>()).flatten() {
+            Some(z) if z.len() == numel => z,
+            _ => {
+                let stats = Self::ual_ce_forward(logits.clone(), labels.clone());
+                let grad = Self::ual_ce_backward(logits, labels, stats.clone(), grad_stats);
+                return (stats, grad);
+            }
+        };
+        let labels = host::rows_of(&host::read::<Self>(labels));
+        let stats =
+            host::stats_and_grad_in_place(z, vocab, &labels, &host::read::<Self>(grad_stats));
+        (
+            FlexTensor::from_data(TensorData::new(stats, [rows, 2])),
+            logits,
+        )
+    }
 }
 
 /// `t` as a contiguous f32 tensor, or `t` back unchanged when it holds another dtype.
@@ -213,162 +258,4 @@ pub fn row_losses(logits: Tensor<2>, labels: Tensor<2>) -> Tensor<1> {
         labels.into_dispatch(),
     ));
     stats.narrow(1, 0, 1).reshape([rows])
-}
-
-/// The same statistics as the kernels, computed on the host one row per task. Used by the CPU
-/// backend and by any non-wgpu device; it never allocates more than the gradient it returns.
-pub(crate) mod host {
-    use burn::backend::Backend;
-    use burn::backend::TensorMetadata;
-    use burn::backend::tensor::FloatTensor;
-    use burn::tensor::TensorData;
-    use rayon::prelude::*;
-
-    pub fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
-        pollster::block_on(B::float_into_data(t))
-            .expect("tensor read-back")
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 data")
-    }
-
-    pub struct Row {
-        target: usize,
-        eps: f32,
-        counted: bool,
-    }
-
-    pub fn rows_of(labels: &[f32]) -> Vec<Row> {
-        labels
-            .chunks_exact(3)
-            .map(|l| Row {
-                target: l[0] as usize,
-                eps: l[1],
-                counted: l[2] != 0.0,
-            })
-            .collect()
-    }
-
-    pub fn forward<B: Backend>(logits: FloatTensor<B>, labels: FloatTensor<B>) -> FloatTensor<B> {
-        let device = logits.device();
-        let [rows, vocab] = [logits.shape()[0], logits.shape()[1]];
-        let z = read::<B>(logits);
-        let stats = stats(&z, vocab, &rows_of(&read::<B>(labels)));
-        B::float_from_data(TensorData::new(stats, [rows, 2]), &device)
-    }
-
-    /// `[loss, lse]` of each row of `z` (row-major, `vocab` wide); zeros for masked rows.
-    pub fn stats(z: &[f32], vocab: usize, labels: &[Row]) -> Vec<f32> {
-        z.par_chunks_exact(vocab)
-            .zip(labels.par_iter())
-            .flat_map_iter(|(z, row)| {
-                if !row.counted {
-                    return [0.0, 0.0];
-                }
-                let (lse, z_sum) = lse_and_sum(z);
-                let loss = (1.0 - row.eps) * (lse - z[row.target])
-                    + row.eps * (lse - z_sum / vocab as f32);
-                [loss, lse]
-            })
-            .collect()
-    }
-
-    /// Two passes over the row, each one that the compiler vectorises: the max, then Σexp(z−max)
-    /// and Σz. Partial sums run in f32 over blocks of 64 and are carried across blocks in f64: a
-    /// sequential f32 sum over 10^5 entries would lose the 1e-5 relative accuracy we promise.
-    fn lse_and_sum(z: &[f32]) -> (f32, f32) {
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (mut sum_exp, mut sum) = (0.0f64, 0.0f64);
-        for block in z.chunks(64) {
-            sum_exp += block.iter().map(|&v| (v - max).exp()).sum::<f32>() as f64;
-            sum += block.iter().sum::<f32>() as f64;
-        }
-        ((max as f64 + sum_exp.ln()) as f32, sum as f32)
-    }
-
-    pub fn backward<B: Backend>(
-        logits: FloatTensor<B>,
-        labels: FloatTensor<B>,
-        stats: FloatTensor<B>,
-        grad_stats: FloatTensor<B>,
-    ) -> FloatTensor<B> {
-        let device = logits.device();
-        let dtype = logits.dtype();
-        let shape = logits.shape();
-        let vocab = shape[1];
-        let z = read::<B>(logits);
-        let mut grad = vec![0f32; z.len()];
-        let labels = rows_of(&read::<B>(labels));
-        write_grad(
-            &z,
-            &mut grad,
-            vocab,
-            &labels,
-            &read::<B>(stats),
-            &read::<B>(grad_stats),
-        );
-        let data = TensorData::new(grad, shape).convert_dtype(dtype);
-        B::float_from_data(data, &device)
-    }
-
-    /// [`write_grad`] with the logits' buffer overwritten by the gradient.
-    pub fn write_grad_in_place(
-        z: &mut [f32],
-        vocab: usize,
-        labels: &[Row],
-        stats: &[f32],
-        grad_stats: &[f32],
-    ) {
-        z.par_chunks_exact_mut(vocab)
-            .enumerate()
-            .for_each(|(r, g)| grad_row(g, None, r, vocab, labels, stats, grad_stats));
-    }
-
-    /// `grad = g_loss·(softmax(z) − q) + g_lse·softmax(z)` per row, from the saved lse.
-    pub fn write_grad(
-        z: &[f32],
-        grad: &mut [f32],
-        vocab: usize,
-        labels: &[Row],
-        stats: &[f32],
-        grad_stats: &[f32],
-    ) {
-        grad.par_chunks_exact_mut(vocab)
-            .zip(z.par_chunks_exact(vocab))
-            .enumerate()
-            .for_each(|(r, (g, z))| grad_row(g, Some(z), r, vocab, labels, stats, grad_stats));
-    }
-
-    /// One row of the gradient into `g`, reading the logits from `z`, or from `g` itself.
-    fn grad_row(
-        g: &mut [f32],
-        z: Option<&[f32]>,
-        r: usize,
-        vocab: usize,
-        labels: &[Row],
-        stats: &[f32],
-        grad_stats: &[f32],
-    ) {
-        let row = &labels[r];
-        if !row.counted {
-            g.fill(0.0);
-            return;
-        }
-        let (g_loss, g_lse, lse) = (grad_stats[2 * r], grad_stats[2 * r + 1], stats[2 * r + 1]);
-        let uniform = g_loss * row.eps / vocab as f32;
-        let scale = g_loss + g_lse;
-        match z {
-            Some(z) => {
-                for (g, &z) in g.iter_mut().zip(z) {
-                    *g = scale * (z - lse).exp() - uniform;
-                }
-            }
-            None => {
-                for g in g.iter_mut() {
-                    *g = scale * (*g - lse).exp() - uniform;
-                }
-            }
-        }
-        g[row.target] -= g_loss * (1.0 - row.eps);
-    }
 }

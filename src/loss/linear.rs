@@ -179,13 +179,11 @@ fn chunked<B: UalLossBackend>(
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
         let logits = B::float_matmul(h.clone(), head.clone());
-        let stats = B::ual_ce_forward(logits.clone(), labels.clone());
-        let part = B::float_sum(B::float_slice(
-            stats.clone(),
-            &[Slice::from(..), Slice::from(0..1)],
-        ));
-        sum = Some(accumulate::<B>(sum, part));
         let Some(upstream) = &upstream else {
+            sum = Some(accumulate::<B>(
+                sum,
+                loss_of::<B>(B::ual_ce_forward(logits, labels)),
+            ));
             continue;
         };
         // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
@@ -193,12 +191,15 @@ fn chunked<B: UalLossBackend>(
         if splits > 1 && !want_head {
             // A frozen head (LoRA): the kernel writes the gradient slice by slice, ready for
             // the batched matmul.
-            let sliced = B::ual_ce_backward_sliced(logits, labels, stats, upstream, splits);
+            let stats = B::ual_ce_forward(logits.clone(), labels.clone());
+            let sliced = B::ual_ce_backward_sliced(logits, labels, stats.clone(), upstream, splits);
+            sum = Some(accumulate::<B>(sum, loss_of::<B>(stats)));
             let head_t = head_t.clone().expect("the hidden gradient is wanted");
             grad_hidden.push(sum_of_slices::<B>(B::float_matmul(sliced, head_t)));
             continue;
         }
-        let grad_logits = B::ual_ce_backward(logits, labels, stats, upstream);
+        let (stats, grad_logits) = B::ual_ce_forward_backward(logits, labels, upstream);
+        sum = Some(accumulate::<B>(sum, loss_of::<B>(stats)));
         if let Some(head_t) = &head_t {
             let g = hidden_gradient::<B>(grad_logits.clone(), head_t.clone(), splits);
             grad_hidden.push(g);
@@ -256,6 +257,11 @@ fn chunks(rows: usize, chunk_rows: usize) -> impl Iterator<Item = Range<usize>> 
 
 fn rows_of<B: Backend>(t: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {
     B::float_slice(t, &[Slice::from(range), Slice::from(..)])
+}
+
+/// Σ loss of a block's `[rows, 2]` statistics.
+fn loss_of<B: Backend>(stats: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_sum(B::float_slice(stats, &[Slice::from(..), Slice::from(0..1)]))
 }
 
 fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> FloatTensor<B> {

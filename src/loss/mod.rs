@@ -13,6 +13,7 @@
 //! micro-batches: callers divide by the step's total, not by each micro-batch's own count.
 
 pub mod fused;
+mod host;
 pub mod linear;
 pub mod reference;
 mod wgsl;

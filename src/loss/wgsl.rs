@@ -12,7 +12,8 @@ use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArgument
 use burn::tensor::{DType, Shape};
 use derive_new::new;
 
-use super::fused::{UalLossBackend, host, slice_major, sliced_shape, stats_shape};
+use super::fused::{UalLossBackend, slice_major, sliced_shape, stats_shape};
+use super::host;
 
 kernel_source!(ForwardSource, "../../shaders/ual_ce_forward.wgsl");
 kernel_source!(BackwardSource, "../../shaders/ual_ce_backward.wgsl");
