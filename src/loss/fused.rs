@@ -2,8 +2,9 @@
 //!
 //! Two operations make the loss: `ual_ce_forward` reads each logits row once and returns
 //! `[rows, 2]` statistics (loss, lse); `ual_ce_backward` writes softmax − q into the gradient
-//! from the saved lse. On wgpu they are the WGSL kernels of `shaders/`; elsewhere a row-parallel
-//! host loop with the same arithmetic. Autodiff gets a hand-written backward that keeps only the
+//! from the saved lse. On wgpu they are the WGSL kernels of `shaders/`; elsewhere the row-parallel
+//! host loop of `super::host`, with the same arithmetic. A third, `ual_ce_forward_backward`, does
+//! both at once for the fused head, whose upstream gradient is known in advance. Autodiff gets a hand-written backward that keeps only the
 //! logits handle and the `[rows, 2]` statistics, never a softmax.
 
 use burn::backend::TensorMetadata;
