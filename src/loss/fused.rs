@@ -18,7 +18,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 
-use super::host;
+use super::{cpu_head, host};
 
 /// The shape of the per-row statistics: `[rows, 2]`.
 pub fn stats_shape(logits: &Shape) -> Shape {
@@ -99,8 +99,33 @@ pub trait UalLossBackend: Backend {
         chunk_rows: usize,
         vocab_splits: usize,
     ) -> FloatTensor<Self> {
-        let _ = vocab_splits; // the loss alone forms no gradient
-        super::linear::loss_sum::<Self>(hidden, head, labels, chunk_rows)
+        let parts =
+            Self::ual_linear_ce_grads(hidden, head, labels, chunk_rows, vocab_splits, false, false);
+        parts.0
+    }
+
+    /// The summed loss of [`Self::ual_linear_ce_sum`] with the gradients of that sum with
+    /// respect to the hidden states and the head, each formed only where asked: `(sum,
+    /// hidden gradient, head gradient)`.
+    #[fusion(default)]
+    fn ual_linear_ce_grads(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        chunk_rows: usize,
+        vocab_splits: usize,
+        want_hidden: bool,
+        want_head: bool,
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let blocks = super::linear::HeadBlocks {
+            rows: chunk_rows,
+            vocab_splits,
+        };
+        super::linear::chunked::<Self>(hidden, head, labels, blocks, want_hidden, want_head)
     }
 }
 
@@ -154,6 +179,34 @@ impl UalLossBackend for Flex {
             &grad_stats,
         );
         grad
+    }
+
+    /// Unsplit heads take `super::cpu_head`: one block buffer for the whole call. A split asked
+    /// for on the CPU (it is a GPU occupancy measure) keeps the generic blocks, as elsewhere.
+    fn ual_linear_ce_grads(
+        hidden: FloatTensor<Self>,
+        head: FloatTensor<Self>,
+        labels: FloatTensor<Self>,
+        chunk_rows: usize,
+        vocab_splits: usize,
+        want_hidden: bool,
+        want_head: bool,
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    ) {
+        if vocab_splits == 1
+            && let Some(parts) =
+                cpu_head::fused(&hidden, &head, &labels, chunk_rows, want_hidden, want_head)
+        {
+            return parts;
+        }
+        let blocks = super::linear::HeadBlocks {
+            rows: chunk_rows,
+            vocab_splits,
+        };
+        super::linear::chunked::<Self>(hidden, head, labels, blocks, want_hidden, want_head)
     }
 
     fn ual_ce_forward_backward(

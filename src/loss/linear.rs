@@ -139,32 +139,20 @@ pub fn ual_linear_loss_sum(
     })
 }
 
-/// The summed loss alone, for backends without autodiff (evaluation, the inner backend).
-pub(super) fn loss_sum<B: UalLossBackend>(
-    hidden: FloatTensor<B>,
-    head: FloatTensor<B>,
-    labels: FloatTensor<B>,
-    chunk_rows: usize,
-) -> FloatTensor<B> {
-    let blocks = HeadBlocks::rows(chunk_rows);
-    chunked::<B>(hidden, head, labels, blocks, false, false).sum
-}
-
-/// The loss sum and, where asked, the gradients of that sum.
-struct Parts<B: Backend> {
-    sum: FloatTensor<B>,
-    grad_hidden: Option<FloatTensor<B>>,
-    grad_head: Option<FloatTensor<B>>,
-}
-
-fn chunked<B: UalLossBackend>(
+/// The loss sum over blocks of `blocks.rows` rows and, where asked, its gradients with respect
+/// to the hidden states and the head. Generic over the backend: every op is burn's or ours.
+pub(super) fn chunked<B: UalLossBackend>(
     hidden: FloatTensor<B>,
     head: FloatTensor<B>,
     labels: FloatTensor<B>,
     blocks: HeadBlocks,
     want_hidden: bool,
     want_head: bool,
-) -> Parts<B> {
+) -> (
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+) {
     let rows = hidden.shape()[0];
     let device = hidden.device();
     let splits = blocks.vocab_splits;
@@ -209,11 +197,11 @@ fn chunked<B: UalLossBackend>(
             grad_head = Some(accumulate::<B>(grad_head, g));
         }
     }
-    Parts {
-        sum: sum.expect("at least one row"),
-        grad_hidden: (!grad_hidden.is_empty()).then(|| B::float_cat(grad_hidden, 0)),
+    (
+        sum.expect("at least one row"),
+        (!grad_hidden.is_empty()).then(|| B::float_cat(grad_hidden, 0)),
         grad_head,
-    }
+    )
 }
 
 /// The transposed head `[V, H]` as `[S, V/S, H]` slices of the vocabulary. Free when the head is
@@ -314,8 +302,16 @@ pub(super) fn autodiff_loss_sum<B: UalLossBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let parts = chunked::<B>(hidden, head, labels, blocks, want_hidden, want_head);
-            prep.finish((parts.grad_hidden, parts.grad_head), parts.sum)
+            let (sum, grad_hidden, grad_head) = B::ual_linear_ce_grads(
+                hidden,
+                head,
+                labels,
+                blocks.rows,
+                blocks.vocab_splits,
+                want_hidden,
+                want_head,
+            );
+            prep.finish((grad_hidden, grad_head), sum)
         }
         OpsKind::UnTracked(prep) => {
             let sum = B::ual_linear_ce_sum(hidden, head, labels, blocks.rows, blocks.vocab_splits);

@@ -12,6 +12,7 @@
 //! is a mean over every response token of an optimizer step, across gradient-accumulation
 //! micro-batches: callers divide by the step's total, not by each micro-batch's own count.
 
+mod cpu_head;
 pub mod fused;
 mod host;
 pub mod linear;
