@@ -2,10 +2,11 @@
 //!
 //! Two operations make the loss: `ual_ce_forward` reads each logits row once and returns
 //! `[rows, 2]` statistics (loss, lse); `ual_ce_backward` writes softmax − q into the gradient
-//! from the saved lse. On wgpu they are the WGSL kernels of `shaders/`; elsewhere the row-parallel
-//! host loop of `super::host`, with the same arithmetic. A third, `ual_ce_forward_backward`, does
-//! both at once for the fused head, whose upstream gradient is known in advance. Autodiff gets a hand-written backward that keeps only the
-//! logits handle and the `[rows, 2]` statistics, never a softmax.
+//! from the saved lse. On wgpu they are the WGSL kernels of `shaders/`; elsewhere the
+//! row-parallel host loop of `super::host`, with the same arithmetic. Autodiff gets a
+//! hand-written backward that keeps only the logits handle and the `[rows, 2]` statistics,
+//! never a softmax. The fused head is an operation too (`ual_linear_ce_grads`), so that the CPU
+//! can run it on gemm directly (`super::cpu_head`).
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::Autodiff;
@@ -54,21 +55,6 @@ pub trait UalLossBackend: Backend {
         grad_stats: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         host::backward::<Self>(logits, labels, stats, grad_stats)
-    }
-
-    /// The statistics and, from the same logits, their gradient for `grad_stats`: the forward
-    /// and backward of a block whose upstream gradient is known before its forward ends (the
-    /// fused head's). Returns `(stats, grad)`. The CPU does it in one visit of each row;
-    /// elsewhere it is the two operations in turn.
-    #[fusion(default)]
-    fn ual_ce_forward_backward(
-        logits: FloatTensor<Self>,
-        labels: FloatTensor<Self>,
-        grad_stats: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let stats = Self::ual_ce_forward(logits.clone(), labels.clone());
-        let grad = Self::ual_ce_backward(logits, labels, stats.clone(), grad_stats);
-        (stats, grad)
     }
 
     /// [`Self::ual_ce_backward`] written slice-major, `[slices, rows, V / slices]`: slice `s`
@@ -207,34 +193,6 @@ impl UalLossBackend for Flex {
             vocab_splits,
         };
         super::linear::chunked::<Self>(hidden, head, labels, blocks, want_hidden, want_head)
-    }
-
-    fn ual_ce_forward_backward(
-        logits: FloatTensor<Self>,
-        labels: FloatTensor<Self>,
-        grad_stats: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let mut logits = logits;
-        let shape = logits.shape();
-        let (rows, vocab, numel) = (shape[0], shape[1], shape.num_elements());
-        let whole = logits.dtype() == DType::F32
-            && logits.layout().contiguous_offsets() == Some((0, numel));
-        // Only logits that nothing else holds can become their own gradient.
-        let z = match whole.then(|| logits.try_storage_mut::<f32>()).flatten() {
-            Some(z) if z.len() == numel => z,
-            _ => {
-                let stats = Self::ual_ce_forward(logits.clone(), labels.clone());
-                let grad = Self::ual_ce_backward(logits, labels, stats.clone(), grad_stats);
-                return (stats, grad);
-            }
-        };
-        let labels = host::rows_of(&host::read::<Self>(labels));
-        let stats =
-            host::stats_and_grad_in_place(z, vocab, &labels, &host::read::<Self>(grad_stats));
-        (
-            FlexTensor::from_data(TensorData::new(stats, [rows, 2])),
-            logits,
-        )
     }
 }
 

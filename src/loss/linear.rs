@@ -9,6 +9,9 @@
 //! which is why the operation returns the *summed* loss (a per-row output would need the head
 //! gradient re-weighted row by row).
 //!
+//! The blocks below are burn operations, for any backend. The CPU runs the same blocks on gemm
+//! directly, in one buffer (`super::cpu_head`), where burn would allocate each block anew.
+//!
 //! A block's hidden gradient `[rows, V] @ [V, H]` has a small output and a long inner dimension.
 //! A GPU computes it in output tiles, so a 256-row block of a 512-wide model fills 8 of the
 //! H100's 132 multiprocessors. With `vocab_splits = S` the vocabulary is cut into S slices whose
@@ -33,9 +36,10 @@ use burn::tensor::{Shape, Slice, Tensor, TensorData};
 use super::fused::UalLossBackend;
 use super::{LossSum, RowLabels};
 
-/// Elements of one logits block: 8 Mi f32 = 32 MiB. The gradient overwrites the block in place
-/// on the CPU, so the head + loss hold about two blocks (the CPU matmul packs its left operand)
-/// plus the `[rows, H]` hidden gradient: 1/14 of the unfused head at 4,096 rows and V = 32,000.
+/// Elements of one logits block: 8 Mi f32 = 32 MiB. On the CPU one block buffer serves the
+/// whole call and the gradient overwrites it (`super::cpu_head`), so the head + loss hold one
+/// block plus the `[rows, H]` hidden gradient: 1/25 of the unfused head at 4,096 rows and
+/// V = 32,000.
 pub const CHUNK_ELEMENTS: usize = 1 << 23;
 
 /// Blocks hold a multiple of this many rows, and at least this many. The CPU matmul repacks the
@@ -167,11 +171,13 @@ pub(super) fn chunked<B: UalLossBackend>(
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
         let logits = B::float_matmul(h.clone(), head.clone());
+        let stats = B::ual_ce_forward(logits.clone(), labels.clone());
+        let part = B::float_sum(B::float_slice(
+            stats.clone(),
+            &[Slice::from(..), Slice::from(0..1)],
+        ));
+        sum = Some(accumulate::<B>(sum, part));
         let Some(upstream) = &upstream else {
-            sum = Some(accumulate::<B>(
-                sum,
-                loss_of::<B>(B::ual_ce_forward(logits, labels)),
-            ));
             continue;
         };
         // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
@@ -179,15 +185,12 @@ pub(super) fn chunked<B: UalLossBackend>(
         if splits > 1 && !want_head {
             // A frozen head (LoRA): the kernel writes the gradient slice by slice, ready for
             // the batched matmul.
-            let stats = B::ual_ce_forward(logits.clone(), labels.clone());
-            let sliced = B::ual_ce_backward_sliced(logits, labels, stats.clone(), upstream, splits);
-            sum = Some(accumulate::<B>(sum, loss_of::<B>(stats)));
+            let sliced = B::ual_ce_backward_sliced(logits, labels, stats, upstream, splits);
             let head_t = head_t.clone().expect("the hidden gradient is wanted");
             grad_hidden.push(sum_of_slices::<B>(B::float_matmul(sliced, head_t)));
             continue;
         }
-        let (stats, grad_logits) = B::ual_ce_forward_backward(logits, labels, upstream);
-        sum = Some(accumulate::<B>(sum, loss_of::<B>(stats)));
+        let grad_logits = B::ual_ce_backward(logits, labels, stats, upstream);
         if let Some(head_t) = &head_t {
             let g = hidden_gradient::<B>(grad_logits.clone(), head_t.clone(), splits);
             grad_hidden.push(g);
@@ -245,11 +248,6 @@ fn chunks(rows: usize, chunk_rows: usize) -> impl Iterator<Item = Range<usize>> 
 
 fn rows_of<B: Backend>(t: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {
     B::float_slice(t, &[Slice::from(range), Slice::from(..)])
-}
-
-/// Σ loss of a block's `[rows, 2]` statistics.
-fn loss_of<B: Backend>(stats: FloatTensor<B>) -> FloatTensor<B> {
-    B::float_sum(B::float_slice(stats, &[Slice::from(..), Slice::from(0..1)]))
 }
 
 fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> FloatTensor<B> {
