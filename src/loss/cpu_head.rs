@@ -148,8 +148,7 @@ pub fn fused(
     let mut block = vec![0f32; chunk_rows * vocab];
     let mut grad_hidden = want_hidden.then(|| vec![0f32; rows * width]);
     let mut grad_head = want_head.then(|| vec![0f32; width * vocab]);
-    // ∂(Σ loss)/∂(loss, lse) of each row: 1 and 0.
-    let upstream: Vec<f32> = (0..chunk_rows).flat_map(|_| [1.0, 0.0]).collect();
+    let upstream = super::linear::loss_only_upstream(chunk_rows);
     let mut sum = 0f64;
     for start in (0..rows).step_by(chunk_rows) {
         let range = start..(start + chunk_rows).min(rows);

@@ -254,7 +254,7 @@ fn lane_sum(z: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 /// exponent bits. Below −87.3 the result is the smallest normal float instead of a subnormal
 /// or 0: the loss only exponentiates z − max ≤ 0, where that is a rounding error of ~10⁻³⁸.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -257,10 +257,15 @@ fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> 
     }
 }
 
-/// `[rows, 2]` upstream statistics gradient: 1 for each row's loss, 0 for its lse.
+/// The `[rows, 2]` upstream gradient of the summed loss with respect to each row's statistics:
+/// 1 for its loss, 0 for its lse.
+pub(super) fn loss_only_upstream(rows: usize) -> Vec<f32> {
+    (0..rows).flat_map(|_| [1.0, 0.0]).collect()
+}
+
+/// [`loss_only_upstream`] as a tensor on `device`.
 fn loss_only<B: Backend>(rows: usize, device: &B::Device) -> FloatTensor<B> {
-    let values: Vec<f32> = (0..rows).flat_map(|_| [1.0, 0.0]).collect();
-    B::float_from_data(TensorData::new(values, [rows, 2]), device)
+    B::float_from_data(TensorData::new(loss_only_upstream(rows), [rows, 2]), device)
 }
 
 /// The autodiff implementation: gradients are formed in the forward pass when a parent is
