@@ -183,7 +183,12 @@ pub fn run(
         let micro = std::slice::from_ref(&batch);
         let (grads, loss, _) =
             step_gradients(&model, micro, &device, head, options.gradient_checkpointing)?;
-        Ok((optimizer.step(1e-4, model, grads), loss))
+        let model = optimizer.step(1e-4, model, grads);
+        // The optimizer's kernels are only queued; waiting for them makes each timed step its
+        // own, and leaves nothing running when the process exits (lavapipe's threads crashed
+        // now and then when the process exited under a queued update).
+        device.sync()?;
+        Ok((model, loss))
     };
     let mut loss = f64::NAN;
     for _ in 0..options.warmup_steps {

@@ -7,128 +7,12 @@
 //! unfused head. Here the block buffer is allocated once; the loss overwrites it with its
 //! gradient (`host::stats_and_grad_in_place`), and gemm reads it back for the gradients.
 
-use std::ops::Range;
-
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::TensorData;
 
 use super::host;
-
-/// A strided f32 matrix inside a buffer: element (i, j) is `data[offset + i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct Matrix<'a> {
-    data: &'a [f32],
-    offset: usize,
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-}
-
-impl<'a> Matrix<'a> {
-    /// A 2-D f32 tensor with non-negative strides, as flex stores it.
-    fn of(t: &'a FlexTensor) -> Option<Self> {
-        let layout = t.layout();
-        if t.dtype() != DType::F32 || layout.num_dims() != 2 {
-            return None;
-        }
-        let (shape, strides) = (layout.shape(), layout.strides());
-        if strides.iter().any(|&s| s < 0) {
-            return None;
-        }
-        Some(Self {
-            data: t.storage::<f32>(),
-            offset: layout.start_offset(),
-            rows: shape[0],
-            cols: shape[1],
-            rs: strides[0],
-            cs: strides[1],
-        })
-        .filter(Self::in_bounds)
-    }
-
-    /// A row-major buffer of `rows` × `cols`.
-    fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self {
-            data,
-            offset: 0,
-            rows,
-            cols,
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    fn row_range(self, range: Range<usize>) -> Self {
-        Self {
-            offset: self.offset + range.start * self.rs as usize,
-            rows: range.len(),
-            ..self
-        }
-    }
-
-    /// Whether the last element lies inside the buffer (strides are non-negative).
-    fn in_bounds(&self) -> bool {
-        if self.rows == 0 || self.cols == 0 {
-            return true;
-        }
-        let last =
-            self.offset + (self.rows - 1) * self.rs as usize + (self.cols - 1) * self.cs as usize;
-        last < self.data.len()
-    }
-}
-
-/// `dst = lhs @ rhs`, or `dst += lhs @ rhs` when `accumulate`; `dst` is row-major `m × n`.
-fn matmul(dst: &mut [f32], lhs: Matrix, rhs: Matrix, accumulate: bool) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert!(rhs.rows == k && dst.len() == m * n, "matmul shapes");
-    assert!(
-        lhs.in_bounds() && rhs.in_bounds(),
-        "matmul operands in bounds"
-    );
-    // As burn-flex decides: threads only where the product is worth them.
-    let parallelism = if m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the shapes agree and every element of both operands and of `dst` is inside its
-    // buffer (checked above; strides are non-negative), and `dst` is borrowed mutably.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.offset),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr().add(rhs.offset),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
+use crate::matmul::{Matrix, matmul};
 
 /// The fused head's loss sum `[1]` and the gradients of that sum asked for, with `hidden:
 /// [rows, H]`, `head: [H, V]` and packed `labels: [rows, 3]`; `None` when a tensor is not an f32
@@ -189,19 +73,6 @@ mod tests {
 
     fn tensor(values: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(values, shape))
-    }
-
-    #[test]
-    fn strided_operands_multiply_as_dense_ones() {
-        // lhs 2 × 3, rhs given as the transpose of a 2 × 3 buffer (strides 1, 3).
-        let lhs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let rhs_t = [1.0, 0.0, -1.0, 2.0, 1.0, 0.5];
-        let mut dst = [0.0; 4];
-        let rhs = Matrix::dense(&rhs_t, 2, 3).t();
-        matmul(&mut dst, Matrix::dense(&lhs, 2, 3), rhs, false);
-        assert_eq!(dst, [-2.0, 5.5, -2.0, 16.0]);
-        matmul(&mut dst, Matrix::dense(&lhs, 2, 3), rhs, true);
-        assert_eq!(dst, [-4.0, 11.0, -4.0, 32.0]);
     }
 
     #[test]

@@ -7,8 +7,9 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 
 use super::lora::LoraLinear;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
+use super::attention;
 use super::config::ModelConfig;
 use super::rope::RotaryHalf;
 
@@ -28,29 +29,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x: [batch, len, hidden]`, `mask: [len, len]` additive (0 or -inf-like) → `[batch, len, hidden]`.
+    /// `x: [batch, len, hidden]` → `[batch, len, hidden]`, causal, within a sliding `window` if
+    /// there is one.
     pub fn forward(
         &self,
         x: Tensor<3>,
         rope: &(Tensor<2>, Tensor<2>),
-        mask: &Tensor<2>,
+        window: Option<usize>,
     ) -> Tensor<3> {
-        let [b, s, _] = x.dims();
         let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
         let q = RotaryHalf::apply(q, &rope.0, &rope.1);
         let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
         let v = self.repeat_kv(v);
-
-        self.attend(
-            q,
-            k,
-            v,
-            mask.clone()
-                .unsqueeze::<4>()
-                .expand([b, self.num_heads, s, s]),
-        )
+        self.project(attention::causal(q, k, v, window))
     }
 
     /// Attention for `n` new tokens whose keys and values join `cache` at slots
@@ -89,10 +82,14 @@ impl Attention {
 
     /// softmax(q·kᵀ/√d + mask)·v, heads merged and projected.
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
-        let [b, _, s, _] = q.dims();
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
-        let context = softmax(scores, 3).matmul(v);
+        self.project(softmax(scores, 3).matmul(v))
+    }
+
+    /// `[batch, heads, len, head_dim]` → heads merged and projected, `[batch, len, hidden]`.
+    fn project(&self, context: Tensor<4>) -> Tensor<3> {
+        let [b, _, s, _] = context.dims();
         let context = context
             .swap_dims(1, 2)
             .reshape([b, s, self.num_heads * self.head_dim]);
@@ -118,11 +115,11 @@ impl Attention {
     }
 }
 
-/// The rotary tables and the additive causal mask that all layers of one forward pass share.
+/// The rotary tables and the sliding window that all layers of one forward pass share.
 #[derive(Debug, Clone)]
 pub struct LayerContext {
     pub rope: (Tensor<2>, Tensor<2>),
-    pub mask: Tensor<2>,
+    pub window: Option<usize>,
 }
 
 /// One layer's preallocated keys and values, `[batch, kv_heads, capacity, head_dim]`.
@@ -180,12 +177,12 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         rope: &(Tensor<2>, Tensor<2>),
-        mask: &Tensor<2>,
+        window: Option<usize>,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
+                .forward(self.input_layernorm.forward(x), rope, window);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -214,7 +211,7 @@ impl Llama {
         let context = self.layer_context(s, &ids.device());
         let mut x = self.embed_tokens.forward(ids);
         for layer in &self.layers {
-            x = layer.forward(x, &context.rope, &context.mask);
+            x = layer.forward(x, &context.rope, context.window);
         }
         self.norm.forward(x)
     }
@@ -223,7 +220,7 @@ impl Llama {
     pub fn layer_context(&self, len: usize, device: &Device) -> LayerContext {
         LayerContext {
             rope: self.rope.tables(0, len, device),
-            mask: causal_mask(len, self.config.sliding_window, device),
+            window: self.config.sliding_window,
         }
     }
 
@@ -301,26 +298,6 @@ impl Llama {
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.val().device()
     }
-}
-
-/// Additive causal mask `[len, len]`: 0 where query `i` may attend key `j`, a large negative
-/// number elsewhere. With a sliding window `w`, key `j` is visible only when `i - j < w`.
-pub fn causal_mask(len: usize, sliding_window: Option<usize>, device: &Device) -> Tensor<2> {
-    // Not -inf: a fully masked row must stay finite rather than turn into NaN.
-    const MASKED: f32 = -1e30;
-    let window = sliding_window.unwrap_or(usize::MAX);
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..len).map(move |j| {
-                if j <= i && i - j < window {
-                    0.0
-                } else {
-                    MASKED
-                }
-            })
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(values, [len, len]), device)
 }
 
 /// Wraps a tensor as a parameter whose id is derived from its Hugging Face `name`.

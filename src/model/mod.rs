@@ -1,5 +1,6 @@
 //! LLaMA-family models loaded from Hugging Face directories.
 
+pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod llama;

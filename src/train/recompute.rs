@@ -46,7 +46,7 @@ pub fn accumulate_gradients(
     let context = model.layer_context(len, &batch.ids.device());
     for (layer, input) in model.layers.iter().zip(inputs).rev() {
         let input = input.autodiff().require_grad();
-        let output = layer.forward(input.clone(), &context.rope, &context.mask);
+        let output = layer.forward(input.clone(), &context.rope, context.window);
         grad = backward_segment(model, (output * grad).sum(), &input, accumulator);
     }
 
@@ -68,7 +68,7 @@ fn layer_inputs(model: &Llama, batch: &Batch) -> (Vec<Tensor<3>>, Tensor<3>) {
     let mut inputs = Vec::with_capacity(frozen.layers.len());
     for layer in &frozen.layers {
         inputs.push(x.clone());
-        x = layer.forward(x, &context.rope, &context.mask);
+        x = layer.forward(x, &context.rope, context.window);
     }
     (inputs, x)
 }
