@@ -1,11 +1,12 @@
 //! Passes over a row that the compiler vectorises: maxima, sums and exponentials in lanes.
 //!
 //! glibc's `expf` and a sequential f32 sum take one value at a time. Written in [`LANES`]
-//! independent lanes, with an `exp` the compiler can inline ([`exp`]), the same passes run
+//! independent lanes, with an `exp` the compiler can inline, the same passes run
 //! several times faster; the CPU loss and attention are made of them.
 
 use multiversion::multiversion;
 
+/// Independent accumulators: enough for the widest vector unit to add without waiting.
 const LANES: usize = 16;
 /// Values summed in f32 before the running total is carried in f64: a sequential f32 sum over
 /// 10^5 entries would lose the 1e-5 relative accuracy we promise.

@@ -185,8 +185,8 @@ pub fn run(
             step_gradients(&model, micro, &device, head, options.gradient_checkpointing)?;
         let model = optimizer.step(1e-4, model, grads);
         // The optimizer's kernels are only queued; waiting for them makes each timed step its
-        // own, and leaves nothing running when the process exits (lavapipe's threads crashed
-        // now and then when the process exited under a queued update).
+        // own, and leaves no work queued when the process exits (the suspected cause of a rare
+        // crash at exit on lavapipe).
         device.sync()?;
         Ok((model, loss))
     };

@@ -176,7 +176,6 @@ fn grad_row(
     g[row.target] -= g_loss * (1.0 - row.eps);
 }
 
-/// Independent accumulators: enough for the widest vector unit to add without waiting.
 #[cfg(test)]
 mod tests {
     use super::*;
