@@ -4,13 +4,15 @@
 //! sliding window, over more rows than one of the CPU kernel's blocks.
 //!
 //! On the CPU that is the kernel and its hand-written backward; on wgpu the composed burn ops,
-//! differentiated by burn's autodiff, and the composed backward called directly.
+//! differentiated by burn's autodiff, and the composed backward called directly; the composed
+//! ops also on the CPU's primitives, so that they are checked without an adapter too.
 //!
 //! Tolerance: every entry within 1e-5·max(max |reference|, 1) of the case's reference (f32
 //! scores over ≤ 8 terms and sums over ≤ 70 keys against float64).
 
 mod common;
 
+use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{devices, fixtures};
 use serde::Deserialize;
@@ -126,4 +128,30 @@ fn strided_inputs_give_the_same_attention() {
     let viewed = causal(q2, k2, v2, None);
     let gap = (dense - viewed).abs().max().into_scalar::<f32>();
     assert!(gap == 0.0, "strided inputs changed the output by {gap}");
+}
+
+#[test]
+fn the_composed_ops_match_pytorch_on_the_cpu() {
+    // The burn-op attention GPUs run, here on flex's primitives, so that it is checked against
+    // the reference even where no wgpu adapter exists.
+    use burn::backend::flex::FlexTensor;
+    use ual::model::attention::composed;
+    for case in cases() {
+        let what = |part: &str| format!("composed {} {part}", case.name);
+        let primitive = |seed, scale| {
+            let [b, h, s, d] = case.shape;
+            let values = common::hashed_values(seed, b * h * s, d, scale);
+            FlexTensor::from_data(TensorData::new(values, case.shape))
+        };
+        let [q, k, v] = [0, 1, 2].map(|i| primitive(case.seed + i, 2.0));
+        let grad = primitive(case.seed + 3, 1.0);
+        let window = case.window.unwrap_or(usize::MAX);
+        let tensor = |t: FlexTensor| Tensor::<4>::from_data(t.into_data(), &Device::flex());
+        let output = composed::forward::<Flex>(q.clone(), k.clone(), v.clone(), window);
+        assert_close(&what("output"), tensor(output), &case.output);
+        let (dq, dk, dv) = composed::backward::<Flex>(q, k, v, grad, window);
+        assert_close(&what("grad q"), tensor(dq), &case.grad_q);
+        assert_close(&what("grad k"), tensor(dk), &case.grad_k);
+        assert_close(&what("grad v"), tensor(dv), &case.grad_v);
+    }
 }
