@@ -127,6 +127,9 @@ impl ModelConfig {
             ("qwen2", _) => None,
             _ => raw.sliding_window,
         };
+        if sliding_window == Some(0) {
+            bail!("field `sliding_window` must be positive");
+        }
         Ok(Self {
             vocab_size: require(raw.vocab_size, "vocab_size")?,
             hidden_size,
@@ -226,6 +229,19 @@ mod tests {
         assert!(
             msg.contains("gpt2") && msg.contains("llama, mistral, qwen2"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_empty_sliding_window_is_refused() {
+        // A window of 0 would leave every position with nothing to attend to.
+        let json = LLAMA.replace("}", r#","sliding_window":0}"#);
+        let err = ModelConfig::from_json(&json).unwrap_err();
+        assert!(format!("{err:#}").contains("sliding_window"), "{err:#}");
+        let json = LLAMA.replace("}", r#","sliding_window":4096}"#);
+        assert_eq!(
+            ModelConfig::from_json(&json).unwrap().sliding_window,
+            Some(4096)
         );
     }
 
