@@ -10,6 +10,16 @@ use std::ops::Range;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::DType;
 
+/// `t` itself when its values are one contiguous run of its buffer, else a contiguous copy:
+/// the kernels read a tensor's values as one slice.
+pub fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().contiguous_offsets().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 /// A strided f32 matrix inside a buffer: element (i, j) is `data[offset + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {

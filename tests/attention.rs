@@ -14,16 +14,11 @@ mod common;
 
 use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
-use common::{devices, fixtures};
+use common::devices;
 use serde::Deserialize;
 use ual::model::attention::{causal, causal_backward};
 
 const TOLERANCE: f64 = 1e-5;
-
-#[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
 
 #[derive(Deserialize)]
 struct Case {
@@ -38,8 +33,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("attention.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    common::fixture_cases("attention.json")
 }
 
 /// The fixture script's hashed `[batch, heads, len, dim]` tensor, bit for bit.

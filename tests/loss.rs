@@ -8,17 +8,12 @@
 mod common;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use common::{devices, fixtures};
+use common::devices;
 use serde::Deserialize;
 use ual::loss::{RowLabels, reference, ual_loss_mean, ual_loss_sum, ual_row_losses};
 
 const LOSS_RTOL: f64 = 1e-5;
 const GRAD_RTOL: f64 = 1e-5;
-
-#[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
 
 #[derive(Deserialize)]
 struct Case {
@@ -44,8 +39,7 @@ struct RowGrad {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("loss/cases.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    common::fixture_cases("loss/cases.json")
 }
 
 /// The fixture script's logits, bit for bit.

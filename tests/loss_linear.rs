@@ -11,17 +11,12 @@
 mod common;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use common::{devices, fixtures};
+use common::devices;
 use serde::Deserialize;
 use ual::loss::linear::default_chunk_rows;
 use ual::loss::{HeadBlocks, RowLabels, reference, ual_linear_loss_sum};
 
 const RTOL: f64 = 2e-5;
-
-#[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
 
 #[derive(Deserialize)]
 struct Case {
@@ -49,8 +44,7 @@ struct Sampled {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("loss/linear.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    common::fixture_cases("loss/linear.json")
 }
 
 /// The fixture script's hashed matrix, bit for bit.

@@ -20,6 +20,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 
 use super::{cpu_head, host};
+use crate::matmul::contiguous;
 
 /// The shape of the per-row statistics: `[rows, 2]`.
 pub fn stats_shape(logits: &Shape) -> Shape {
@@ -201,11 +202,7 @@ fn f32_contiguous(t: FlexTensor) -> Result<FlexTensor, FlexTensor> {
     if t.dtype() != DType::F32 {
         return Err(t);
     }
-    Ok(if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    })
+    Ok(contiguous(t))
 }
 
 impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C> {

@@ -26,7 +26,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::lanes;
-use crate::matmul::{Matrix, matmul_here};
+use crate::matmul::{Matrix, contiguous, matmul_here};
 
 /// `q, k, v: [batch, heads, len, head_dim]`, keys and values already repeated for each query
 /// head → `[batch, heads, len, head_dim]`. Position i attends to the positions j ≤ i, and with
@@ -274,15 +274,6 @@ impl Heads {
 
 fn is_f32(t: &FlexTensor) -> bool {
     t.dtype() == DType::F32
-}
-
-/// `t` itself when its values are one contiguous run, else a contiguous copy.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
 }
 
 /// A contiguous f32 tensor's values.

@@ -9,6 +9,19 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The `cases` array of a fixture file under `tests/fixtures/`, as the fixture scripts write it.
+pub fn fixture_cases<T: serde::de::DeserializeOwned>(file: &str) -> Vec<T> {
+    #[derive(serde::Deserialize)]
+    struct Cases<T> {
+        cases: Vec<T>,
+    }
+    let path = fixtures().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str::<Cases<T>>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .cases
+}
+
 pub fn fixture_model(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
