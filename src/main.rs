@@ -58,9 +58,16 @@ enum Command {
         /// Samples longer than this are truncated at the response end, as in training.
         #[arg(long, default_value_t = 2048)]
         max_seq_len: usize,
-        /// The template for Alpaca and chat lines: alpaca or chat_template.
+        /// The template for Alpaca and chat lines: alpaca, chat_template, vicuna or vicuna_lima.
         #[arg(long, default_value = "alpaca")]
         template: ual::data::template::TemplateKind,
+        /// With --data: prepare and score the lines as this training configuration would
+        /// (template, loss_on, smoothing mapping over the file, spread, reduction, max_seq_len).
+        #[arg(long, requires = "data")]
+        config: Option<PathBuf>,
+        /// Override a key of --config, as `ual train --set` does.
+        #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+        overrides: Vec<String>,
         /// One JSON object per text instead of a table.
         #[arg(long)]
         json: bool,
@@ -104,9 +111,17 @@ enum Command {
         /// A JSONL file of Alpaca, chat or prompt/completion lines; writes one JSON line each.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Where file mode writes its JSONL (default: stdout).
+        /// Where file mode writes its output (default: stdout).
         #[arg(long, requires = "input")]
         output: Option<PathBuf>,
+        /// File mode's output: one JSON line per input line, or the JSON array of
+        /// `{"instruction", "output", "generator"}` that the `alpaca_eval` package reads.
+        #[arg(long, value_enum, default_value = "jsonl", requires = "input")]
+        format: OutputFormat,
+        /// The `generator` name of `--format alpaca-eval` (default: the adapter's or model's
+        /// directory name).
+        #[arg(long, requires = "input")]
+        generator: Option<String>,
         /// Use --prompt as it is, without the template.
         #[arg(long)]
         raw: bool,
@@ -118,12 +133,19 @@ enum Command {
     /// Evaluate a model; writes JSON.
     #[command(subcommand)]
     Eval(EvalCommand),
-    /// Analyses from the paper.
+    /// Analyses of what training changed in the model.
     #[command(subcommand)]
     Analyze(AnalyzeCommand),
     /// Measure performance; prints JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// How `generate --input` writes its answers.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    Jsonl,
+    AlpacaEval,
 }
 
 #[derive(clap::Args)]
@@ -148,9 +170,20 @@ struct AnnotateArgs {
     api_key_env: String,
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// A prompt template with {instruction}, {input} and {response}; default: the paper's.
+    /// A prompt template with {instruction}, {input}, {response} and {example} (the turns
+    /// joined with newlines); default: the preset's.
     #[arg(long)]
     prompt: Option<PathBuf>,
+    /// The built-in elicitation: ual's 1–10 prompt, or the authors' 0–99 prompt, verbatim,
+    /// with their sampling settings (temperature 0, top_p 0.9, max_tokens 4096).
+    #[arg(long, value_enum, default_value = "ual")]
+    prompt_preset: ual::annotate::PromptPreset,
+    /// The scale replies are read on, MIN,MAX; default: the preset's (1,10 or 0,99).
+    #[arg(long, value_name = "MIN,MAX", value_parser = parse_scale)]
+    scale: Option<[f64; 2]>,
+    /// The longest reply asked for (max_tokens); default: the preset's.
+    #[arg(long)]
+    max_tokens: Option<u32>,
     /// Only the first N lines.
     #[arg(long)]
     limit: Option<usize>,
@@ -237,27 +270,70 @@ impl DecodingArgs {
 
 #[derive(Subcommand)]
 enum AnalyzeCommand {
-    /// Clustering of response-token features by target id, without and with the adapter.
+    /// How token features cluster by target id. `--protocol ual`: response tokens, silhouette
+    /// and intra/inter distance over all classes, without and with the adapter. `--protocol
+    /// paper`: the authors' analysis (every prompt position by next-token id, the 42 most
+    /// frequent ids, PCA(2) + silhouette for each of the 861 pairs, and their mean).
     Features {
-        #[command(flatten)]
-        model: ModelArgs,
+        /// A Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter; with --protocol paper repeat it for one row each (base first).
+        #[arg(long = "adapter")]
+        adapters: Vec<PathBuf>,
+        /// How prompts are written (default: alpaca for ual, vicuna for paper).
+        #[arg(long)]
+        template: Option<ual::data::template::TemplateKind>,
+        #[arg(long, value_enum, default_value = "ual")]
+        protocol: Protocol,
+        /// ual: a training-schema JSONL; paper: prompts (LIMA's test split as it ships,
+        /// `{"conversations": [prompt]}`, or `instruction`/`prompt`/`messages` lines).
         #[arg(long)]
         data: PathBuf,
-        /// Response tokens measured (the cost grows with its square).
+        /// ual: response tokens measured (the cost grows with its square).
         #[arg(long, default_value_t = 2000)]
         max_tokens: usize,
-        /// Directory for features.json and features.svg.
+        /// paper: prompts are cut to this many tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_seq_len: usize,
+        /// paper: the prompts as they are (BOS + text), without the template.
+        #[arg(long)]
+        raw: bool,
+        /// paper: one JSON object per model on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// paper: draw this pair's 2-D scatter for each model (token ids A,B) into --output.
+        #[arg(long, value_name = "A,B", value_parser = parse_pair)]
+        plot: Option<(u32, u32)>,
+        /// Directory for the figures and the JSON report.
         #[arg(long, default_value = "runs/features")]
         output: PathBuf,
+        #[command(flatten)]
+        device: DeviceArg,
     },
+}
+
+/// How a maths benchmark is run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    /// ual's: greedy answers in the training template, exact match of the final number.
+    Ual,
+    /// The authors': their prompt, 0-shot, T 0.8, top-k 200, 256 tokens, substring match.
+    Paper,
 }
 
 #[derive(Subcommand)]
 enum EvalCommand {
-    /// Exact-match accuracy of greedy answers on GSM8K.
+    /// Accuracy on GSM8K: ual's greedy exact match, or the authors' sampled substring match.
     Gsm8k {
         #[command(flatten)]
         model: ModelArgs,
+        /// `ual` (greedy, exact match) or `paper` (the authors' `math_bench.py`).
+        #[arg(long, value_enum, default_value = "ual")]
+        protocol: Protocol,
+        /// The sampling seed of `--protocol paper` (item i draws from seed + i).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// GSM8K-format JSONL ({"question", "answer"}).
         #[arg(long, default_value = "data/gsm8k/test.jsonl")]
         data: PathBuf,
@@ -271,6 +347,26 @@ enum EvalCommand {
         shots: usize,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
+        /// Write the JSON report here too (atomically).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// The authors' MetaMath protocol: gold = the response's last word, sampled answers,
+    /// substring match (their test set is the last 1,030 items of MetaMathQA: --tail 1030).
+    Metamath {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// MetaMathQA records ({"query", "response"}), JSONL or a JSON array.
+        #[arg(long)]
+        data: PathBuf,
+        /// Only the last N records.
+        #[arg(long)]
+        tail: Option<usize>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Item i samples from seed + i.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Write the JSON report here too (atomically).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -410,16 +506,31 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             input,
             output,
+            format,
+            generator,
             raw,
             decoding,
         } => {
             let (pretrained, template) = model.load()?;
             let config = decoding.config();
+            let generator = generator.unwrap_or_else(|| {
+                let dir = model.adapter.as_ref().unwrap_or(&model.model);
+                let dir = dir.canonicalize().unwrap_or(dir.clone());
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "ual".into())
+            });
+            let alpaca_eval = (format == OutputFormat::AlpacaEval).then_some(generator.as_str());
             match (prompt, input) {
                 (Some(prompt), _) => generate_one(&pretrained, &template, &prompt, raw, &config),
-                (None, Some(input)) => {
-                    generate_file(&pretrained, &template, &input, output.as_deref(), &config)
-                }
+                (None, Some(input)) => generate_file(
+                    &pretrained,
+                    &template,
+                    &input,
+                    output.as_deref(),
+                    &config,
+                    alpaca_eval,
+                ),
                 (None, None) => unreachable!("clap requires --prompt or --input"),
             }
         }
@@ -443,6 +554,9 @@ fn run(cli: Cli) -> Result<()> {
                     api_key_env: args.api_key_env.clone(),
                     concurrency: args.concurrency,
                     prompt: args.prompt.clone(),
+                    preset: args.prompt_preset,
+                    scale: args.scale.unwrap_or(args.prompt_preset.scale()),
+                    max_tokens: args.max_tokens,
                     limit: args.limit,
                     max_retries: args.max_retries,
                     timeout: std::time::Duration::from_secs_f64(args.timeout),
@@ -455,12 +569,59 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Gsm8k {
             model,
+            protocol: Protocol::Paper,
+            seed,
+            data,
+            limit,
+            shots,
+            output,
+            ..
+        }) => {
+            if shots > 0 {
+                anyhow::bail!("--protocol paper is the authors' 0-shot run; drop --shots");
+            }
+            let (pretrained, _) = model.load()?;
+            let mut items = ual::eval::paper::read_gsm8k(&data)?;
+            items.truncate(limit.unwrap_or(usize::MAX));
+            let report = ual::eval::paper::evaluate(
+                &pretrained,
+                &items,
+                seed,
+                &data.display().to_string(),
+            )?;
+            write_report(&report, output.as_deref(), report.correct, report.total)
+        }
+        Command::Eval(EvalCommand::Metamath {
+            model,
+            data,
+            tail,
+            limit,
+            seed,
+            output,
+        }) => {
+            let (pretrained, _) = model.load()?;
+            let mut items = ual::eval::paper::read_metamath(&data)?;
+            if let Some(n) = tail {
+                items.drain(..items.len().saturating_sub(n));
+            }
+            items.truncate(limit.unwrap_or(usize::MAX));
+            let report = ual::eval::paper::evaluate(
+                &pretrained,
+                &items,
+                seed,
+                &data.display().to_string(),
+            )?;
+            write_report(&report, output.as_deref(), report.correct, report.total)
+        }
+        Command::Eval(EvalCommand::Gsm8k {
+            model,
             data,
             train,
             limit,
             shots,
             max_new_tokens,
             output,
+            ..
         }) => {
             let (pretrained, template) = model.load()?;
             let mut items = ual::eval::gsm8k::read_items(&data)?;
@@ -526,10 +687,71 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Analyze(AnalyzeCommand::Features {
             model,
+            adapters,
+            template,
+            protocol: Protocol::Paper,
+            data,
+            max_seq_len,
+            raw,
+            json,
+            plot,
+            output,
+            device,
+            ..
+        }) => {
+            use anyhow::Context;
+            let selected = device::select(device.device)?;
+            eprintln!("device: {}", selected.description);
+            let kind = template.unwrap_or(ual::data::template::TemplateKind::Vicuna);
+            let template = ual::data::template::Template::load(kind, &model)?;
+            let prompts = ual::data::formats::read_prompts(&data)?;
+            std::fs::create_dir_all(&output)
+                .with_context(|| format!("cannot create {}", output.display()))?;
+            let request = ual::eval::clustering::Request {
+                model_dir: &model,
+                adapters: std::iter::once(None)
+                    .chain(adapters.iter().map(|a| Some(a.as_path())))
+                    .collect(),
+                template: &template,
+                raw,
+                prompts: &prompts,
+                max_seq_len,
+                plot: plot.map(|p| (p, output.as_path())),
+            };
+            let results = ual::eval::clustering::analyse_models(&request, &selected.device)?;
+            let report = serde_json::to_string_pretty(&results)?;
+            ual::util::write_atomic(&output.join("clustering.json"), report.as_bytes())?;
+            for r in &results {
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    let scored = r.pairs.iter().filter(|p| p.silhouette.is_some()).count();
+                    println!("{:<40} {:>4} pairs  mean silhouette {:.4}", r.model, scored, r.mean);
+                }
+            }
+            Ok(())
+        }
+        Command::Analyze(AnalyzeCommand::Features {
+            model,
+            adapters,
+            template,
             data,
             max_tokens,
             output,
-        }) => analyze_features(&model, &data, max_tokens, &output),
+            device,
+            ..
+        }) => {
+            if adapters.len() > 1 {
+                anyhow::bail!("--protocol ual compares the base with one adapter; give one --adapter");
+            }
+            let args = ModelArgs {
+                model,
+                adapter: adapters.into_iter().next(),
+                template: template.unwrap_or_default(),
+                device,
+            };
+            analyze_features(&args, &data, max_tokens, &output)
+        }
         Command::Bench(BenchCommand::Decode {
             model,
             prompt,
@@ -643,6 +865,8 @@ fn run(cli: Cli) -> Result<()> {
             data,
             max_seq_len,
             template,
+            config,
+            overrides,
             json,
             device,
         } => {
@@ -650,6 +874,13 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("device: {}", selected.description);
             let pretrained =
                 Pretrained::load_with_adapter(&model, adapter.as_deref(), &selected.device)?;
+            if let (Some(data), Some(file)) = (&data, &config) {
+                let config = ual::train::TrainConfig::resolve(Some(file), &overrides)?;
+                return score::score_file(&pretrained, &config, data, |line| {
+                    println!("{}", serde_json::to_string(&line)?);
+                    Ok(())
+                });
+            }
             if let Some(data) = data {
                 let template = ual::data::template::Template::load(template, &model)?;
                 return score_data(&pretrained, &template, &data, max_seq_len);
@@ -759,20 +990,35 @@ fn generate_one(
     Ok(())
 }
 
-/// One JSON line per input line: the prompt as the model saw it and its continuation.
+/// One JSON line per input line: the prompt as the model saw it and its continuation; or, with
+/// `alpaca_eval = Some(generator)`, AlpacaEval's JSON array of model outputs.
 fn generate_file(
     pretrained: &Pretrained,
     template: &ual::data::template::Template,
     input: &std::path::Path,
     output: Option<&std::path::Path>,
     config: &ual::model::generate::GenerationConfig,
+    alpaca_eval: Option<&str>,
 ) -> Result<()> {
     use ual::data::formats::{Body, Message};
     let examples = ual::data::formats::read_jsonl(input)?;
     let eos = pretrained.config.eos_token_ids.clone();
     let progress = indicatif::ProgressBar::new(examples.len() as u64);
     let mut lines = String::new();
+    let mut outputs = Vec::new();
     for (index, example) in examples.iter().enumerate() {
+        let instruction = match &example.body {
+            Body::Completion { prompt, .. } => prompt.clone(),
+            Body::Alpaca {
+                instruction, input, ..
+            } => ual::data::formats::user_text(instruction, input),
+            Body::Chat { messages } => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+        };
         let (prompt, special) = match &example.body {
             Body::Completion { prompt, .. } => (prompt.clone(), true),
             Body::Alpaca {
@@ -810,6 +1056,13 @@ fn generate_file(
             |_, _| {},
         )?
         .remove(0);
+        if let Some(generator) = alpaca_eval {
+            outputs.push(serde_json::json!({
+                "instruction": instruction, "output": generation.text.trim(), "generator": generator,
+            }));
+            progress.inc(1);
+            continue;
+        }
         let line = serde_json::json!({
             "index": index, "prompt": prompt, "generation": generation.text, "finish": generation.finish,
         });
@@ -820,6 +1073,12 @@ fn generate_file(
         progress.inc(1);
     }
     progress.finish_and_clear();
+    if alpaca_eval.is_some() {
+        lines = serde_json::to_string_pretty(&outputs)? + "\n";
+        if output.is_none() {
+            print!("{lines}");
+        }
+    }
     if let Some(path) = output {
         ual::util::write_atomic(path, lines.as_bytes())?;
         eprintln!("wrote {} generations to {}", examples.len(), path.display());
@@ -827,7 +1086,7 @@ fn generate_file(
     Ok(())
 }
 
-/// One JSON line per data line, with the trainer's tokenisation and the paper's ε mapping.
+/// One JSON line per data line, with the trainer's tokenisation and ual's default ε mapping.
 fn score_data(
     pretrained: &Pretrained,
     template: &ual::data::template::Template,
@@ -861,6 +1120,48 @@ fn score_data(
     }
     progress.finish_and_clear();
     Ok(())
+}
+
+/// Prints a JSON report (and writes it to `output` atomically) and its accuracy.
+fn write_report(
+    report: &impl serde::Serialize,
+    output: Option<&std::path::Path>,
+    correct: usize,
+    total: usize,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    if let Some(path) = output {
+        ual::util::write_atomic(path, json.as_bytes())?;
+    }
+    println!("{json}");
+    eprintln!(
+        "accuracy {:.2}% ({correct}/{total})",
+        100.0 * correct as f64 / total.max(1) as f64
+    );
+    Ok(())
+}
+
+/// Two token ids, `A,B`.
+fn parse_pair(text: &str) -> Result<(u32, u32), String> {
+    let (a, b) = text
+        .split_once(',')
+        .ok_or_else(|| format!("{text:?}: expected A,B (two token ids)"))?;
+    let id = |s: &str| s.trim().parse::<u32>().map_err(|_| format!("{s:?} is not a token id"));
+    Ok((id(a)?, id(b)?))
+}
+
+/// `MIN,MAX` with MIN < MAX.
+fn parse_scale(text: &str) -> Result<[f64; 2], String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [min, max] = parts[..] else {
+        return Err(format!("{text:?}: expected MIN,MAX"));
+    };
+    let number = |s: &str| s.parse::<f64>().map_err(|_| format!("{s:?} is not a number"));
+    let (min, max) = (number(min)?, number(max)?);
+    if !(min.is_finite() && max.is_finite() && min < max) {
+        return Err(format!("{text:?}: expected MIN < MAX"));
+    }
+    Ok([min, max])
 }
 
 fn devices(json: bool) -> Result<()> {

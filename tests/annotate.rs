@@ -27,6 +27,11 @@ struct Mock {
 
 /// Serves `reply(n, instruction_number)` to the n-th request (0-based).
 fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock {
+    serve_with_prompt(move |n, item, _| reply(n, item))
+}
+
+/// Serves `reply(n, instruction_number, first_message)` to the n-th request (0-based).
+fn serve_with_prompt(reply: impl Fn(usize, usize, &str) -> Reply + Send + Sync + 'static) -> Mock {
     let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
     let url = format!(
         "http://127.0.0.1:{}",
@@ -67,7 +72,7 @@ fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock 
                     json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
                         .to_string()
                 };
-                let response = match reply(n, item) {
+                let response = match reply(n, item, &prompt) {
                     Reply::Score(content) => tiny_http::Response::from_string(completion(content)),
                     Reply::Slow(delay, content) => {
                         std::thread::sleep(delay);
@@ -474,3 +479,64 @@ fn local_mode_scores_with_a_model_entropy() {
         10.0
     );
 }
+
+#[test]
+fn paper_preset_sends_the_authors_prompt_and_reads_their_scale() {
+    // Replies by line: 0 (valid on 0–99), 57 in prose that quotes a band, and 100 (off the
+    // scale, every time).
+    let mock = serve_with_prompt(|_, _, prompt| {
+        Reply::Score(if prompt.contains("Add 2 and 2") {
+            "0".to_string()
+        } else if prompt.contains("poem") {
+            "The dialogue is creative and casual (70-99 band).\n\nScore: 57".to_string()
+        } else {
+            "100".to_string()
+        })
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        [
+            json!({"conversations": ["Add 2 and 2.", "4"]}),
+            json!({"conversations": [{"from": "human", "value": "Write a poem."}, {"from": "gpt", "value": "Roses."}]}),
+            json!({"instruction": "Anything", "output": "Else"}),
+        ]
+        .iter()
+        .map(|l| l.to_string() + "\n")
+        .collect::<String>(),
+    )
+    .unwrap();
+    let output = tmp.path().join("out.jsonl");
+    let out = annotate(&mock, &input, &output, &["--prompt-preset", "paper"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scored = read(&output);
+    assert_eq!(scored.len(), 2, "the line scored 100 is refused");
+    assert_eq!(scored[0]["uncertainty"].as_f64(), Some(0.0), "0 is a valid score");
+    assert_eq!(scored[1]["uncertainty"].as_f64(), Some(57.0));
+    let failed = read(&ual::annotate::sibling(&output, "failed.jsonl"));
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["instruction"], "Anything");
+
+    let bodies = mock.bodies.lock().unwrap();
+    let first = bodies
+        .iter()
+        .find(|b| b["messages"][0]["content"].as_str().unwrap().contains("Add 2 and 2"))
+        .unwrap();
+    // The authors' request: one user message, temperature 0, top_p 0.9, max_tokens 4096.
+    assert_eq!(first["temperature"], 0);
+    assert_eq!(first["top_p"], 0.9);
+    assert_eq!(first["max_tokens"], 4096);
+    let prompt = first["messages"][0]["content"].as_str().unwrap();
+    assert!(prompt.starts_with("Your task is to evaluate and rate the need for diversity in dialogue responses on a scale from 0 to 99."));
+    assert!(prompt.ends_with("#### Example:\nAdd 2 and 2.\n4\n"), "{prompt:?}");
+    // A refused reply gets the follow-up, naming the preset's scale.
+    let follow_up = bodies
+        .iter()
+        .find(|b| b["messages"].as_array().unwrap().len() > 1)
+        .unwrap();
+    assert!(follow_up["messages"][2]["content"].as_str().unwrap().contains("from 0 to 99"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(" 50 |"), "the histogram follows the 0–99 scale: {stderr}");
+}
+

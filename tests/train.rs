@@ -605,3 +605,52 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
     let (_, summary) = tokenized(3, Overflow::Truncate);
     assert_eq!(summary.dropped, 2);
 }
+
+/// Under `reduction = "samples"` (the authors' per-sample mean) accumulation is exact too: 4
+/// micro-batches of 1 sample give the gradient of one batch of 4, and the step's loss is the
+/// mean of each sample's own loss (`score_recipe`, which divides by the sample's labelled
+/// tokens). Samples of different lengths make a token-weighted mean differ.
+#[test]
+fn samples_reduction_accumulates_exactly() {
+    use ual::loss::Reduction;
+    use ual::train::step_gradients_reduced;
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let (model, samples) = lora_model(&device);
+        let all: Vec<&Sample> = samples.iter().collect();
+        let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
+        let off = Checkpointing::Off;
+        let samples_mode = Reduction::Samples;
+        let fused = HeadPlan::fused(32000, usize::MAX);
+        let unfused = HeadPlan::unfused(usize::MAX);
+        let (g4, loss4, _) =
+            step_gradients_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
+        let (g1, loss1, _) =
+            step_gradients_reduced(&model, &[all.clone()], &device, unfused, off, samples_mode)
+                .unwrap();
+        let (_, token_loss, _) = step_gradients(&model, &[all], &device, unfused, off).unwrap();
+        let per_sample: f64 = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                ual::eval::score::score_recipe(&model.valid(), s, i, samples_mode)
+                    .unwrap()
+                    .loss
+            })
+            .sum::<f64>()
+            / samples.len() as f64;
+        for (what, a) in [("4 x 1", loss4), ("1 x 4", loss1)] {
+            assert!(
+                (a - per_sample).abs() <= 1e-5 * per_sample.abs(),
+                "{name} {what}: loss {a} vs mean of per-sample losses {per_sample}"
+            );
+        }
+        assert!(
+            (token_loss - per_sample).abs() > 1e-3,
+            "{name}: the token-weighted mean must differ ({token_loss} vs {per_sample})"
+        );
+        let gap = max_relative_gap(&grads_of(&model, &g4), &grads_of(&model, &g1));
+        // As the token-weighted test: 2e-5 of each tensor's largest gradient.
+        assert!(gap <= 2e-5, "{name}: 4x1 vs 1x4 differ by {gap:.2e}");
+    }
+}

@@ -25,7 +25,13 @@ pub struct Endpoint {
     api_key: Option<String>,
     max_retries: u32,
     retry_base: Duration,
+    /// Sampling fields sent with every request (temperature, top_p, max_tokens).
+    params: serde_json::Map<String, Value>,
 }
+
+/// The longest `Retry-After` honoured; a server asking for more (or for a negative, infinite
+/// or unreadable delay) gets this.
+const MAX_RETRY_AFTER: f64 = 300.0;
 
 impl Endpoint {
     pub fn new(
@@ -53,12 +59,22 @@ impl Endpoint {
             api_key,
             max_retries,
             retry_base,
+            params: serde_json::Map::from_iter([("temperature".to_string(), json!(0))]),
         })
+    }
+
+    /// Sends `params` (e.g. temperature, top_p, max_tokens) with every request.
+    pub fn with_params(mut self, params: serde_json::Map<String, Value>) -> Self {
+        self.params = params;
+        self
     }
 
     /// The assistant's reply to `messages` (OpenAI `{"role", "content"}` objects).
     pub fn chat(&self, messages: &[Value]) -> Result<String, Failure> {
-        let body = json!({ "model": self.model, "messages": messages, "temperature": 0 });
+        let mut body = self.params.clone();
+        body.insert("model".into(), json!(self.model));
+        body.insert("messages".into(), json!(messages));
+        let body = Value::Object(body);
         let mut last = String::new();
         for attempt in 0..=self.max_retries {
             let mut request = self.client.post(&self.url).json(&body);
@@ -88,7 +104,10 @@ impl Endpoint {
                     last = format!("HTTP {}", status.as_u16());
                     if status.as_u16() == 429 {
                         retry_after
-                            .map(Duration::from_secs_f64)
+                            .map(|s| {
+                                let s = if s.is_finite() { s } else { MAX_RETRY_AFTER };
+                                Duration::from_secs_f64(s.clamp(0.0, MAX_RETRY_AFTER))
+                            })
                             .unwrap_or_else(|| self.backoff(attempt))
                     } else if status.is_server_error() {
                         self.backoff(attempt)

@@ -1,7 +1,7 @@
 //! Local mode: uncertainty from a local model instead of an API.
 //!
 //! The score is the length-normalised predictive entropy of the reference response under the
-//! model, mapped onto the paper's scale:
+//! model, mapped onto ual's 1–10 scale (the scale of its own prompt, not the authors' 0–99):
 //!
 //! H̄ = (1/T) Σ_t H(p(· | x, y_<t)),  H(p) = −Σ_k p_k log p_k,  score = 1 + 9 · min(1, H̄ / ln V)
 //!
@@ -38,6 +38,8 @@ pub fn run_local(
     let lines = read_lines(input, limit)?;
     let mut examples = read_jsonl(input)?;
     examples.truncate(lines.len());
+    // Scores already in the input play no part in the entropy, nor in its scale.
+    examples.iter_mut().for_each(|e| e.uncertainty = None);
     let eos = model.config.eos_token_id()?;
     let (samples, _) = tokenize(
         &examples,
@@ -85,5 +87,6 @@ pub fn run_local(
     }
     progress.finish_and_clear();
     let source = format!("entropy:{}", model.dir.display());
-    write_outputs(output, &lines, &outcomes, &source, started, 0, 0)
+    let scale = crate::uncertainty::UAL_SCALE;
+    write_outputs(output, &lines, &outcomes, &source, scale, (started, 0, 0))
 }

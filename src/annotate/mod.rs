@@ -1,6 +1,10 @@
 //! `ual annotate`: adds an `uncertainty` score to every line of a JSONL file, asked of a more
-//! capable LLM behind an OpenAI-compatible endpoint (the paper's elicitation), or computed
-//! from a local model's predictive entropy.
+//! capable LLM behind an OpenAI-compatible endpoint (as UAL elicits it), or computed from a
+//! local model's predictive entropy.
+//!
+//! Two prompts are built in. `ual` (the default) is ual's own: how open-ended is the correct
+//! response, 1 to 10. `paper` is the authors' verbatim (`prompts/paper-diversity-0-99.txt`):
+//! the need for diversity in the dialogue, 0 to 99, sent as they sent it.
 //!
 //! Output lines are the input lines unchanged plus `uncertainty` and `uncertainty_source`, in
 //! input order, written to a temporary file and renamed. Every answered request is in
@@ -26,7 +30,8 @@ use crate::data::formats::{Body, parse_line};
 use cache::{Answer, Cache};
 use client::{Endpoint, Failure};
 
-/// The paper's elicitation (UAL-PAPER.md): how open-ended is the correct response, 1 to 10.
+/// ual's own elicitation prompt (not the authors'): how open-ended is the correct response,
+/// 1 to 10.
 pub const DEFAULT_PROMPT: &str = "You will see an instruction, an optional input, and a reference response.\n\
 Rate how uncertain, or how open-ended, the correct response to the instruction is, on an integer \
 scale from 1 to 10: 1 means there is exactly one correct answer (as in arithmetic), 10 means there \
@@ -34,7 +39,55 @@ are many equally good answers (as in creative writing).\n\n\
 Instruction:\n{instruction}\n\nInput:\n{input}\n\nReference response:\n{response}\n\n\
 Answer with the number only.";
 
-const FOLLOW_UP: &str = "Your reply did not contain a valid score. Reply with a single integer from 1 to 10 and nothing else.";
+/// The authors' prompt, verbatim, with `{example}` for the sample's turns (see prompts/README.md).
+pub const PAPER_PROMPT: &str = include_str!("../../prompts/paper-diversity-0-99.txt");
+
+/// Which built-in elicitation a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PromptPreset {
+    /// ual's 1–10 "how open-ended" prompt, temperature 0.
+    #[default]
+    Ual,
+    /// The authors' 0–99 "need for diversity" prompt, temperature 0, top_p 0.9, max_tokens 4096.
+    Paper,
+}
+
+impl PromptPreset {
+    pub fn prompt(self) -> &'static str {
+        match self {
+            Self::Ual => DEFAULT_PROMPT,
+            Self::Paper => PAPER_PROMPT,
+        }
+    }
+
+    pub fn scale(self) -> [f64; 2] {
+        match self {
+            Self::Ual => crate::uncertainty::UAL_SCALE,
+            Self::Paper => crate::uncertainty::PAPER_SCALE,
+        }
+    }
+
+    /// The sampling fields of each request besides the messages (`gpt4_ent_score.py`'s for
+    /// the authors' preset).
+    pub fn request_params(self, max_tokens: Option<u32>) -> Map<String, Value> {
+        let mut params = Map::new();
+        params.insert("temperature".into(), json!(0));
+        if self == Self::Paper {
+            params.insert("top_p".into(), json!(0.9));
+            params.insert("max_tokens".into(), json!(4096));
+        }
+        if let Some(n) = max_tokens {
+            params.insert("max_tokens".into(), json!(n));
+        }
+        params
+    }
+}
+
+fn follow_up([min, max]: [f64; 2]) -> String {
+    format!(
+        "Your reply did not contain a valid score. Reply with a single integer from {min} to {max} and nothing else."
+    )
+}
 
 /// Stricter follow-ups after a reply without a valid score, before the line counts as failed.
 const FOLLOW_UPS: usize = 2;
@@ -45,6 +98,8 @@ pub struct Line {
     pub instruction: String,
     pub input: String,
     pub response: String,
+    /// The turns joined with newlines, without speakers (the authors' `{example}`).
+    pub example: String,
 }
 
 /// Reads `path`; each line must be a training-schema object (errors name file, line and field).
@@ -65,6 +120,7 @@ pub fn read_lines(path: &Path, limit: Option<usize>) -> Result<Vec<Line>> {
         let Ok(Value::Object(object)) = serde_json::from_str::<Value>(raw) else {
             bail!("{}: expected a JSON object", at())
         };
+        let plain = crate::data::formats::plain_text(&example.body);
         let (instruction, input, response) = match example.body {
             Body::Alpaca {
                 instruction,
@@ -93,12 +149,13 @@ pub fn read_lines(path: &Path, limit: Option<usize>) -> Result<Vec<Line>> {
             instruction,
             input,
             response,
+            example: plain,
         });
     }
     Ok(lines)
 }
 
-/// `template` with `{instruction}`, `{input}` and `{response}` filled in.
+/// `template` with `{instruction}`, `{input}`, `{response}` and `{example}` filled in.
 pub fn render_prompt(template: &str, line: &Line) -> String {
     let input = if line.input.trim().is_empty() {
         "(none)"
@@ -109,6 +166,7 @@ pub fn render_prompt(template: &str, line: &Line) -> String {
         .replace("{instruction}", &line.instruction)
         .replace("{input}", input)
         .replace("{response}", &line.response)
+        .replace("{example}", &line.example)
 }
 
 /// What the command was asked to do against an endpoint.
@@ -119,7 +177,13 @@ pub struct ApiOptions {
     pub model: String,
     pub api_key_env: String,
     pub concurrency: usize,
+    /// A prompt file; without one, the preset's prompt.
     pub prompt: Option<PathBuf>,
+    pub preset: PromptPreset,
+    /// The scale replies are read on: `[min, max]`.
+    pub scale: [f64; 2],
+    /// Overrides the preset's `max_tokens`.
+    pub max_tokens: Option<u32>,
     pub limit: Option<usize>,
     pub max_retries: u32,
     pub timeout: Duration,
@@ -135,8 +199,9 @@ pub struct Summary {
     pub requested: usize,
     pub failed: usize,
     pub seconds: f64,
-    /// Lines per integer score bucket 1..=10.
-    pub histogram: Vec<(u32, usize)>,
+    /// Lines per score bucket, each named by its lowest score: one per integer on a scale of
+    /// up to 20 points, else ten of equal width.
+    pub histogram: Vec<(f64, usize)>,
 }
 
 enum Outcome {
@@ -160,7 +225,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let template = match &options.prompt {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,
-        None => DEFAULT_PROMPT.to_string(),
+        None => options.preset.prompt().to_string(),
     };
     let lines = read_lines(&options.input, options.limit)?;
     let prompts: Vec<String> = lines.iter().map(|l| render_prompt(&template, l)).collect();
@@ -176,7 +241,9 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         options.timeout,
         options.max_retries,
         options.retry_base,
-    )?;
+    )?
+    .with_params(options.preset.request_params(options.max_tokens));
+    let scale = options.scale;
 
     let mut outcomes: Vec<Option<Outcome>> =
         keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
@@ -203,7 +270,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
                     let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let result = ask(endpoint, &prompts[i], &keys[i]);
+                    let result = ask(endpoint, &prompts[i], &keys[i], scale);
                     match &result {
                         // Stop the other workers before they send another doomed request.
                         Err(Failure::Fatal(_)) => stop.store(true, Ordering::SeqCst),
@@ -250,19 +317,18 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         &lines,
         &outcomes,
         &source,
-        started,
-        cached,
-        requested,
+        scale,
+        (started, cached, requested),
     )
 }
 
 /// Asks for a score, following up on replies without one.
-fn ask(endpoint: &Endpoint, prompt: &str, key: &str) -> Result<Answer, Failure> {
+fn ask(endpoint: &Endpoint, prompt: &str, key: &str, scale: [f64; 2]) -> Result<Answer, Failure> {
     let mut messages = vec![json!({ "role": "user", "content": prompt })];
     let mut reply = String::new();
     for _ in 0..=FOLLOW_UPS {
         reply = endpoint.chat(&messages)?;
-        if let Some(score) = parse::parse_score(&reply) {
+        if let Some(score) = parse::parse_score(&reply, scale) {
             return Ok(Answer {
                 key: key.to_string(),
                 score: Some(score),
@@ -270,7 +336,7 @@ fn ask(endpoint: &Endpoint, prompt: &str, key: &str) -> Result<Answer, Failure> 
             });
         }
         messages.push(json!({ "role": "assistant", "content": reply }));
-        messages.push(json!({ "role": "user", "content": FOLLOW_UP }));
+        messages.push(json!({ "role": "user", "content": follow_up(scale) }));
     }
     Ok(Answer {
         key: key.to_string(),
@@ -297,12 +363,12 @@ fn write_outputs(
     lines: &[Line],
     outcomes: &[Option<Outcome>],
     source: &str,
-    started: Instant,
-    cached: usize,
-    requested: usize,
+    scale: [f64; 2],
+    (started, cached, requested): (Instant, usize, usize),
 ) -> Result<Summary> {
     let (mut scored, mut failed) = (String::new(), String::new());
-    let mut histogram = vec![0usize; 10];
+    let bins = Bins::of(scale);
+    let mut histogram = vec![0usize; bins.count];
     for (line, outcome) in lines.iter().zip(outcomes) {
         let mut object = line.object.clone();
         match outcome {
@@ -310,7 +376,7 @@ fn write_outputs(
                 object.insert("uncertainty".into(), json!(score));
                 object.insert("uncertainty_source".into(), json!(source));
                 scored.push_str(&(Value::Object(object).to_string() + "\n"));
-                histogram[(score.round() as usize).clamp(1, 10) - 1] += 1;
+                histogram[bins.index(*score)] += 1;
             }
             Some(Outcome::Failed(reason)) => {
                 object.insert("reason".into(), json!(reason));
@@ -334,8 +400,44 @@ fn write_outputs(
         requested,
         failed: failed_count,
         seconds: started.elapsed().as_secs_f64(),
-        histogram: (1..=10).zip(histogram).collect(),
+        histogram: (0..bins.count).map(|b| bins.lowest(b)).zip(histogram).collect(),
     })
+}
+
+/// The histogram's buckets over a scale.
+struct Bins {
+    min: f64,
+    width: f64,
+    count: usize,
+}
+
+impl Bins {
+    fn of([min, max]: [f64; 2]) -> Self {
+        let points = (max - min).floor() as usize + 1;
+        let width = if points <= 20 {
+            1.0
+        } else {
+            (points as f64 / 10.0).ceil()
+        };
+        Self {
+            min,
+            width,
+            count: (points as f64 / width).ceil() as usize,
+        }
+    }
+
+    fn index(&self, score: f64) -> usize {
+        let step = if self.width == 1.0 {
+            (score - self.min).round()
+        } else {
+            ((score - self.min) / self.width).floor()
+        };
+        (step.max(0.0) as usize).min(self.count - 1)
+    }
+
+    fn lowest(&self, bin: usize) -> f64 {
+        self.min + bin as f64 * self.width
+    }
 }
 
 /// `OUT.<suffix>` next to the output file.

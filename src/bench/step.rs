@@ -245,6 +245,7 @@ fn random_samples(shape: &PresetShape, vocab: usize) -> Vec<Sample> {
                 .map(|_| rng.random_range(3..vocab as u32))
                 .collect(),
             loss_mask: (0..shape.seq_len).map(|t| t >= shape.seq_len / 2).collect(),
+            epsilon: if b % 2 == 0 { 0.05 } else { 0.2 },
             smoothing: if b % 2 == 0 { 0.05 } else { 0.2 },
             line: b + 1,
             uncertainty: None,

@@ -7,9 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use super::formats::Example;
 use super::template::{Segment, Template};
-use crate::loss::RowLabels;
+use crate::loss::{Reduction, RowLabels};
 use crate::model::Tokenizer;
 use crate::uncertainty::SmoothingConfig;
+
+/// Which tokens carry loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOn {
+    /// The response (assistant turns) only: ual's choice.
+    #[default]
+    Response,
+    /// Every token but padding and position 0, prompt and template included (the authors'
+    /// `mask_inputs = False`).
+    All,
+}
+
+/// How examples become samples, beyond what the model (tokenizer, template) decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRules {
+    pub max_seq_len: usize,
+    pub overflow: Overflow,
+    pub loss_on: LossOn,
+    pub smoothing: SmoothingConfig,
+    /// The logits width V, for smoothing spread over the V − 1 other tokens.
+    pub vocab: usize,
+}
 
 /// What to do with a sample longer than `max_seq_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -27,9 +50,12 @@ pub enum Overflow {
 pub struct Sample {
     /// The example's text with its special tokens; EOS ends each response.
     pub ids: Vec<u32>,
-    /// `loss_mask[t]`: token `t` is a response token and carries loss.
+    /// `loss_mask[t]`: token `t` is labelled (a response token, or any token with
+    /// `loss_on = "all"`); it carries loss from t = 1 on.
     pub loss_mask: Vec<bool>,
-    /// The label-smoothing value of every response token of this sample.
+    /// The sample's ε in the configuration's convention (`smoothing.spread`).
+    pub epsilon: f64,
+    /// The label-smoothing value the kernels apply to every loss token (mass ε/V on all V).
     pub smoothing: f32,
     /// 1-based line of the example in its file.
     pub line: usize,
@@ -42,6 +68,28 @@ impl Sample {
     pub fn response_tokens(&self) -> usize {
         // The first token has no position before it to predict it.
         self.loss_mask.iter().skip(1).filter(|&&m| m).count()
+    }
+
+    /// How many tokens are labelled, position 0 included: the authors' per-sample divisor
+    /// (`real_mask.sum()` before the shift), one more than the loss tokens with `loss_on = "all"`.
+    pub fn labelled_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|&&m| m).count()
+    }
+
+    /// The weight of each of this sample's loss tokens in a step's summed loss.
+    pub fn row_weight(&self, reduction: Reduction) -> f32 {
+        match reduction {
+            Reduction::Tokens => 1.0,
+            Reduction::Samples => 1.0 / self.labelled_tokens().max(1) as f32,
+        }
+    }
+
+    /// What this sample adds to the step's divisor: its loss tokens, or one sample.
+    pub fn share(&self, reduction: Reduction) -> f64 {
+        match reduction {
+            Reduction::Tokens => self.response_tokens() as f64,
+            Reduction::Samples => 1.0,
+        }
     }
 
     /// The index of the first response token.
@@ -63,9 +111,8 @@ pub struct DataSummary {
     pub response_tokens: usize,
 }
 
-/// Tokenises examples. For `prompt`/`completion` lines, ids = encode(prompt + completion) + EOS
-/// and the response tokens are those after len(encode(prompt)); templated examples follow the
-/// same rule segment by segment (see [`encode_segments`]).
+/// Tokenises examples with ual's rules of old: loss on the response, ε spread over all V.
+/// See [`prepare`].
 pub fn tokenize(
     examples: &[Example],
     tokenizer: &Tokenizer,
@@ -75,40 +122,93 @@ pub fn tokenize(
     max_seq_len: usize,
     overflow: Overflow,
 ) -> Result<(Vec<Sample>, DataSummary)> {
+    let rules = SampleRules {
+        max_seq_len,
+        overflow,
+        loss_on: LossOn::Response,
+        smoothing: smoothing.clone(),
+        vocab: tokenizer.inner().get_vocab_size(true),
+    };
+    prepare(examples, tokenizer, template, eos, &rules)
+}
+
+/// Tokenises examples, then maps the kept samples' scores to ε over the whole set (the
+/// authors' mapping is a dataset-level pass).
+///
+/// For `prompt`/`completion` lines, ids = encode(prompt + completion) + EOS and the response
+/// tokens are those after len(encode(prompt)); templated examples follow the same rule segment
+/// by segment (see [`encode_segments`]), and templates that tokenise each turn on its own
+/// (`vicuna`) do so turn by turn.
+pub fn prepare(
+    examples: &[Example],
+    tokenizer: &Tokenizer,
+    template: &Template,
+    eos: u32,
+    rules: &SampleRules,
+) -> Result<(Vec<Sample>, DataSummary)> {
     let mut summary = DataSummary::default();
     let mut samples = Vec::with_capacity(examples.len());
     for example in examples {
-        let segments = template
-            .segments(&example.body)
+        let (mut ids, mut loss_mask) = encode_example(tokenizer, template, example, eos)
             .with_context(|| format!("line {}", example.line))?;
-        let eos = (!template.writes_special_tokens(&example.body)).then_some(eos);
-        let (mut ids, mut loss_mask) = encode_segments(tokenizer, &segments, eos)?;
+        if rules.loss_on == LossOn::All {
+            loss_mask.fill(true);
+        }
         if example.uncertainty.is_none() {
             summary.without_uncertainty += 1;
         }
-        if ids.len() > max_seq_len {
-            ids.truncate(max_seq_len);
-            loss_mask.truncate(max_seq_len);
+        if ids.len() > rules.max_seq_len {
+            ids.truncate(rules.max_seq_len);
+            loss_mask.truncate(rules.max_seq_len);
             // A sample whose prompt fills the window has nothing left to learn from.
-            if overflow == Overflow::Drop || !loss_mask.iter().skip(1).any(|&m| m) {
+            if rules.overflow == Overflow::Drop || !loss_mask.iter().skip(1).any(|&m| m) {
                 summary.dropped += 1;
                 continue;
             }
             summary.truncated += 1;
         }
-        let score = example.uncertainty.unwrap_or(smoothing.default_score);
         let sample = Sample {
             ids,
             loss_mask,
-            smoothing: smoothing.smoothing(score),
+            epsilon: 0.0,
+            smoothing: 0.0,
             line: example.line,
             uncertainty: example.uncertainty,
         };
         summary.response_tokens += sample.response_tokens();
         samples.push(sample);
     }
+    let scores: Vec<Option<f64>> = samples.iter().map(|s| s.uncertainty).collect();
+    let lines: Vec<usize> = samples.iter().map(|s| s.line).collect();
+    let epsilons = rules.smoothing.epsilons(&scores, &lines)?;
+    for (sample, eps) in samples.iter_mut().zip(epsilons) {
+        sample.epsilon = eps;
+        sample.smoothing = rules.smoothing.kernel_epsilon(eps, rules.vocab);
+    }
     summary.samples = samples.len();
     Ok((samples, summary))
+}
+
+/// One example's ids and labelled positions under `template`.
+fn encode_example(
+    tokenizer: &Tokenizer,
+    template: &Template,
+    example: &Example,
+    eos: u32,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    if let Some(turns) = template.turns(&example.body) {
+        // Each turn as the tokenizer encodes it alone (its BOS first), then EOS.
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for turn in turns {
+            let (turn_ids, turn_mask) = encode_segments(tokenizer, &turn, Some(eos))?;
+            ids.extend(turn_ids);
+            mask.extend(turn_mask);
+        }
+        return Ok((ids, mask));
+    }
+    let segments = template.segments(&example.body)?;
+    let eos = (!template.writes_special_tokens(&example.body)).then_some(eos);
+    encode_segments(tokenizer, &segments, eos)
 }
 
 /// Token ids of the segments' concatenated text, and which of them carry loss.
@@ -161,10 +261,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch whose loss tokens all weigh the same.
     pub fn new(samples: &[&Sample], device: &Device) -> Result<Self> {
+        Self::with_reduction(samples, Reduction::Tokens, device)
+    }
+
+    /// A batch whose loss tokens weigh as `reduction` says ([`Sample::row_weight`]).
+    pub fn with_reduction(
+        samples: &[&Sample],
+        reduction: Reduction,
+        device: &Device,
+    ) -> Result<Self> {
         let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(1);
         let mut ids = vec![0i64; samples.len() * len];
         let (mut rows, mut targets, mut smoothing) = (Vec::new(), Vec::new(), Vec::new());
+        let mut weights = Vec::new();
         for (b, s) in samples.iter().enumerate() {
             for (t, &id) in s.ids.iter().enumerate() {
                 ids[b * len + t] = id as i64;
@@ -174,13 +285,14 @@ impl Batch {
                 rows.push((b * len + t - 1) as i64);
                 targets.push(s.ids[t]);
                 smoothing.push(s.smoothing);
+                weights.push(s.row_weight(reduction));
             }
         }
         let n = rows.len();
         Ok(Self {
             ids: Tensor::from_data(TensorData::new(ids, [samples.len(), len]), device),
             rows: Tensor::from_data(TensorData::new(rows, [n]), device),
-            labels: RowLabels::new(targets, smoothing, vec![true; n])?,
+            labels: RowLabels::weighted(targets, smoothing, weights)?,
             tokens: samples.iter().map(|s| s.ids.len()).sum(),
         })
     }

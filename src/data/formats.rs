@@ -3,16 +3,17 @@
 //! - Alpaca: `{"instruction", "input"?, "output"}`
 //! - chat: `{"messages": [{"role", "content"}, ...]}`, loss on the assistant turns only
 //! - completion: `{"prompt", "completion"}`
+//! - ShareGPT: `{"conversations": [...]}`, either alternating strings (user first, as in LIMA)
+//!   or `[{"from", "value"}]` turns (as in Deita); read as a chat
 //!
-//! Each may carry `"uncertainty": number`. Unknown fields are ignored. Every error names the
-//! file, the line and the field.
+//! Each may carry `"uncertainty": number`; whether it lies on the elicitation scale is the
+//! mapping's check (`crate::uncertainty`), since the scale is configured. Unknown fields are
+//! ignored. Every error names the file, the line and the field.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value};
-
-use crate::uncertainty::check_score;
 
 /// One training example, before templating and tokenisation.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +68,59 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         .collect()
 }
 
+/// The prompt of every non-blank line, for runs that need no response: a JSON string, or an
+/// object with `instruction` (and `input`), `prompt`, `conversations` (its first turn, as in
+/// LIMA's test split) or `messages` (its first user turn).
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| prompt_of(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+        .collect()
+}
+
+fn prompt_of(line: &str) -> Result<String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("malformed JSON: {e}"))?;
+    let obj = match value {
+        Value::String(s) => return Ok(s),
+        Value::Object(obj) => obj,
+        _ => bail!("expected a JSON object or string"),
+    };
+    if obj.contains_key("instruction") {
+        return Ok(user_text(
+            &string(&obj, "instruction")?,
+            &optional_string(&obj, "input")?,
+        ));
+    }
+    if obj.contains_key("prompt") {
+        return string(&obj, "prompt");
+    }
+    let first_user = |turns: &Value, field: &str| -> Result<String> {
+        let Value::Array(items) = turns else {
+            bail!("field `{field}` must be an array");
+        };
+        items
+            .iter()
+            .find_map(|t| match t {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) if matches!(o.get("from").or(o.get("role")).and_then(Value::as_str), Some("human" | "user")) => {
+                    o.get("value").or(o.get("content")).and_then(Value::as_str).map(str::to_string)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("field `{field}` has no user turn"))
+    };
+    if let Some(turns) = obj.get("conversations") {
+        return first_user(turns, "conversations");
+    }
+    if let Some(turns) = obj.get("messages") {
+        return first_user(turns, "messages");
+    }
+    bail!("missing field: expected `instruction`, `prompt`, `conversations` or `messages`")
+}
+
 /// Parses one line; the caller adds the file and line to errors.
 pub fn parse_line(line: &str, number: usize) -> Result<Example> {
     let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("malformed JSON: {e}"))?;
@@ -79,7 +133,9 @@ pub fn parse_line(line: &str, number: usize) -> Result<Example> {
             let score = v
                 .as_f64()
                 .ok_or_else(|| anyhow!("field `uncertainty` must be a number"))?;
-            check_score(score).map_err(|e| anyhow!("field `uncertainty`: {e}"))?;
+            if !score.is_finite() {
+                bail!("field `uncertainty` must be a finite number");
+            }
             Some(score)
         }
     };
@@ -98,9 +154,13 @@ pub fn parse_line(line: &str, number: usize) -> Result<Example> {
         Body::Chat {
             messages: messages_of(messages)?,
         }
+    } else if let Some(turns) = obj.get("conversations") {
+        Body::Chat {
+            messages: sharegpt_turns(turns)?,
+        }
     } else {
         bail!(
-            "missing field: expected `instruction` and `output`, `messages`, or `prompt` and `completion`"
+            "missing field: expected `instruction` and `output`, `messages`, `conversations`, or `prompt` and `completion`"
         );
     };
     Ok(Example {
@@ -133,6 +193,81 @@ fn messages_of(value: &Value) -> Result<Vec<Message>> {
         bail!("field `messages` has no assistant turn, so nothing to learn from");
     }
     Ok(messages)
+}
+
+/// ShareGPT's `conversations`: strings alternate user and assistant, starting with the user;
+/// `{"from", "value"}` turns name their speaker (`human`/`user`, `gpt`/`assistant`, `system`).
+fn sharegpt_turns(value: &Value) -> Result<Vec<Message>> {
+    let Value::Array(items) = value else {
+        bail!("field `conversations` must be an array of strings or of {{\"from\", \"value\"}} objects");
+    };
+    let mut messages = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let message = match item {
+            Value::String(text) => {
+                let role = if messages
+                    .iter()
+                    .filter(|m: &&Message| m.role != "system")
+                    .count()
+                    % 2
+                    == 0
+                {
+                    "user"
+                } else {
+                    "assistant"
+                };
+                Message::new(role, text)
+            }
+            Value::Object(turn) => {
+                let field =
+                    |name: &str| string(turn, name).map_err(|e| anyhow!("`conversations[{i}]`: {e}"));
+                let from = field("from")?;
+                let role = match from.as_str() {
+                    "human" | "user" => "user",
+                    "gpt" | "assistant" | "chatgpt" | "bard" | "bing" => "assistant",
+                    "system" => "system",
+                    other => bail!(
+                        "field `conversations[{i}].from` is {other:?}; expected human, gpt or system"
+                    ),
+                };
+                Message::new(role, &field("value")?)
+            }
+            _ => bail!("field `conversations[{i}]` must be a string or a {{\"from\", \"value\"}} object"),
+        };
+        messages.push(message);
+    }
+    if !messages.iter().any(|m| m.role == "assistant") {
+        bail!("field `conversations` has no assistant turn, so nothing to learn from");
+    }
+    Ok(messages)
+}
+
+/// The conversation's turns joined with newlines, without speakers: the sample text of the
+/// authors' elicitation prompt (`"\n".join(sample['conversations'])`).
+pub fn plain_text(body: &Body) -> String {
+    match body {
+        Body::Alpaca {
+            instruction,
+            input,
+            output,
+        } => [user_text(instruction, input), output.clone()].join("\n"),
+        Body::Chat { messages } => messages
+            .iter()
+            .filter(|m| m.role != "system")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Body::Completion { prompt, completion } => format!("{prompt}\n{completion}"),
+    }
+}
+
+/// An Alpaca instruction and its optional input as one user turn.
+pub fn user_text(instruction: &str, input: &str) -> String {
+    if input.trim().is_empty() {
+        instruction.to_string()
+    } else {
+        format!("{instruction}\n\n{input}")
+    }
 }
 
 fn string(obj: &Map<String, Value>, field: &str) -> Result<String> {
@@ -170,13 +305,58 @@ mod tests {
     }
 
     #[test]
+    fn reads_both_sharegpt_shapes() {
+        let lima = parse_line(r#"{"conversations":["Hi","Hello","How?","Thus."],"uncertainty":0}"#, 1).unwrap();
+        let Body::Chat { messages } = &lima.body else {
+            panic!("a chat")
+        };
+        let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+        assert_eq!(lima.uncertainty, Some(0.0));
+        let deita = parse_line(
+            r#"{"id":"x","conversations":[{"from":"system","value":"S"},{"from":"human","value":"Q"},{"from":"gpt","value":"A"}]}"#,
+            2,
+        )
+        .unwrap();
+        let Body::Chat { messages } = &deita.body else {
+            panic!("a chat")
+        };
+        assert_eq!(messages[0], Message::new("system", "S"));
+        assert_eq!(messages[2], Message::new("assistant", "A"));
+        assert_eq!(plain_text(&lima.body), "Hi\nHello\nHow?\nThus.");
+    }
+
+    #[test]
+    fn reads_prompts_of_every_shape() {
+        for (line, prompt) in [
+            (r#"{"conversations":["Why is the sky blue?"]}"#, "Why is the sky blue?"),
+            (r#"{"conversations":[{"from":"human","value":"Q"},{"from":"gpt","value":"A"}]}"#, "Q"),
+            (r#"{"instruction":"Add","input":"2+2"}"#, "Add\n\n2+2"),
+            (r#"{"prompt":"P"}"#, "P"),
+            (r#""plain""#, "plain"),
+            (r#"{"messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}"#, "U"),
+        ] {
+            assert_eq!(prompt_of(line).unwrap(), prompt, "{line}");
+        }
+        assert!(format!("{:#}", prompt_of(r#"{"x":1}"#).unwrap_err()).contains("missing field"));
+    }
+
+    #[test]
+    fn sharegpt_errors_name_the_field() {
+        let msg = |l: &str| format!("{:#}", parse_line(l, 1).unwrap_err());
+        assert!(msg(r#"{"conversations":"Hi"}"#).contains("`conversations` must be an array"));
+        assert!(msg(r#"{"conversations":["Hi"]}"#).contains("no assistant turn"));
+        assert!(msg(r#"{"conversations":[{"from":"bot","value":"x"}]}"#).contains("`conversations[0].from`"));
+        assert!(msg(r#"{"conversations":[{"from":"human"}]}"#).contains("`conversations[0]`: missing field `value`"));
+        assert!(msg(r#"{"conversations":["Q",3]}"#).contains("`conversations[1]`"));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let msg = |l: &str| format!("{:#}", parse_line(l, 1).unwrap_err());
         assert!(msg(r#"{"instruction":"x"}"#).contains("`output`"));
         assert!(msg(r#"{"prompt":"x","completion":3}"#).contains("`completion` must be a string"));
-        assert!(
-            msg(r#"{"prompt":"x","completion":"y","uncertainty":12}"#).contains("`uncertainty`")
-        );
+        assert!(msg(r#"{"prompt":"x","completion":"y","uncertainty":"a"}"#).contains("`uncertainty`"));
         assert!(msg(r#"{"prompt":"x""#).contains("malformed JSON"));
         assert!(msg(r#"[1]"#).contains("object"));
         assert!(

@@ -1,16 +1,20 @@
 //! Prompt templates: how an example becomes text, cut into segments that either carry loss (the
 //! response, assistant turns) or are context (prompts, user and system turns, template markup).
 //!
-//! Two templates exist. `alpaca` is the Stanford Alpaca format, the paper's. `chat_template` is
-//! the Jinja template in the model's `tokenizer_config.json` (or `chat_template.jinja`), rendered
-//! with minijinja as transformers renders it. `prompt`/`completion` lines use no template.
+//! Four templates exist. `alpaca` is the Stanford Alpaca format, ual's default. `chat_template`
+//! is the Jinja template in the model's `tokenizer_config.json` (or `chat_template.jinja`),
+//! rendered with minijinja as transformers renders it. `vicuna` and `vicuna_lima` are the
+//! authors' turn format (`generate_prompt` in their `scripts/prepare_llama2.py` and
+//! `prepare_lima.py`): per turn `"\n\n### User: {instruction}\n\n### Assistant: "` + response,
+//! with one leading newline in the LIMA/Deita/MetaMath scripts, each turn tokenised on its own
+//! (with BOS) and ending in EOS. `prompt`/`completion` lines use no template.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::formats::{Body, Message};
+use super::formats::{Body, Message, user_text};
 
 const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
 const ALPACA_INPUT_PREAMBLE: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.";
@@ -22,6 +26,10 @@ pub enum TemplateKind {
     #[default]
     Alpaca,
     ChatTemplate,
+    /// The authors' `prepare_llama2.py` / `prepare_mistral.py` turns (`"\n\n### User: "`).
+    Vicuna,
+    /// The authors' `prepare_lima.py` / `prepare_deita.py` turns (`"\n### User: "`).
+    VicunaLima,
 }
 
 impl std::str::FromStr for TemplateKind {
@@ -30,8 +38,10 @@ impl std::str::FromStr for TemplateKind {
         match s {
             "alpaca" => Ok(Self::Alpaca),
             "chat_template" => Ok(Self::ChatTemplate),
+            "vicuna" => Ok(Self::Vicuna),
+            "vicuna_lima" => Ok(Self::VicunaLima),
             other => Err(format!(
-                "unknown template {other:?}; choose alpaca or chat_template"
+                "unknown template {other:?}; choose alpaca, chat_template, vicuna or vicuna_lima"
             )),
         }
     }
@@ -63,6 +73,8 @@ impl Segment {
 pub enum Template {
     Alpaca,
     Chat(ChatTemplate),
+    /// The authors' turns; `lead` is the text before `### User:`.
+    Vicuna { lead: &'static str },
 }
 
 impl Template {
@@ -71,7 +83,38 @@ impl Template {
         Ok(match kind {
             TemplateKind::Alpaca => Self::Alpaca,
             TemplateKind::ChatTemplate => Self::Chat(ChatTemplate::load(model_dir)?),
+            TemplateKind::Vicuna => Self::Vicuna { lead: "\n\n" },
+            TemplateKind::VicunaLima => Self::Vicuna { lead: "\n" },
         })
+    }
+
+    /// The turns of an example for templates that tokenise each turn on its own: each turn is
+    /// its prompt (context) and its response. `None` for the other templates, and for
+    /// `prompt`/`completion` lines, which use no template.
+    pub fn turns(&self, body: &Body) -> Option<Vec<Vec<Segment>>> {
+        let Self::Vicuna { lead } = self else {
+            return None;
+        };
+        let pairs = match body {
+            Body::Completion { .. } => return None,
+            Body::Alpaca {
+                instruction,
+                input,
+                output,
+            } => vec![(user_text(instruction, input), output.clone())],
+            Body::Chat { messages } => vicuna_pairs(messages),
+        };
+        Some(
+            pairs
+                .into_iter()
+                .map(|(user, response)| {
+                    vec![
+                        Segment::context(vicuna_prompt(lead, &user)),
+                        Segment::response(response),
+                    ]
+                })
+                .collect(),
+        )
     }
 
     /// The segments of an example, in order.
@@ -116,6 +159,10 @@ impl Template {
                 ])?
             }
             (Self::Chat(t), Body::Chat { messages }) => t.segments(messages)?,
+            (Self::Vicuna { .. }, body) => self
+                .turns(body)
+                .expect("vicuna turns of a templated body")
+                .concat(),
         })
     }
 
@@ -128,6 +175,24 @@ impl Template {
                 Ok(segments.iter().map(|s| s.text.as_str()).collect::<String>() + &rest)
             }
             Self::Chat(t) => t.render(messages, true),
+            Self::Vicuna { lead } => {
+                // Earlier turns as text; the question last, as the authors' evaluation asks it.
+                let mut text = String::new();
+                for (user, response) in vicuna_pairs(messages) {
+                    text.push_str(&vicuna_prompt(lead, &user));
+                    text.push_str(&response);
+                }
+                let answered = messages
+                    .iter()
+                    .rposition(|m| m.role == "assistant")
+                    .map_or(0, |k| k + 1);
+                let mut pending = String::new();
+                for m in &messages[answered..] {
+                    join_turn(&mut pending, &m.content);
+                }
+                text.push_str(&vicuna_prompt(lead, &pending));
+                Ok(text)
+            }
         }
     }
 
@@ -141,6 +206,33 @@ impl Template {
     pub fn writes_special_tokens(&self, body: &Body) -> bool {
         matches!(self, Self::Chat(_)) && !matches!(body, Body::Completion { .. })
     }
+}
+
+/// The authors' `generate_prompt(instruction)`, without a system prompt.
+pub fn vicuna_prompt(lead: &str, instruction: &str) -> String {
+    format!("{lead}### User: {instruction}\n\n### Assistant: ")
+}
+
+/// A conversation as (user text, response) pairs: consecutive user turns join with a newline,
+/// a system turn joins the user text after it (the authors' template has no system part), and
+/// a trailing user turn without an answer is left out.
+fn vicuna_pairs(messages: &[Message]) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut user = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "assistant" => pairs.push((std::mem::take(&mut user), m.content.clone())),
+            _ => join_turn(&mut user, &m.content),
+        }
+    }
+    pairs
+}
+
+fn join_turn(text: &mut String, turn: &str) {
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(turn);
 }
 
 /// The Alpaca prompt, shared with generation so a tuned model is asked the way it was taught.

@@ -1,6 +1,6 @@
-//! The paper's feature analysis: UAL is argued to cluster response tokens better in feature
-//! space. The paper names no metric, so ual measures the last-layer hidden states of response
-//! tokens, grouped by target id, with two standard figures:
+//! ual's own feature analysis (`--protocol ual`), not the authors' (that is `super::clustering`):
+//! the last-layer hidden states of response tokens, grouped by target id, over all classes at
+//! once, with two standard figures:
 //!
 //! - the silhouette score (Euclidean; sklearn's definition; classes with one member left out),
 //!   in [-1, 1], higher is better clustered;

@@ -1,4 +1,5 @@
-//! GSM8K: exact-match accuracy of greedy answers, the paper's low-entropy benchmark.
+//! GSM8K with ual's protocol: exact-match accuracy of greedy answers in the training template.
+//! The authors' protocol (sampled, substring match) is `super::paper`.
 
 use std::path::Path;
 use std::sync::LazyLock;

@@ -89,3 +89,91 @@ pub fn score_sample(model: &Llama, sample: &Sample, index: usize) -> Result<Samp
         smoothing: sample.smoothing,
     })
 }
+
+/// One data line scored under a training configuration (`ual score --data --config`): what the
+/// trainer would see of it and its loss, in the configuration's own conventions.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipeScore {
+    /// 0-based index of the line among the file's non-blank lines.
+    pub index: usize,
+    pub ids: Vec<u32>,
+    /// `loss_mask[j]`: the token at position j is predicted with loss.
+    pub loss_mask: Vec<bool>,
+    /// The sample's ε in the configuration's convention (the authors' `smooth_value` under
+    /// their recipe).
+    pub epsilon: f64,
+    /// Mean NLL over the loss positions.
+    pub nll: f64,
+    /// The UAL loss of this line alone under the configuration's reduction.
+    pub loss: f64,
+}
+
+/// Scores `sample` as the trainer would weigh it under `reduction`.
+pub fn score_recipe(
+    model: &Llama,
+    sample: &Sample,
+    index: usize,
+    reduction: crate::loss::Reduction,
+) -> Result<RecipeScore> {
+    let batch = Batch::new(&[sample], &model.device())?;
+    let n = batch.labels.rows();
+    let hidden = model.hidden_states(batch.ids.clone());
+    let [b, s, h] = hidden.dims();
+    let logits = model.logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
+    let sum = |labels: &RowLabels| -> Result<f64> {
+        Ok(ual_row_losses(logits.clone(), labels)?
+            .sum()
+            .into_scalar::<f32>() as f64)
+    };
+    let plain = RowLabels::uniform(batch.labels.targets().to_vec(), 0.0)?;
+    // A sample's mean over its loss tokens, or over its labelled tokens (the authors' divisor).
+    let divisor = match reduction {
+        crate::loss::Reduction::Tokens => n,
+        crate::loss::Reduction::Samples => sample.labelled_tokens(),
+    };
+    let loss = sum(&batch.labels)? / divisor.max(1) as f64;
+    Ok(RecipeScore {
+        index,
+        ids: sample.ids.clone(),
+        loss_mask: sample
+            .loss_mask
+            .iter()
+            .enumerate()
+            .map(|(j, &m)| m && j > 0)
+            .collect(),
+        epsilon: sample.epsilon,
+        nll: sum(&plain)? / n.max(1) as f64,
+        loss,
+    })
+}
+
+/// Every line of `data` prepared and scored as `config` trains (template, `loss_on`, the
+/// mapping over the whole file, `spread`, `reduction`), in file order.
+pub fn score_file(
+    pretrained: &crate::model::Pretrained,
+    config: &crate::train::TrainConfig,
+    data: &std::path::Path,
+    mut emit: impl FnMut(RecipeScore) -> Result<()>,
+) -> Result<()> {
+    use anyhow::Context;
+    let examples = crate::data::formats::read_jsonl(data)?;
+    let template = crate::data::template::Template::load(config.template, &pretrained.dir)?;
+    let rules = config.sample_rules(pretrained.config.vocab_size);
+    let eos = pretrained.config.eos_token_id()?;
+    let (samples, _) =
+        crate::data::batch::prepare(&examples, &pretrained.tokenizer, &template, eos, &rules)
+            .with_context(|| data.display().to_string())?;
+    for sample in &samples {
+        let index = examples
+            .iter()
+            .position(|e| e.line == sample.line)
+            .expect("sample from an example");
+        emit(score_recipe(
+            &pretrained.model,
+            sample,
+            index,
+            config.reduction,
+        )?)?;
+    }
+    Ok(())
+}

@@ -27,24 +27,31 @@ pub fn fused(
 ) -> Option<(FlexTensor, Option<FlexTensor>, Option<FlexTensor>)> {
     let (hidden, head) = (Matrix::of(hidden)?, Matrix::of(head)?);
     let (rows, width, vocab) = (hidden.rows, hidden.cols, head.cols);
-    let labels = host::rows_of(&host::read::<Flex>(labels.clone()));
+    let packed = host::read::<Flex>(labels.clone());
+    let labels = host::rows_of(&packed);
     let chunk_rows = chunk_rows.clamp(1, rows.max(1));
     let mut block = vec![0f32; chunk_rows * vocab];
     let mut grad_hidden = want_hidden.then(|| vec![0f32; rows * width]);
     let mut grad_head = want_head.then(|| vec![0f32; width * vocab]);
-    let upstream = super::linear::loss_only_upstream(chunk_rows);
+    // ∂(Σ w·loss)/∂(loss, lse) of every row: its weight, and 0.
+    let upstream = super::linear::loss_only_upstream(&packed);
     let mut sum = 0f64;
     for start in (0..rows).step_by(chunk_rows) {
         let range = start..(start + chunk_rows).min(rows);
         let (h, r) = (hidden.row_range(range.clone()), range.len());
         let logits = &mut block[..r * vocab];
         matmul(logits, h, head, false);
+        let upstream = &upstream[2 * range.start..2 * range.end];
         let stats = if want_hidden || want_head {
-            host::stats_and_grad_in_place(logits, vocab, &labels[range.clone()], &upstream)
+            host::stats_and_grad_in_place(logits, vocab, &labels[range.clone()], upstream)
         } else {
             host::stats(logits, vocab, &labels[range.clone()])
         };
-        sum += stats.chunks_exact(2).map(|s| s[0] as f64).sum::<f64>();
+        sum += stats
+            .chunks_exact(2)
+            .zip(upstream.chunks_exact(2))
+            .map(|(s, w)| s[0] as f64 * w[0] as f64)
+            .sum::<f64>();
         let grad_logits = Matrix::dense(logits, r, vocab);
         if let Some(g) = &mut grad_hidden {
             matmul(

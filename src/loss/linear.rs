@@ -31,7 +31,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch};
-use burn::tensor::{Shape, Slice, Tensor, TensorData};
+use burn::tensor::{Shape, Slice, Tensor};
 
 use super::fused::UalLossBackend;
 use super::{LossSum, RowLabels};
@@ -164,24 +164,20 @@ pub(super) fn chunked<B: UalLossBackend>(
     let mut sum: Option<FloatTensor<B>> = None;
     let mut grad_hidden = Vec::new();
     let mut grad_head: Option<FloatTensor<B>> = None;
-    // Uploaded once for a whole block; the last, shorter block takes its first rows.
-    let block_rows = blocks.rows.max(1).min(rows);
-    let upstream = (want_hidden || want_head).then(|| loss_only::<B>(block_rows, &device));
     for range in chunks(rows, blocks.rows) {
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
         let logits = B::float_matmul(h.clone(), head.clone());
         let stats = B::ual_ce_forward(logits.clone(), labels.clone());
-        let part = B::float_sum(B::float_slice(
-            stats.clone(),
-            &[Slice::from(..), Slice::from(0..1)],
-        ));
+        // Each row's loss weighs what its label's third column says (0 on masked rows).
+        let weight = column::<B>(labels.clone(), 2);
+        let part = B::float_sum(B::float_mul(column::<B>(stats.clone(), 0), weight.clone()));
         sum = Some(accumulate::<B>(sum, part));
-        let Some(upstream) = &upstream else {
+        if !(want_hidden || want_head) {
             continue;
-        };
-        // ∂(Σ loss)/∂logits for this block: upstream 1 on each row's loss, 0 on its lse.
-        let upstream = rows_of::<B>(upstream.clone(), 0..range.len());
+        }
+        // ∂(Σ w·loss)/∂stats for this block: w on each row's loss, 0 on its lse.
+        let upstream = loss_only::<B>(weight, &device);
         if splits > 1 && !want_head {
             // A frozen head (LoRA): the kernel writes the gradient slice by slice, ready for
             // the batched matmul.
@@ -257,15 +253,23 @@ fn accumulate<B: Backend>(acc: Option<FloatTensor<B>>, part: FloatTensor<B>) -> 
     }
 }
 
-/// The `[rows, 2]` upstream gradient of the summed loss with respect to each row's statistics:
-/// 1 for its loss, 0 for its lse.
-pub(super) fn loss_only_upstream(rows: usize) -> Vec<f32> {
-    (0..rows).flat_map(|_| [1.0, 0.0]).collect()
+/// The `[rows, 2]` upstream gradient of the weighted loss sum with respect to each row's
+/// statistics `(loss, lse)`: the row's weight for its loss, 0 for its lse. `labels` are the
+/// packed `[rows, 3]` (target, ε, weight).
+pub(super) fn loss_only_upstream(labels: &[f32]) -> Vec<f32> {
+    labels.chunks_exact(3).flat_map(|l| [l[2], 0.0]).collect()
 }
 
-/// [`loss_only_upstream`] as a tensor on `device`.
-fn loss_only<B: Backend>(rows: usize, device: &B::Device) -> FloatTensor<B> {
-    B::float_from_data(TensorData::new(loss_only_upstream(rows), [rows, 2]), device)
+/// [`loss_only_upstream`] from the `[rows, 1]` weights, on `device`.
+fn loss_only<B: Backend>(weight: FloatTensor<B>, device: &B::Device) -> FloatTensor<B> {
+    let rows = weight.shape()[0];
+    let zeros = B::float_zeros(Shape::new([rows, 1]), device, weight.dtype().into());
+    B::float_cat(vec![weight, zeros], 1)
+}
+
+/// Column `c` of a `[rows, k]` tensor as `[rows, 1]`.
+fn column<B: Backend>(t: FloatTensor<B>, c: usize) -> FloatTensor<B> {
+    B::float_slice(t, &[Slice::from(..), Slice::from(c..c + 1)])
 }
 
 /// The autodiff implementation: gradients are formed in the forward pass when a parent is

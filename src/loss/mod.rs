@@ -8,9 +8,10 @@
 //! loss = (1 − ε)·(lse − z_y) + ε·(lse − mean_k z_k)        ∂loss/∂z = softmax(z) − q
 //! ```
 //!
-//! [`ual_loss_sum`] returns the *sum* over counted rows and the count, because the reduction
-//! is a mean over every response token of an optimizer step, across gradient-accumulation
-//! micro-batches: callers divide by the step's total, not by each micro-batch's own count.
+//! [`ual_loss_sum`] returns the *weighted sum* over counted rows and the count, because the
+//! reduction spans an optimizer step, across gradient-accumulation micro-batches: callers
+//! divide by the step's total ([`Reduction`]), not by each micro-batch's own count. A row's
+//! weight is 1 when every token weighs the same, and 1/n_i when every sample does.
 
 mod cpu_head;
 pub mod fused;
@@ -21,15 +22,30 @@ mod wgsl;
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 pub use linear::{HeadBlocks, ual_linear_loss_sum};
 
-/// Per-row targets, smoothing values and mask, validated at the API boundary.
+/// How an optimizer step's token losses become its loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// The mean over every loss token of the step (DESIGN §3; ual's choice).
+    #[default]
+    Tokens,
+    /// Each sample's mean, then the mean over the step's samples, so that every sample weighs
+    /// the same (the authors' `loss_fn` at micro-batch 1, averaged over 64 accumulations).
+    Samples,
+}
+
+/// Per-row targets, smoothing values, mask and weights, validated at the API boundary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowLabels {
     targets: Vec<u32>,
     smoothing: Vec<f32>,
     mask: Vec<bool>,
+    /// Each counted row's weight in the sum; `None` = all 1.
+    weights: Option<Vec<f32>>,
 }
 
 impl RowLabels {
@@ -54,7 +70,26 @@ impl RowLabels {
             targets,
             smoothing,
             mask,
+            weights: None,
         })
+    }
+
+    /// Every row counted, row r weighing `weights[r]` (finite, > 0) in the summed loss.
+    pub fn weighted(targets: Vec<u32>, smoothing: Vec<f32>, weights: Vec<f32>) -> Result<Self> {
+        let n = targets.len();
+        if weights.len() != n {
+            bail!("UAL loss: {n} targets but {} weights", weights.len());
+        }
+        if let Some((row, w)) = weights
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w > 0.0))
+        {
+            bail!("UAL loss: weight {w} at row {row} is not a positive number");
+        }
+        let mut labels = Self::new(targets, smoothing, vec![true; n])?;
+        labels.weights = weights.iter().any(|&w| w != 1.0).then_some(weights);
+        Ok(labels)
     }
 
     /// Every row counted, with one ε for all (ε = 0 is plain cross-entropy).
@@ -68,8 +103,25 @@ impl RowLabels {
         Self {
             targets: self.targets[range.clone()].to_vec(),
             smoothing: self.smoothing[range.clone()].to_vec(),
-            mask: self.mask[range].to_vec(),
+            mask: self.mask[range.clone()].to_vec(),
+            weights: self.weights.as_ref().map(|w| w[range].to_vec()),
         }
+    }
+
+    /// Each row's weight: 0 where masked.
+    pub fn weights(&self) -> Vec<f32> {
+        (0..self.rows())
+            .map(|r| match (&self.weights, self.mask[r]) {
+                (_, false) => 0.0,
+                (Some(w), true) => w[r],
+                (None, true) => 1.0,
+            })
+            .collect()
+    }
+
+    /// Whether some row weighs other than 0 or 1.
+    pub fn is_weighted(&self) -> bool {
+        self.weights.is_some()
     }
 
     pub fn rows(&self) -> usize {
@@ -93,17 +145,13 @@ impl RowLabels {
         &self.mask
     }
 
-    /// The `[rows, 3]` f32 tensor (target, ε, mask) the fused kernels read. Ids below 2^24
-    /// are exact in f32, far above any vocabulary ual supports.
+    /// The `[rows, 3]` f32 tensor (target, ε, weight) the fused kernels read. The kernels only
+    /// ask whether the weight is 0 (a masked row); the fused head's sum and upstream gradient
+    /// apply it. Ids below 2^24 are exact in f32, far above any vocabulary ual supports.
     pub(crate) fn packed(&self, device: &Device) -> Tensor<2> {
+        let weights = self.weights();
         let values: Vec<f32> = (0..self.rows())
-            .flat_map(|r| {
-                [
-                    self.targets[r] as f32,
-                    self.smoothing[r],
-                    f32::from(u8::from(self.mask[r])),
-                ]
-            })
+            .flat_map(|r| [self.targets[r] as f32, self.smoothing[r], weights[r]])
             .collect();
         Tensor::from_data(
             TensorData::new(values, [self.rows(), 3]),
@@ -134,7 +182,7 @@ impl RowLabels {
     }
 }
 
-/// The summed loss over counted rows, and how many rows were counted.
+/// The weighted loss summed over counted rows, and how many rows were counted.
 pub struct LossSum {
     /// Shape `[1]`; differentiable with respect to the logits.
     pub sum: Tensor<1>,
@@ -144,14 +192,21 @@ pub struct LossSum {
 /// The UAL loss summed over counted rows, computed by the fused kernels (WGSL on wgpu, a
 /// tuned loop on the CPU) with a hand-written backward.
 pub fn ual_loss_sum(logits: Tensor<2>, labels: &RowLabels) -> Result<LossSum> {
-    let per_row = ual_row_losses(logits, labels)?;
+    let device = logits.device();
+    let mut per_row = ual_row_losses(logits, labels)?;
+    if labels.is_weighted() {
+        let weights = labels.weights();
+        let n = weights.len();
+        per_row = per_row * Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
+    }
     Ok(LossSum {
         sum: per_row.sum(),
         count: labels.count(),
     })
 }
 
-/// The fused per-row losses `[rows]` (zero on masked rows), for callers that report per sample.
+/// The fused per-row losses `[rows]` (zero on masked rows, unweighted), for callers that
+/// report per sample.
 pub fn ual_row_losses(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
     labels.check_against(logits.dims())?;
     let packed = labels.packed(&logits.device());

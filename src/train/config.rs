@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batch::Overflow;
+use crate::data::batch::{LossOn, Overflow, SampleRules};
 use crate::data::template::TemplateKind;
+use crate::loss::Reduction;
 use crate::model::lora::LoraConfig;
 use crate::uncertainty::SmoothingConfig;
 
@@ -73,6 +74,28 @@ impl std::str::FromStr for Checkpointing {
     }
 }
 
+/// The learning rate after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay to `lr · min_lr_ratio` at the last step.
+    #[default]
+    Cosine,
+    /// `lr` until the end (the authors' intended schedule).
+    Constant,
+}
+
+/// How micro-batches are drawn from the training set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// Length-bucketed batches in a seeded shuffle, epoch after epoch.
+    #[default]
+    Shuffle,
+    /// Each micro-batch drawn uniformly with replacement (the authors' `torch.randint`).
+    Replacement,
+}
+
 /// AdamW, the schedule and clipping. Defaults are PyTorch's AdamW (eps 1e-8) with no decay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -82,8 +105,11 @@ pub struct OptimConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    pub schedule: Schedule,
     /// Steps of linear warm-up from 0 to `lr`.
     pub warmup_steps: usize,
+    /// Warm-up as a fraction of the run's steps; when above 0 it replaces `warmup_steps`.
+    pub warmup_ratio: f64,
     /// The cosine decay ends at `lr * min_lr_ratio` on the last step.
     pub min_lr_ratio: f64,
     /// Global gradient-norm clipping, as torch's `clip_grad_norm_`; 0 turns it off.
@@ -98,7 +124,9 @@ impl Default for OptimConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            schedule: Schedule::Cosine,
             warmup_steps: 5,
+            warmup_ratio: 0.0,
             min_lr_ratio: 0.1,
             max_grad_norm: 1.0,
         }
@@ -119,13 +147,23 @@ pub struct TrainConfig {
     pub seed: u64,
     pub mode: Mode,
     pub steps: usize,
+    /// Passes over the training set; when above 0 it sets `steps` (rounded up) from the number
+    /// of samples, `batch_size` and `grad_accum`.
+    pub epochs: f64,
+    pub sampling: Sampling,
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     pub max_seq_len: usize,
     pub overflow: Overflow,
-    /// How Alpaca and chat examples become text: `alpaca` or the model's `chat_template`.
+    /// How Alpaca and chat examples become text: `alpaca`, the model's `chat_template`, or the
+    /// authors' `vicuna` / `vicuna_lima`.
     pub template: TemplateKind,
+    /// Which tokens carry loss: `response` (ual's) or `all` but padding (the authors').
+    pub loss_on: LossOn,
+    /// `tokens`: the mean over the step's loss tokens (ual's); `samples`: each sample's mean,
+    /// then the mean over samples (the authors').
+    pub reduction: Reduction,
     pub eval_every: usize,
     pub checkpoint_every: usize,
     /// Full fine-tuning writes `model/` in this dtype (float32, float16, bfloat16); unset means
@@ -164,11 +202,15 @@ impl Default for TrainConfig {
             seed: 42,
             mode: Mode::Lora,
             steps: 60,
+            epochs: 0.0,
+            sampling: Sampling::Shuffle,
             batch_size: 8,
             grad_accum: 1,
             max_seq_len: 384,
             overflow: Overflow::Truncate,
             template: TemplateKind::Alpaca,
+            loss_on: LossOn::Response,
+            reduction: Reduction::Tokens,
             eval_every: 20,
             checkpoint_every: 20,
             export_dtype: None,
@@ -205,9 +247,17 @@ impl TrainConfig {
         let source = file
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "--set".into());
-        let config: Self = tree
+        let mut config: Self = tree
             .try_into()
             .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        // TOML has no null: an empty path is how a file says "none".
+        if config
+            .eval_data
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            config.eval_data = None;
+        }
         config
             .validate()
             .with_context(|| format!("{source}: invalid configuration"))?;
@@ -234,6 +284,11 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        for (name, path) in [("model", &self.model), ("train_data", &self.train_data)] {
+            if path.as_os_str().is_empty() {
+                bail!("`{name}` is not set: add --set {name}=PATH");
+            }
+        }
         for (name, v) in [
             ("steps", self.steps),
             ("batch_size", self.batch_size),
@@ -248,6 +303,12 @@ impl TrainConfig {
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             bail!("`optim.lr` must be positive");
+        }
+        if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
+            bail!("`optim.warmup_ratio` = {} is outside [0, 1)", self.optim.warmup_ratio);
+        }
+        if !(self.epochs >= 0.0 && self.epochs.is_finite()) {
+            bail!("`epochs` = {} must be 0 (use `steps`) or positive", self.epochs);
         }
         if self.mode == Mode::Lora {
             self.lora.validate()?;
@@ -283,6 +344,35 @@ impl TrainConfig {
 
     pub fn run_dir(&self) -> PathBuf {
         self.output_dir.join(&self.name)
+    }
+
+    /// How this run turns examples into samples, for a model whose logits are `vocab` wide.
+    pub fn sample_rules(&self, vocab: usize) -> SampleRules {
+        SampleRules {
+            max_seq_len: self.max_seq_len,
+            overflow: self.overflow,
+            loss_on: self.loss_on,
+            smoothing: self.smoothing.clone(),
+            vocab,
+        }
+    }
+
+    /// Optimizer steps for `samples` training samples: `steps`, or `epochs` passes.
+    pub fn total_steps(&self, samples: usize) -> usize {
+        if self.epochs <= 0.0 {
+            return self.steps;
+        }
+        let per_step = (self.batch_size * self.grad_accum) as f64;
+        ((self.epochs * samples as f64 / per_step).ceil() as usize).max(1)
+    }
+
+    /// Warm-up steps of a run of `total_steps`.
+    pub fn warmup_steps(&self, total_steps: usize) -> usize {
+        if self.optim.warmup_ratio > 0.0 {
+            (self.optim.warmup_ratio * total_steps as f64).round() as usize
+        } else {
+            self.optim.warmup_steps
+        }
     }
 }
 

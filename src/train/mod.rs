@@ -20,12 +20,13 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::data::batch::{Batch, DataSummary, Sample, length_buckets, tokenize};
+use crate::data::batch::{Batch, DataSummary, Sample, length_buckets, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::device::{self, DeviceSpec};
 use crate::model::{Llama, Pretrained, lora, save};
-pub use config::{Checkpointing, Mode, TrainConfig};
+use crate::loss::Reduction;
+pub use config::{Checkpointing, Mode, Sampling, TrainConfig};
 use objective::{HeadPlan, response_loss};
 
 /// One line of `metrics.jsonl`.
@@ -56,23 +57,30 @@ pub struct RunSummary {
     pub mean_tokens_per_s: f64,
 }
 
-/// Batches in a seeded order, epoch after epoch.
+/// Batches in a seeded order: length buckets shuffled epoch after epoch, or micro-batches drawn
+/// with replacement (the draw is a function of the seed and its index, so a resumed run draws
+/// what an uninterrupted one would have).
 struct BatchStream {
     buckets: Vec<Vec<usize>>,
     order: Vec<usize>,
     position: usize,
     epoch: u64,
     seed: u64,
+    /// `Some((samples, batch_size))` when drawing with replacement.
+    replacement: Option<(usize, usize)>,
 }
 
 impl BatchStream {
-    fn new(buckets: Vec<Vec<usize>>, seed: u64) -> Self {
+    fn new(samples: &[Sample], batch_size: usize, sampling: Sampling, seed: u64) -> Self {
+        let replacement =
+            (sampling == Sampling::Replacement).then_some((samples.len(), batch_size.max(1)));
         let mut stream = Self {
             order: Vec::new(),
-            buckets,
+            buckets: length_buckets(samples, batch_size),
             position: 0,
             epoch: 0,
             seed,
+            replacement,
         };
         stream.shuffle();
         stream
@@ -91,14 +99,23 @@ impl BatchStream {
         self.position = position;
     }
 
-    fn next(&mut self) -> &[usize] {
+    fn next(&mut self) -> Vec<usize> {
+        if let Some((samples, batch_size)) = self.replacement {
+            use rand::Rng;
+            let draw = self.seed ^ (self.position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(draw);
+            self.position += 1;
+            return (0..batch_size)
+                .map(|_| rng.random_range(0..samples))
+                .collect();
+        }
         if self.position == self.order.len() {
             self.epoch += 1;
             self.position = 0;
             self.shuffle();
         }
         self.position += 1;
-        &self.buckets[self.order[self.position - 1]]
+        self.buckets[self.order[self.position - 1]].clone()
     }
 }
 
@@ -147,27 +164,23 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     }
 
     let template = Template::load(config.template, &config.model)?;
-    let prepare = |path: &std::path::Path| -> Result<(Vec<Sample>, DataSummary)> {
+    let rules = config.sample_rules(model_config.vocab_size);
+    let read = |path: &std::path::Path| -> Result<(Vec<Sample>, DataSummary)> {
         let examples = read_jsonl(path)?;
-        tokenize(
-            &examples,
-            &tokenizer,
-            &template,
-            eos,
-            &config.smoothing,
-            config.max_seq_len,
-            config.overflow,
-        )
-        .with_context(|| path.display().to_string())
+        prepare(&examples, &tokenizer, &template, eos, &rules)
+            .with_context(|| path.display().to_string())
     };
-    let (samples, data_summary) = prepare(&config.train_data)?;
+    let (samples, data_summary) = read(&config.train_data)?;
     if samples.is_empty() {
         anyhow::bail!("{}: no usable samples", config.train_data.display());
     }
     let eval_samples = match &config.eval_data {
-        Some(path) => prepare(path)?.0,
+        Some(path) => read(path)?.0,
         None => Vec::new(),
     };
+    let steps = config.total_steps(samples.len());
+    let warmup_steps = config.warmup_steps(steps);
+    let reduction = config.reduction;
     eprintln!(
         "data: {} samples ({} truncated, {} dropped, {} without uncertainty), {} response tokens; eval {}",
         data_summary.samples,
@@ -180,9 +193,13 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
 
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    // No held-out set is written as "", since TOML has no null and a missing key would
+    // resume with the default one.
+    let mut written = config.clone();
+    written.eval_data.get_or_insert_with(std::path::PathBuf::new);
     crate::util::write_atomic(
         &run_dir.join("config.toml"),
-        toml::to_string_pretty(config)?.as_bytes(),
+        toml::to_string_pretty(&written)?.as_bytes(),
     )?;
     let head = HeadPlan::new(
         config.fused_head,
@@ -203,7 +220,8 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .with_epsilon(config.optim.eps as f32)
         .with_weight_decay(config.optim.weight_decay as f32)
         .init();
-    let mut stream = BatchStream::new(length_buckets(&samples, config.batch_size), config.seed);
+    let mut stream =
+        BatchStream::new(&samples, config.batch_size, config.sampling, config.seed);
     let metrics_path = run_dir.join("metrics.jsonl");
     let (first_step, initial_eval_loss, mut history) = match &state {
         Some(state) => {
@@ -222,7 +240,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         }
         None => (
             0,
-            evaluate(&model, &eval_samples, config.batch_size, head)?,
+            evaluate(&model, &eval_samples, config.batch_size, head, reduction)?,
             Vec::new(),
         ),
     };
@@ -234,12 +252,12 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     crate::util::write_atomic(&metrics_path, kept.as_bytes())?;
     let mut metrics_file = OpenOptions::new().append(true).open(&metrics_path)?;
 
-    let progress = ProgressBar::new(config.steps as u64).with_position(first_step as u64);
+    let progress = ProgressBar::new(steps as u64).with_position(first_step as u64);
     progress.set_style(
         ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}]")
             .expect("static template"),
     );
-    for step in first_step..config.steps {
+    for step in first_step..steps {
         // The random state is a function of the step, so a resumed run draws what an
         // uninterrupted one would have drawn (LoRA dropout).
         device.seed(config.seed.wrapping_add(step as u64 + 1));
@@ -248,8 +266,14 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             .map(|_| stream.next().iter().map(|&i| &samples[i]).collect())
             .collect();
         let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
-        let (mut grads, loss_total, tokens) =
-            step_gradients(&model, &micro, &device, head, config.gradient_checkpointing)?;
+        let (mut grads, loss_total, tokens) = step_gradients_reduced(
+            &model,
+            &micro,
+            &device,
+            head,
+            config.gradient_checkpointing,
+            reduction,
+        )?;
         let grad_norm = optim::global_norm(&model, &grads);
         if config.optim.max_grad_norm > 0.0 && grad_norm > config.optim.max_grad_norm {
             optim::scale_grads(
@@ -258,20 +282,20 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 config.optim.max_grad_norm / (grad_norm + 1e-6),
             );
         }
-        let lr = optim::learning_rate(&config.optim, step, config.steps);
+        let lr = optim::learning_rate(&config.optim, warmup_steps, step, steps);
         model = optimizer.step(lr, model, grads);
 
         let mean_eps = micro
             .iter()
             .flatten()
-            .map(|s| s.smoothing as f64 * s.response_tokens() as f64)
+            .map(|s| s.epsilon * s.response_tokens() as f64)
             .sum::<f64>()
             / step_tokens.max(1) as f64;
         let done = step + 1;
         // Every `eval_every` steps, and always after the last one.
         let eval_loss = ((config.eval_every > 0 && done % config.eval_every == 0)
-            || done == config.steps)
-            .then(|| evaluate(&model, &eval_samples, config.batch_size, head))
+            || done == steps)
+            .then(|| evaluate(&model, &eval_samples, config.batch_size, head, reduction))
             .transpose()?
             .flatten();
         let metrics = StepMetrics {
@@ -291,7 +315,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         ));
         progress.inc(1);
         history.push(metrics);
-        if config.checkpoint_every > 0 && done % config.checkpoint_every == 0 && done < config.steps
+        if config.checkpoint_every > 0 && done % config.checkpoint_every == 0 && done < steps
         {
             let state = checkpoint::State {
                 step: done,
@@ -321,7 +345,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         run_dir: run_dir.display().to_string(),
         device: selected.description,
         data: data_summary,
-        steps: config.steps,
+        steps,
         initial_eval_loss,
         first_loss: history.first().map(|m| m.loss).unwrap_or(f64::NAN),
         last_loss: history.last().map(|m| m.loss).unwrap_or(f64::NAN),
@@ -351,12 +375,26 @@ pub fn step_gradients(
     head: HeadPlan,
     checkpointing: Checkpointing,
 ) -> Result<(GradientsParams, f64, usize)> {
-    let step_tokens: usize = micro.iter().flatten().map(|s| s.response_tokens()).sum();
-    let scale = step_tokens.max(1) as f64;
+    step_gradients_reduced(model, micro, device, head, checkpointing, Reduction::Tokens)
+}
+
+/// [`step_gradients`] under `reduction`: with [`Reduction::Samples`] each sample's loss tokens
+/// weigh 1/n_i and the step's sum is divided by its sample count, so k micro-batches again give
+/// exactly the gradient of one batch holding all of them.
+pub fn step_gradients_reduced(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &burn::tensor::Device,
+    head: HeadPlan,
+    checkpointing: Checkpointing,
+    reduction: Reduction,
+) -> Result<(GradientsParams, f64, usize)> {
+    let scale: f64 = micro.iter().flatten().map(|s| s.share(reduction)).sum();
+    let scale = if scale > 0.0 { scale } else { 1.0 };
     let mut accumulator = GradientsAccumulator::new();
     let (mut loss_total, mut tokens) = (0.0, 0);
     for batch_samples in micro {
-        let batch = Batch::new(batch_samples, device)?;
+        let batch = Batch::with_reduction(batch_samples, reduction, device)?;
         tokens += batch.tokens;
         let loss = if checkpointing == Checkpointing::Layers {
             recompute::accumulate_gradients(model, &batch, head, scale, &mut accumulator)?
@@ -371,25 +409,26 @@ pub fn step_gradients(
     Ok((accumulator.grads(), loss_total, tokens))
 }
 
-/// Mean UAL loss per response token over `samples`, without gradients or dropout.
+/// Mean UAL loss over `samples` under `reduction` (per loss token, or per sample), without
+/// gradients or dropout.
 pub fn evaluate(
     model: &Llama,
     samples: &[Sample],
     batch_size: usize,
     head: HeadPlan,
+    reduction: Reduction,
 ) -> Result<Option<f64>> {
     if samples.is_empty() {
         return Ok(None);
     }
     let model = model.valid();
     let device = model.device();
-    let (mut sum, mut count) = (0.0, 0);
+    let mut sum = 0.0;
     for bucket in length_buckets(samples, batch_size) {
         let batch_samples: Vec<&Sample> = bucket.iter().map(|&i| &samples[i]).collect();
-        let batch = Batch::new(&batch_samples, &device)?;
-        let loss = response_loss(&model, &batch, head)?;
-        sum += loss.sum.into_scalar::<f32>() as f64;
-        count += loss.count;
+        let batch = Batch::with_reduction(&batch_samples, reduction, &device)?;
+        sum += response_loss(&model, &batch, head)?.sum.into_scalar::<f32>() as f64;
     }
-    Ok(Some(sum / count.max(1) as f64))
+    let divisor: f64 = samples.iter().map(|s| s.share(reduction)).sum();
+    Ok(Some(sum / divisor.max(1.0)))
 }

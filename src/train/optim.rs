@@ -4,13 +4,22 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
-use super::config::OptimConfig;
+use super::config::{OptimConfig, Schedule};
 
-/// Linear warm-up from 0 to `lr`, then cosine decay to `lr · min_lr_ratio` at the last step.
-pub fn learning_rate(config: &OptimConfig, step: usize, total_steps: usize) -> f64 {
-    let warmup = config.warmup_steps.min(total_steps.saturating_sub(1));
+/// Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay to
+/// `lr · min_lr_ratio` at the last step, or `lr` to the end.
+pub fn learning_rate(
+    config: &OptimConfig,
+    warmup_steps: usize,
+    step: usize,
+    total_steps: usize,
+) -> f64 {
+    let warmup = warmup_steps.min(total_steps.saturating_sub(1));
     if step < warmup {
         return config.lr * (step + 1) as f64 / (warmup + 1) as f64;
+    }
+    if config.schedule == Schedule::Constant {
+        return config.lr;
     }
     let decay_steps = (total_steps - warmup).max(1);
     let progress = (step - warmup) as f64 / decay_steps as f64;
@@ -72,11 +81,22 @@ mod tests {
             min_lr_ratio: 0.1,
             ..Default::default()
         };
-        assert!((learning_rate(&c, 0, 20) - 0.2).abs() < 1e-12);
-        assert!((learning_rate(&c, 4, 20) - 1.0).abs() < 1e-12);
-        let last = learning_rate(&c, 19, 20);
+        assert!((learning_rate(&c, 4, 0, 20) - 0.2).abs() < 1e-12);
+        assert!((learning_rate(&c, 4, 4, 20) - 1.0).abs() < 1e-12);
+        let last = learning_rate(&c, 4, 19, 20);
         assert!(last > 0.1 && last < 0.12, "{last}");
-        let lrs: Vec<f64> = (4..20).map(|s| learning_rate(&c, s, 20)).collect();
+        let lrs: Vec<f64> = (4..20).map(|s| learning_rate(&c, 4, s, 20)).collect();
         assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "monotone decay");
+    }
+
+    #[test]
+    fn constant_after_warmup() {
+        let c = OptimConfig {
+            lr: 1.0,
+            schedule: Schedule::Constant,
+            ..Default::default()
+        };
+        assert!((learning_rate(&c, 2, 0, 20) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((0..20).skip(2).all(|s| learning_rate(&c, 2, s, 20) == 1.0));
     }
 }
