@@ -583,12 +583,8 @@ fn run(cli: Cli) -> Result<()> {
             let (pretrained, _) = model.load()?;
             let mut items = ual::eval::paper::read_gsm8k(&data)?;
             items.truncate(limit.unwrap_or(usize::MAX));
-            let report = ual::eval::paper::evaluate(
-                &pretrained,
-                &items,
-                seed,
-                &data.display().to_string(),
-            )?;
+            let report =
+                ual::eval::paper::evaluate(&pretrained, &items, seed, &data.display().to_string())?;
             write_report(&report, output.as_deref(), report.correct, report.total)
         }
         Command::Eval(EvalCommand::Metamath {
@@ -605,12 +601,8 @@ fn run(cli: Cli) -> Result<()> {
                 items.drain(..items.len().saturating_sub(n));
             }
             items.truncate(limit.unwrap_or(usize::MAX));
-            let report = ual::eval::paper::evaluate(
-                &pretrained,
-                &items,
-                seed,
-                &data.display().to_string(),
-            )?;
+            let report =
+                ual::eval::paper::evaluate(&pretrained, &items, seed, &data.display().to_string())?;
             write_report(&report, output.as_deref(), report.correct, report.total)
         }
         Command::Eval(EvalCommand::Gsm8k {
@@ -726,7 +718,10 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{}", serde_json::to_string(r)?);
                 } else {
                     let scored = r.pairs.iter().filter(|p| p.silhouette.is_some()).count();
-                    println!("{:<40} {:>4} pairs  mean silhouette {:.4}", r.model, scored, r.mean);
+                    println!(
+                        "{:<40} {:>4} pairs  mean silhouette {:.4}",
+                        r.model, scored, r.mean
+                    );
                 }
             }
             Ok(())
@@ -742,7 +737,9 @@ fn run(cli: Cli) -> Result<()> {
             ..
         }) => {
             if adapters.len() > 1 {
-                anyhow::bail!("--protocol ual compares the base with one adapter; give one --adapter");
+                anyhow::bail!(
+                    "--protocol ual compares the base with one adapter; give one --adapter"
+                );
             }
             let args = ModelArgs {
                 model,
@@ -1146,7 +1143,11 @@ fn parse_pair(text: &str) -> Result<(u32, u32), String> {
     let (a, b) = text
         .split_once(',')
         .ok_or_else(|| format!("{text:?}: expected A,B (two token ids)"))?;
-    let id = |s: &str| s.trim().parse::<u32>().map_err(|_| format!("{s:?} is not a token id"));
+    let id = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a token id"))
+    };
     Ok((id(a)?, id(b)?))
 }
 
@@ -1156,7 +1157,10 @@ fn parse_scale(text: &str) -> Result<[f64; 2], String> {
     let [min, max] = parts[..] else {
         return Err(format!("{text:?}: expected MIN,MAX"));
     };
-    let number = |s: &str| s.parse::<f64>().map_err(|_| format!("{s:?} is not a number"));
+    let number = |s: &str| {
+        s.parse::<f64>()
+            .map_err(|_| format!("{s:?} is not a number"))
+    };
     let (min, max) = (number(min)?, number(max)?);
     if !(min.is_finite() && max.is_finite() && min < max) {
         return Err(format!("{text:?}: expected MIN < MAX"));

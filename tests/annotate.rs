@@ -509,10 +509,18 @@ fn paper_preset_sends_the_authors_prompt_and_reads_their_scale() {
     .unwrap();
     let output = tmp.path().join("out.jsonl");
     let out = annotate(&mock, &input, &output, &["--prompt-preset", "paper"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scored = read(&output);
     assert_eq!(scored.len(), 2, "the line scored 100 is refused");
-    assert_eq!(scored[0]["uncertainty"].as_f64(), Some(0.0), "0 is a valid score");
+    assert_eq!(
+        scored[0]["uncertainty"].as_f64(),
+        Some(0.0),
+        "0 is a valid score"
+    );
     assert_eq!(scored[1]["uncertainty"].as_f64(), Some(57.0));
     let failed = read(&ual::annotate::sibling(&output, "failed.jsonl"));
     assert_eq!(failed.len(), 1);
@@ -521,7 +529,12 @@ fn paper_preset_sends_the_authors_prompt_and_reads_their_scale() {
     let bodies = mock.bodies.lock().unwrap();
     let first = bodies
         .iter()
-        .find(|b| b["messages"][0]["content"].as_str().unwrap().contains("Add 2 and 2"))
+        .find(|b| {
+            b["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .contains("Add 2 and 2")
+        })
         .unwrap();
     // The authors' request: one user message, temperature 0, top_p 0.9, max_tokens 4096.
     assert_eq!(first["temperature"], 0);
@@ -529,14 +542,24 @@ fn paper_preset_sends_the_authors_prompt_and_reads_their_scale() {
     assert_eq!(first["max_tokens"], 4096);
     let prompt = first["messages"][0]["content"].as_str().unwrap();
     assert!(prompt.starts_with("Your task is to evaluate and rate the need for diversity in dialogue responses on a scale from 0 to 99."));
-    assert!(prompt.ends_with("#### Example:\nAdd 2 and 2.\n4\n"), "{prompt:?}");
+    assert!(
+        prompt.ends_with("#### Example:\nAdd 2 and 2.\n4\n"),
+        "{prompt:?}"
+    );
     // A refused reply gets the follow-up, naming the preset's scale.
     let follow_up = bodies
         .iter()
         .find(|b| b["messages"].as_array().unwrap().len() > 1)
         .unwrap();
-    assert!(follow_up["messages"][2]["content"].as_str().unwrap().contains("from 0 to 99"));
+    assert!(
+        follow_up["messages"][2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("from 0 to 99")
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(" 50 |"), "the histogram follows the 0–99 scale: {stderr}");
+    assert!(
+        stderr.contains(" 50 |"),
+        "the histogram follows the 0–99 scale: {stderr}"
+    );
 }
-

@@ -182,7 +182,12 @@ fn clustering_equals_sklearn_pca_and_silhouette() {
     }
     eprintln!("clustering: worst pair gap {worst:.2e}");
     assert!(worst <= 1e-4, "worst pair differs by {worst:.2e}");
-    assert!((ours.mean - f.mean).abs() <= 1e-4, "{} vs {}", ours.mean, f.mean);
+    assert!(
+        (ours.mean - f.mean).abs() <= 1e-4,
+        "{} vs {}",
+        ours.mean,
+        f.mean
+    );
 }
 
 #[test]
@@ -191,12 +196,22 @@ fn metamath_and_gsm8k_golds_are_the_authors() {
     let golds: Vec<&str> = items.iter().map(|i| i.gold.as_str()).collect();
     assert_eq!(golds, ["7", "\\frac{3}{4}", "7"]);
     let gsm = ual::eval::paper::read_gsm8k(&root().join("data/gsm8k/test.jsonl")).unwrap();
-    assert!(gsm.iter().all(|i| !i.gold.is_empty() && !i.gold.contains("####")));
+    assert!(
+        gsm.iter()
+            .all(|i| !i.gold.is_empty() && !i.gold.contains("####"))
+    );
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"query\": \"q\", \"response\": \"The answer is: 1\"}\n{\"query\": \"q\"}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"query\": \"q\", \"response\": \"The answer is: 1\"}\n{\"query\": \"q\"}\n",
+    )
+    .unwrap();
     let err = format!("{:#}", ual::eval::paper::read_metamath(&bad).unwrap_err());
-    assert!(err.contains("bad.jsonl:2") && err.contains("`response`"), "{err}");
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("`response`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -209,7 +224,11 @@ fn the_paper_protocol_is_reproducible_by_seed() {
     let outputs = |r: &ual::eval::paper::Report| -> Vec<String> {
         r.items.iter().map(|i| i.output.clone()).collect()
     };
-    assert_eq!(outputs(&a), outputs(&b), "the same seed gives the same outputs");
+    assert_eq!(
+        outputs(&a),
+        outputs(&b),
+        "the same seed gives the same outputs"
+    );
     assert_ne!(outputs(&a), outputs(&c), "another seed samples otherwise");
     for item in &a.items {
         assert_eq!(item.correct, item.output.contains(&item.gold));
@@ -223,8 +242,18 @@ fn train_recipe(config: &str, dir: &Path, extra: &[&str]) -> Value {
         .args(["train", "--config", config])
         .args(["--set", "model=\"models/tiny\""])
         .args(["--set", "train_data=\"tests/fixtures/paper/data.jsonl\""])
-        .args(["--set", "epochs=0", "--set", "steps=2", "--set", "grad_accum=4"])
-        .args(["--set", &format!("output_dir={:?}", dir.display().to_string())])
+        .args([
+            "--set",
+            "epochs=0",
+            "--set",
+            "steps=2",
+            "--set",
+            "grad_accum=4",
+        ])
+        .args([
+            "--set",
+            &format!("output_dir={:?}", dir.display().to_string()),
+        ])
         .args(["--device", "cpu"])
         .args(extra.iter().flat_map(|e| ["--set", e]))
         .output()
@@ -290,11 +319,20 @@ fn score_with_the_mistral_config_prints_the_ports_lines() {
         .args(["score", "--model", "tests/fixtures/models/mistral-f16"])
         .args(["--data", "tests/fixtures/paper/data.jsonl"])
         .args(["--config", "configs/ual-paper-mistral-7b.toml"])
-        .args(["--set", "model=\"unused\"", "--set", "train_data=\"unused\""])
+        .args([
+            "--set",
+            "model=\"unused\"",
+            "--set",
+            "train_data=\"unused\"",
+        ])
         .args(["--device", "cpu", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = expected().paper;
     let lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
@@ -332,7 +370,11 @@ fn features_paper_protocol_reports_every_pair_per_model() {
         .arg(dir.path().join("features"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -344,7 +386,10 @@ fn features_paper_protocol_reports_every_pair_per_model() {
         assert_eq!(row["labels"].as_array().unwrap().len(), 42);
         let pairs = row["pairs"].as_array().unwrap();
         assert_eq!(pairs.len(), 861);
-        let scored: Vec<f64> = pairs.iter().filter_map(|p| p["silhouette"].as_f64()).collect();
+        let scored: Vec<f64> = pairs
+            .iter()
+            .filter_map(|p| p["silhouette"].as_f64())
+            .collect();
         let mean = scored.iter().sum::<f64>() / scored.len() as f64;
         assert!((row["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
         assert!(scored.iter().all(|s| (-1.0..=1.0).contains(s)));

@@ -400,7 +400,10 @@ fn write_outputs(
         requested,
         failed: failed_count,
         seconds: started.elapsed().as_secs_f64(),
-        histogram: (0..bins.count).map(|b| bins.lowest(b)).zip(histogram).collect(),
+        histogram: (0..bins.count)
+            .map(|b| bins.lowest(b))
+            .zip(histogram)
+            .collect(),
     })
 }
 

@@ -11,9 +11,8 @@ use regex::Regex;
 
 const NUM: &str = r"\d+(?:\.\d+)?";
 
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?").expect("static pattern")
-});
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?").expect("static pattern"));
 static RANGE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(&format!(
         r"(?i)between\s+{NUM}\s+and\s+{NUM}|{NUM}\s*(?:-|–|—|to)\s*{NUM}"
@@ -33,7 +32,10 @@ pub fn parse_score(reply: &str, scale: [f64; 2]) -> Option<f64> {
         return on_scale(score, scale);
     }
     let alone = text.lines().rev().find_map(|line| {
-        let bare = line.trim().trim_matches(|c: char| "*_`.#:".contains(c)).trim();
+        let bare = line
+            .trim()
+            .trim_matches(|c: char| "*_`.#:".contains(c))
+            .trim();
         NUMBER
             .find(bare)
             .filter(|m| m.start() == 0 && m.end() == bare.len())
@@ -71,7 +73,10 @@ mod tests {
         assert_eq!(p(r#"{"score": 9}"#), Some(9.0));
         assert_eq!(p(r#"{"uncertainty": "4"}"#), Some(4.0));
         assert_eq!(p("5.5"), Some(5.5));
-        assert_eq!(p("On a scale of 1 to 10, I would rate this an 8."), Some(8.0));
+        assert_eq!(
+            p("On a scale of 1 to 10, I would rate this an 8."),
+            Some(8.0)
+        );
         assert_eq!(p("8/10"), Some(8.0));
         assert_eq!(p("Between 1 and 10: this is a 3."), Some(3.0));
     }
@@ -83,14 +88,19 @@ mod tests {
         assert_eq!(p("99"), Some(99.0));
         assert_eq!(p("100"), None);
         assert_eq!(
-            p("The dialogue is technical (0-39 band): strict precision is needed.\n\n**Score: 15**"),
+            p(
+                "The dialogue is technical (0-39 band): strict precision is needed.\n\n**Score: 15**"
+            ),
             Some(15.0)
         );
         assert_eq!(
             p("Rating: 85\nThis falls in the 70–99 range for everyday conversation."),
             Some(85.0)
         );
-        assert_eq!(p("I'd rate the need for diversity at 42 out of 99."), Some(42.0));
+        assert_eq!(
+            p("I'd rate the need for diversity at 42 out of 99."),
+            Some(42.0)
+        );
     }
 
     #[test]

@@ -105,8 +105,16 @@ fn prompt_of(line: &str) -> Result<String> {
             .iter()
             .find_map(|t| match t {
                 Value::String(s) => Some(s.clone()),
-                Value::Object(o) if matches!(o.get("from").or(o.get("role")).and_then(Value::as_str), Some("human" | "user")) => {
-                    o.get("value").or(o.get("content")).and_then(Value::as_str).map(str::to_string)
+                Value::Object(o)
+                    if matches!(
+                        o.get("from").or(o.get("role")).and_then(Value::as_str),
+                        Some("human" | "user")
+                    ) =>
+                {
+                    o.get("value")
+                        .or(o.get("content"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
                 }
                 _ => None,
             })
@@ -199,7 +207,9 @@ fn messages_of(value: &Value) -> Result<Vec<Message>> {
 /// `{"from", "value"}` turns name their speaker (`human`/`user`, `gpt`/`assistant`, `system`).
 fn sharegpt_turns(value: &Value) -> Result<Vec<Message>> {
     let Value::Array(items) = value else {
-        bail!("field `conversations` must be an array of strings or of {{\"from\", \"value\"}} objects");
+        bail!(
+            "field `conversations` must be an array of strings or of {{\"from\", \"value\"}} objects"
+        );
     };
     let mut messages = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -219,8 +229,9 @@ fn sharegpt_turns(value: &Value) -> Result<Vec<Message>> {
                 Message::new(role, text)
             }
             Value::Object(turn) => {
-                let field =
-                    |name: &str| string(turn, name).map_err(|e| anyhow!("`conversations[{i}]`: {e}"));
+                let field = |name: &str| {
+                    string(turn, name).map_err(|e| anyhow!("`conversations[{i}]`: {e}"))
+                };
                 let from = field("from")?;
                 let role = match from.as_str() {
                     "human" | "user" => "user",
@@ -232,7 +243,9 @@ fn sharegpt_turns(value: &Value) -> Result<Vec<Message>> {
                 };
                 Message::new(role, &field("value")?)
             }
-            _ => bail!("field `conversations[{i}]` must be a string or a {{\"from\", \"value\"}} object"),
+            _ => bail!(
+                "field `conversations[{i}]` must be a string or a {{\"from\", \"value\"}} object"
+            ),
         };
         messages.push(message);
     }
@@ -306,7 +319,11 @@ mod tests {
 
     #[test]
     fn reads_both_sharegpt_shapes() {
-        let lima = parse_line(r#"{"conversations":["Hi","Hello","How?","Thus."],"uncertainty":0}"#, 1).unwrap();
+        let lima = parse_line(
+            r#"{"conversations":["Hi","Hello","How?","Thus."],"uncertainty":0}"#,
+            1,
+        )
+        .unwrap();
         let Body::Chat { messages } = &lima.body else {
             panic!("a chat")
         };
@@ -329,12 +346,21 @@ mod tests {
     #[test]
     fn reads_prompts_of_every_shape() {
         for (line, prompt) in [
-            (r#"{"conversations":["Why is the sky blue?"]}"#, "Why is the sky blue?"),
-            (r#"{"conversations":[{"from":"human","value":"Q"},{"from":"gpt","value":"A"}]}"#, "Q"),
+            (
+                r#"{"conversations":["Why is the sky blue?"]}"#,
+                "Why is the sky blue?",
+            ),
+            (
+                r#"{"conversations":[{"from":"human","value":"Q"},{"from":"gpt","value":"A"}]}"#,
+                "Q",
+            ),
             (r#"{"instruction":"Add","input":"2+2"}"#, "Add\n\n2+2"),
             (r#"{"prompt":"P"}"#, "P"),
             (r#""plain""#, "plain"),
-            (r#"{"messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}"#, "U"),
+            (
+                r#"{"messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}"#,
+                "U",
+            ),
         ] {
             assert_eq!(prompt_of(line).unwrap(), prompt, "{line}");
         }
@@ -346,8 +372,14 @@ mod tests {
         let msg = |l: &str| format!("{:#}", parse_line(l, 1).unwrap_err());
         assert!(msg(r#"{"conversations":"Hi"}"#).contains("`conversations` must be an array"));
         assert!(msg(r#"{"conversations":["Hi"]}"#).contains("no assistant turn"));
-        assert!(msg(r#"{"conversations":[{"from":"bot","value":"x"}]}"#).contains("`conversations[0].from`"));
-        assert!(msg(r#"{"conversations":[{"from":"human"}]}"#).contains("`conversations[0]`: missing field `value`"));
+        assert!(
+            msg(r#"{"conversations":[{"from":"bot","value":"x"}]}"#)
+                .contains("`conversations[0].from`")
+        );
+        assert!(
+            msg(r#"{"conversations":[{"from":"human"}]}"#)
+                .contains("`conversations[0]`: missing field `value`")
+        );
         assert!(msg(r#"{"conversations":["Q",3]}"#).contains("`conversations[1]`"));
     }
 
@@ -356,7 +388,9 @@ mod tests {
         let msg = |l: &str| format!("{:#}", parse_line(l, 1).unwrap_err());
         assert!(msg(r#"{"instruction":"x"}"#).contains("`output`"));
         assert!(msg(r#"{"prompt":"x","completion":3}"#).contains("`completion` must be a string"));
-        assert!(msg(r#"{"prompt":"x","completion":"y","uncertainty":"a"}"#).contains("`uncertainty`"));
+        assert!(
+            msg(r#"{"prompt":"x","completion":"y","uncertainty":"a"}"#).contains("`uncertainty`")
+        );
         assert!(msg(r#"{"prompt":"x""#).contains("malformed JSON"));
         assert!(msg(r#"[1]"#).contains("object"));
         assert!(

@@ -74,7 +74,9 @@ pub enum Template {
     Alpaca,
     Chat(ChatTemplate),
     /// The authors' turns; `lead` is the text before `### User:`.
-    Vicuna { lead: &'static str },
+    Vicuna {
+        lead: &'static str,
+    },
 }
 
 impl Template {

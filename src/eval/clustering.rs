@@ -140,7 +140,10 @@ pub fn pca2(rows: &[&[f32]]) -> Vec<[f64; 2]> {
     let mut scores = vec![[0.0; 2]; n];
     if n <= d {
         let eig = SymmetricEigen::new(&x * x.transpose());
-        for (k, c) in largest(&eig.eigenvalues, components).into_iter().enumerate() {
+        for (k, c) in largest(&eig.eigenvalues, components)
+            .into_iter()
+            .enumerate()
+        {
             let scale = eig.eigenvalues[c].max(0.0).sqrt();
             for (i, s) in scores.iter_mut().enumerate() {
                 s[k] = eig.eigenvectors[(i, c)] * scale;
@@ -148,7 +151,10 @@ pub fn pca2(rows: &[&[f32]]) -> Vec<[f64; 2]> {
         }
     } else {
         let eig = SymmetricEigen::new(x.transpose() * &x);
-        for (k, c) in largest(&eig.eigenvalues, components).into_iter().enumerate() {
+        for (k, c) in largest(&eig.eigenvalues, components)
+            .into_iter()
+            .enumerate()
+        {
             let projected = &x * eig.eigenvectors.column(c);
             for (i, s) in scores.iter_mut().enumerate() {
                 s[k] = projected[i];
@@ -314,10 +320,7 @@ pub struct Request<'a> {
 
 /// The analysis of the base model and of each adapter, in order. Labels are counted from the
 /// token ids (the same for every model), so only the top labels' features are kept.
-pub fn analyse_models(
-    request: &Request,
-    device: &burn::tensor::Device,
-) -> Result<Vec<Clustering>> {
+pub fn analyse_models(request: &Request, device: &burn::tensor::Device) -> Result<Vec<Clustering>> {
     use crate::data::formats::Message;
     use crate::model::Pretrained;
     let mut results = Vec::new();
@@ -335,17 +338,22 @@ pub fn analyse_models(
             ids.truncate(request.max_seq_len);
             sequences.push(ids);
         }
-        let next: Vec<u32> = sequences.iter().flat_map(|s| s.iter().skip(1).copied()).collect();
+        let next: Vec<u32> = sequences
+            .iter()
+            .flat_map(|s| s.iter().skip(1).copied())
+            .collect();
         let top = top_labels(&next, TOP_LABELS);
         let mut keep: Vec<u32> = top.iter().map(|l| l.id).collect();
         if let Some(((a, b), _)) = request.plot {
             keep.extend([a, b]);
         }
         let name = adapter.map_or("base".to_string(), |a| a.display().to_string());
-        let progress = indicatif::ProgressBar::new(sequences.len() as u64)
-            .with_message(name.clone());
+        let progress =
+            indicatif::ProgressBar::new(sequences.len() as u64).with_message(name.clone());
         let (points, labels) =
-            next_token_features(&pretrained.model, &sequences, Some(&keep), || progress.inc(1))?;
+            next_token_features(&pretrained.model, &sequences, Some(&keep), || {
+                progress.inc(1)
+            })?;
         progress.finish_and_clear();
         if let Some(((a, b), dir)) = request.plot {
             let token = |id: u32| pretrained.tokenizer.token_text(id);
@@ -391,10 +399,15 @@ mod tests {
     #[test]
     fn pca_keeps_the_pairwise_geometry_of_planar_data() {
         // Points already in a plane of R^3: PCA(2) must preserve every distance.
-        let rows: Vec<Vec<f32>> = [[0.0, 0.0, 1.0], [1.0, 2.0, 1.0], [3.0, -1.0, 1.0], [2.0, 2.0, 1.0]]
-            .iter()
-            .map(|r| r.to_vec())
-            .collect();
+        let rows: Vec<Vec<f32>> = [
+            [0.0, 0.0, 1.0],
+            [1.0, 2.0, 1.0],
+            [3.0, -1.0, 1.0],
+            [2.0, 2.0, 1.0],
+        ]
+        .iter()
+        .map(|r| r.to_vec())
+        .collect();
         let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
         let plane = pca2(&refs);
         let dist3 = |i: usize, j: usize| {

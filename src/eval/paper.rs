@@ -72,7 +72,10 @@ pub fn read_gsm8k(path: &Path) -> Result<Vec<MathItem>> {
             let question = field(&record, "question", path, line)?;
             let answer = field(&record, "answer", path, line)?;
             let gold = gsm8k_gold(&answer).with_context(|| {
-                format!("{}:{line}: field `answer` has no `####` gold", path.display())
+                format!(
+                    "{}:{line}: field `answer` has no `####` gold",
+                    path.display()
+                )
             })?;
             Ok(MathItem { question, gold })
         })
@@ -86,9 +89,8 @@ pub fn read_metamath(path: &Path) -> Result<Vec<MathItem>> {
         .map(|(line, record)| {
             let question = field(&record, "query", path, line)?;
             let response = field(&record, "response", path, line)?;
-            let gold = metamath_gold(&response).with_context(|| {
-                format!("{}:{line}: field `response` is empty", path.display())
-            })?;
+            let gold = metamath_gold(&response)
+                .with_context(|| format!("{}:{line}: field `response` is empty", path.display()))?;
             Ok(MathItem { question, gold })
         })
         .collect()
@@ -104,7 +106,11 @@ fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
         else {
             bail!("{}: expected a JSON array", path.display());
         };
-        return Ok(items.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect());
+        return Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect());
     }
     text.lines()
         .enumerate()
@@ -178,9 +184,16 @@ pub fn evaluate(
             seed: seed.wrapping_add(i as u64),
             ..Default::default()
         };
-        let output = generate(&model.model, &model.tokenizer, &eos, &[ids], &config, |_, _| {})?
-            .remove(0)
-            .text;
+        let output = generate(
+            &model.model,
+            &model.tokenizer,
+            &eos,
+            &[ids],
+            &config,
+            |_, _| {},
+        )?
+        .remove(0)
+        .text;
         let output = output.trim().to_string();
         records.push(Record {
             correct: is_correct(&item.gold, &output),
@@ -225,7 +238,10 @@ mod tests {
         // MetaMathQA responses end "The answer is: 18" (sometimes with a full stop).
         let r = "Janet sells 16 - 3 - 4 = 9 duck eggs.\nThe answer is: 18";
         assert_eq!(metamath_gold(r).as_deref(), Some("18"));
-        assert_eq!(metamath_gold("The answer is: \\frac{1}{2}. ").as_deref(), Some("\\frac{1}{2}"));
+        assert_eq!(
+            metamath_gold("The answer is: \\frac{1}{2}. ").as_deref(),
+            Some("\\frac{1}{2}")
+        );
         assert_eq!(metamath_gold("  .. "), None);
     }
 

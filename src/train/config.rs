@@ -305,10 +305,16 @@ impl TrainConfig {
             bail!("`optim.lr` must be positive");
         }
         if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
-            bail!("`optim.warmup_ratio` = {} is outside [0, 1)", self.optim.warmup_ratio);
+            bail!(
+                "`optim.warmup_ratio` = {} is outside [0, 1)",
+                self.optim.warmup_ratio
+            );
         }
         if !(self.epochs >= 0.0 && self.epochs.is_finite()) {
-            bail!("`epochs` = {} must be 0 (use `steps`) or positive", self.epochs);
+            bail!(
+                "`epochs` = {} must be 0 (use `steps`) or positive",
+                self.epochs
+            );
         }
         if self.mode == Mode::Lora {
             self.lora.validate()?;

@@ -24,8 +24,8 @@ use crate::data::batch::{Batch, DataSummary, Sample, length_buckets, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::device::{self, DeviceSpec};
-use crate::model::{Llama, Pretrained, lora, save};
 use crate::loss::Reduction;
+use crate::model::{Llama, Pretrained, lora, save};
 pub use config::{Checkpointing, Mode, Sampling, TrainConfig};
 use objective::{HeadPlan, response_loss};
 
@@ -196,7 +196,9 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
     // No held-out set is written as "", since TOML has no null and a missing key would
     // resume with the default one.
     let mut written = config.clone();
-    written.eval_data.get_or_insert_with(std::path::PathBuf::new);
+    written
+        .eval_data
+        .get_or_insert_with(std::path::PathBuf::new);
     crate::util::write_atomic(
         &run_dir.join("config.toml"),
         toml::to_string_pretty(&written)?.as_bytes(),
@@ -220,8 +222,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .with_epsilon(config.optim.eps as f32)
         .with_weight_decay(config.optim.weight_decay as f32)
         .init();
-    let mut stream =
-        BatchStream::new(&samples, config.batch_size, config.sampling, config.seed);
+    let mut stream = BatchStream::new(&samples, config.batch_size, config.sampling, config.seed);
     let metrics_path = run_dir.join("metrics.jsonl");
     let (first_step, initial_eval_loss, mut history) = match &state {
         Some(state) => {
@@ -293,8 +294,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
             / step_tokens.max(1) as f64;
         let done = step + 1;
         // Every `eval_every` steps, and always after the last one.
-        let eval_loss = ((config.eval_every > 0 && done % config.eval_every == 0)
-            || done == steps)
+        let eval_loss = ((config.eval_every > 0 && done % config.eval_every == 0) || done == steps)
             .then(|| evaluate(&model, &eval_samples, config.batch_size, head, reduction))
             .transpose()?
             .flatten();
@@ -315,8 +315,7 @@ pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
         ));
         progress.inc(1);
         history.push(metrics);
-        if config.checkpoint_every > 0 && done % config.checkpoint_every == 0 && done < steps
-        {
+        if config.checkpoint_every > 0 && done % config.checkpoint_every == 0 && done < steps {
             let state = checkpoint::State {
                 step: done,
                 epoch: stream.epoch,
@@ -427,7 +426,9 @@ pub fn evaluate(
     for bucket in length_buckets(samples, batch_size) {
         let batch_samples: Vec<&Sample> = bucket.iter().map(|&i| &samples[i]).collect();
         let batch = Batch::with_reduction(&batch_samples, reduction, &device)?;
-        sum += response_loss(&model, &batch, head)?.sum.into_scalar::<f32>() as f64;
+        sum += response_loss(&model, &batch, head)?
+            .sum
+            .into_scalar::<f32>() as f64;
     }
     let divisor: f64 = samples.iter().map(|s| s.share(reduction)).sum();
     Ok(Some(sum / divisor.max(1.0)))

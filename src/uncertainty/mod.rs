@@ -270,7 +270,10 @@ mod tests {
     #[test]
     fn out_of_scale_scores_name_their_line() {
         let c = SmoothingConfig::default();
-        let err = format!("{:#}", c.epsilons(&[Some(3.0), Some(11.0)], &[4, 7]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            c.epsilons(&[Some(3.0), Some(11.0)], &[4, 7]).unwrap_err()
+        );
         assert!(err.contains("line 7") && err.contains("[1, 10]"), "{err}");
         assert!(check_score_in(f64::NAN, UAL_SCALE).is_err());
         assert!(check_score_in(0.0, PAPER_SCALE).is_ok());
@@ -290,9 +293,15 @@ mod tests {
         let mean = eps.iter().sum::<f64>() / 3.0;
         assert!((mean - 0.1).abs() < 1e-3);
         assert_eq!(eps[0], 0.0, "a score of 0 gives ε = 0");
-        assert!((eps[2] / eps[1] - 3.0).abs() < 1e-9, "proportional to the score");
+        assert!(
+            (eps[2] / eps[1] - 3.0).abs() < 1e-9,
+            "proportional to the score"
+        );
         let err = format!("{:#}", c.epsilons(&[Some(5.0), None], &[2, 9]).unwrap_err());
-        assert!(err.contains("line 9") && err.contains("uncertainty"), "{err}");
+        assert!(
+            err.contains("line 9") && err.contains("uncertainty"),
+            "{err}"
+        );
     }
 
     #[test]
