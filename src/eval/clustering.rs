@@ -71,7 +71,7 @@ pub fn top_labels(labels: &[u32], k: usize) -> Vec<LabelCount> {
             count: counts[&id],
         })
         .collect();
-    ranked.sort_by(|x, y| y.count.cmp(&x.count));
+    ranked.sort_by_key(|l| std::cmp::Reverse(l.count));
     ranked.truncate(k);
     ranked
 }
