@@ -625,9 +625,15 @@ fn samples_reduction_accumulates_exactly() {
         let unfused = HeadPlan::unfused(usize::MAX);
         let (g4, loss4, _) =
             step_gradients_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
-        let (g1, loss1, _) =
-            step_gradients_reduced(&model, &[all.clone()], &device, unfused, off, samples_mode)
-                .unwrap();
+        let (g1, loss1, _) = step_gradients_reduced(
+            &model,
+            std::slice::from_ref(&all),
+            &device,
+            unfused,
+            off,
+            samples_mode,
+        )
+        .unwrap();
         let (_, token_loss, _) = step_gradients(&model, &[all], &device, unfused, off).unwrap();
         let per_sample: f64 = samples
             .iter()
