@@ -6,7 +6,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
-use ual::model::attention;
+use ual::ops::attention;
 
 const SHAPE: [usize; 4] = [4, 12, 512, 64];
 

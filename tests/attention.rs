@@ -1,4 +1,4 @@
-//! Causal self-attention (`ual::model::attention`) against PyTorch's
+//! Causal self-attention (`ual::ops::attention`) against PyTorch's
 //! `scaled_dot_product_attention` with autograd in float64 (`scripts/make_attention_fixtures.py`):
 //! the output and the gradients of Σ grad·output with respect to q, k and v, causal and with a
 //! sliding window, over more rows than one of the CPU kernel's blocks.
@@ -16,7 +16,7 @@ use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::devices;
 use serde::Deserialize;
-use ual::model::attention::{causal, causal_backward};
+use ual::ops::attention::{causal, causal_backward};
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -129,7 +129,7 @@ fn the_composed_ops_match_pytorch_on_the_cpu() {
     // The burn-op attention GPUs run, here on flex's primitives, so that it is checked against
     // the reference even where no wgpu adapter exists.
     use burn::backend::flex::FlexTensor;
-    use ual::model::attention::composed;
+    use ual::ops::attention::composed;
     for case in cases() {
         let what = |part: &str| format!("composed {} {part}", case.name);
         let primitive = |seed, scale| {

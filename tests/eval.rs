@@ -79,7 +79,7 @@ fn eval_loss_splits_by_uncertainty() {
     ]);
     let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let overall = &json["overall"];
-    assert_eq!(overall["samples"], 36);
+    assert_eq!(overall["samples"], 66);
     let nll = overall["nll"].as_f64().unwrap();
     assert!((overall["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
     let buckets: Vec<&str> = json["by_uncertainty"]
@@ -91,7 +91,7 @@ fn eval_loss_splits_by_uncertainty() {
     assert_eq!(
         buckets,
         ["low", "high"],
-        "GSM8K items are low, open-ended ones high"
+        "arithmetic drills are low, open-ended ones high"
     );
 }
 

@@ -166,7 +166,7 @@ fn merge_keeps_the_base_dtype() {
         .status()
         .unwrap();
     assert!(status.success());
-    let checkpoint = ual::model::load::Checkpoint::open(&output).unwrap();
+    let checkpoint = ual::model::load::SafetensorsFile::open(&output).unwrap();
     assert_eq!(
         checkpoint.dtype("model.embed_tokens.weight").unwrap(),
         safetensors::Dtype::BF16

@@ -5,12 +5,11 @@ mod common;
 
 use common::{devices, fixture_model, fixtures};
 use serde::Deserialize;
-use ual::data::batch::{Overflow, tokenize};
+use ual::data::batch::Prepare;
 use ual::data::formats::read_jsonl;
 use ual::data::template::Template;
 use ual::eval::score::score_sample;
 use ual::model::Pretrained;
-use ual::uncertainty::SmoothingConfig;
 
 /// Relative tolerance on per-line losses (f32 compute against a float64 reference).
 const LOSS_RTOL: f64 = 1e-4;
@@ -41,16 +40,9 @@ fn data_scores_match_pytorch_label_smoothing() {
     let examples = read_jsonl(&fixtures().join("score/data.jsonl")).unwrap();
     for (device_name, device) in devices() {
         let p = Pretrained::load(&fixture_model("llama-gqa"), &device).unwrap();
-        let (samples, _) = tokenize(
-            &examples,
-            &p.tokenizer,
-            &Template::Alpaca,
-            2,
-            &SmoothingConfig::default(),
-            512,
-            Overflow::Truncate,
-        )
-        .unwrap();
+        let (samples, _) = Prepare::new(&p.tokenizer, &Template::Alpaca, 2, 512)
+            .examples(&examples)
+            .unwrap();
         assert_eq!(samples.len(), expected.lines.len());
         for (sample, line) in samples.iter().zip(&expected.lines) {
             assert_eq!(sample.ids, line.ids, "line {}: token ids", line.index);

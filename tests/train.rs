@@ -9,15 +9,14 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::{devices, fixture_model};
-use ual::data::batch::{Overflow, Sample, tokenize};
+use ual::data::batch::{Overflow, Prepare, Sample};
 use ual::data::formats::parse_line;
 use ual::data::template::Template;
 use ual::eval::score::token_logprobs;
+use ual::loss::objective::HeadPlan;
 use ual::model::lora::{self, LoraConfig, for_each_named};
 use ual::model::{Llama, Pretrained};
-use ual::train::objective::HeadPlan;
-use ual::train::{Checkpointing, TrainConfig, step_gradients};
-use ual::uncertainty::SmoothingConfig;
+use ual::train::{Recompute, TrainConfig, step_gradients};
 
 fn tiny() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
@@ -57,17 +56,10 @@ fn samples(p: &Pretrained) -> Vec<Sample> {
         .enumerate()
         .map(|(i, l)| parse_line(l, i + 1).unwrap())
         .collect();
-    tokenize(
-        &examples,
-        &p.tokenizer,
-        &Template::Alpaca,
-        2,
-        &SmoothingConfig::default(),
-        512,
-        Overflow::Truncate,
-    )
-    .unwrap()
-    .0
+    Prepare::new(&p.tokenizer, &Template::Alpaca, 2, 512)
+        .examples(&examples)
+        .unwrap()
+        .0
 }
 
 /// The largest difference between two gradient sets, relative to each tensor's largest entry.
@@ -123,7 +115,7 @@ fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64);
     let all: Vec<&Sample> = samples.iter().collect();
     let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
     let fused = HeadPlan::fused(32000, usize::MAX);
-    let off = Checkpointing::Off;
+    let off = Recompute::Off;
     let (g4, loss4, _) = step_gradients(&model, &one_each, &device, fused, off).unwrap();
     let unfused = HeadPlan::unfused(usize::MAX);
     let (g1, loss1, _) = step_gradients(&model, &[all], &device, unfused, off).unwrap();
@@ -138,7 +130,7 @@ fn accumulated_both_ways(device: &Device) -> [(BTreeMap<String, Vec<f32>>, f64);
 fn one_step(
     device: &Device,
     frozen: Option<burn::tensor::DType>,
-    checkpointing: Checkpointing,
+    checkpointing: Recompute,
     vocab_splits: usize,
 ) -> (BTreeMap<String, Vec<f32>>, f64) {
     let device = checkpointing.autodiff_device(device);
@@ -165,8 +157,8 @@ fn one_step(
 #[test]
 fn memory_levers_keep_the_gradients() {
     for (name, device) in devices() {
-        let (plain, plain_loss) = one_step(&device, None, Checkpointing::Off, 1);
-        for (strategy, bound) in [(Checkpointing::Ops, 1e-5), (Checkpointing::Layers, 5e-5)] {
+        let (plain, plain_loss) = one_step(&device, None, Recompute::Off, 1);
+        for (strategy, bound) in [(Recompute::Ops, 1e-5), (Recompute::Layers, 5e-5)] {
             let (ckpt, ckpt_loss) = one_step(&device, None, strategy, 1);
             let gap = max_relative_gap(&ckpt, &plain);
             eprintln!(
@@ -181,12 +173,8 @@ fn memory_levers_keep_the_gradients() {
                 "{name}: {strategy:?} loss {ckpt_loss} vs {plain_loss}"
             );
         }
-        let (half, half_loss) = one_step(
-            &device,
-            Some(burn::tensor::DType::F16),
-            Checkpointing::Off,
-            1,
-        );
+        let (half, half_loss) =
+            one_step(&device, Some(burn::tensor::DType::F16), Recompute::Off, 1);
         let gap = max_relative_gap(&half, &plain);
         eprintln!("{name}: f16 frozen weights gap {gap}, loss {half_loss}");
         assert!(
@@ -197,7 +185,7 @@ fn memory_levers_keep_the_gradients() {
             (half_loss - plain_loss).abs() <= 1e-3 * plain_loss,
             "{name}: f16 loss {half_loss} vs {plain_loss}"
         );
-        let (split, split_loss) = one_step(&device, None, Checkpointing::Off, 16);
+        let (split, split_loss) = one_step(&device, None, Recompute::Off, 16);
         let gap = max_relative_gap(&split, &plain);
         eprintln!("{name}: vocabulary-split head gap {gap:.2e}, loss {split_loss}");
         assert!(gap <= 5e-5, "{name}: a split head moves gradients by {gap}");
@@ -220,8 +208,8 @@ fn layer_checkpointing_trains_every_weight() {
         let micro: Vec<Vec<&Sample>> = samples.chunks(2).map(|c| c.iter().collect()).collect();
         let head = HeadPlan::fused(32000, usize::MAX);
         let step = |strategy| step_gradients(&p.model, &micro, &device, head, strategy).unwrap();
-        let (plain, plain_loss, _) = step(Checkpointing::Off);
-        let (layers, layers_loss, _) = step(Checkpointing::Layers);
+        let (plain, plain_loss, _) = step(Recompute::Off);
+        let (layers, layers_loss, _) = step(Recompute::Layers);
         let (plain, layers) = (grads_of(&p.model, &plain), grads_of(&p.model, &layers));
         // Embedding + final norm, and two norms and seven projections per layer.
         assert_eq!(
@@ -252,7 +240,7 @@ fn vocabulary_split_head_trains_every_weight() {
         let p = Pretrained::load(&fixture_model("llama-gqa"), &device).unwrap();
         let samples = samples(&p);
         let micro = [samples.iter().collect::<Vec<_>>()];
-        let off = Checkpointing::Off;
+        let off = Recompute::Off;
         let whole = HeadPlan::fused(32000, usize::MAX);
         let sliced = whole.split_vocab(16, p.model.config.hidden_size, 32000, false);
         assert_eq!(sliced.vocab_splits, 16);
@@ -566,15 +554,11 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
         .map(|(i, l)| parse_line(l, i + 1).unwrap())
         .collect();
     let tokenized = |max, overflow| {
-        tokenize(
-            &examples,
-            &p.tokenizer,
-            &Template::Alpaca,
-            2,
-            &SmoothingConfig::default(),
-            max,
-            overflow,
-        )
+        {
+            let mut prepare = Prepare::new(&p.tokenizer, &Template::Alpaca, 2, max);
+            prepare.rules.overflow = overflow;
+            prepare.examples(&examples)
+        }
         .unwrap()
     };
     let (all, summary) = tokenized(512, Overflow::Truncate);
@@ -612,20 +596,27 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
 /// tokens). Samples of different lengths make a token-weighted mean differ.
 #[test]
 fn samples_reduction_accumulates_exactly() {
-    use ual::loss::Reduction;
-    use ual::train::step_gradients_reduced;
+    use ual::data::batch::Reduction;
+    use ual::train::{StepGradients, step_gradients_reduced};
     for (name, device) in devices() {
         let device = device.autodiff();
         let (model, samples) = lora_model(&device);
         let all: Vec<&Sample> = samples.iter().collect();
         let one_each: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
-        let off = Checkpointing::Off;
+        let off = Recompute::Off;
         let samples_mode = Reduction::Samples;
         let fused = HeadPlan::fused(32000, usize::MAX);
         let unfused = HeadPlan::unfused(usize::MAX);
-        let (g4, loss4, _) =
-            step_gradients_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
-        let (g1, loss1, _) = step_gradients_reduced(
+        let StepGradients {
+            grads: g4,
+            loss: loss4,
+            ..
+        } = step_gradients_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
+        let StepGradients {
+            grads: g1,
+            loss: loss1,
+            ..
+        } = step_gradients_reduced(
             &model,
             std::slice::from_ref(&all),
             &device,
@@ -658,5 +649,55 @@ fn samples_reduction_accumulates_exactly() {
         let gap = max_relative_gap(&grads_of(&model, &g4), &grads_of(&model, &g1));
         // As the token-weighted test: 2e-5 of each tensor's largest gradient.
         assert!(gap <= 2e-5, "{name}: 4x1 vs 1x4 differ by {gap:.2e}");
+    }
+}
+
+/// The step's reported NLL is its loss with every ε set to 0, on both heads and under both
+/// reductions (relative tolerance 1e-5: f32 sums in different orders).
+#[test]
+fn the_reported_nll_is_the_loss_without_smoothing() {
+    use ual::data::batch::Reduction;
+    use ual::train::step_gradients_reduced;
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let (model, samples) = lora_model(&device);
+        assert!(
+            samples.iter().any(|s| s.smoothing > 0.0),
+            "some sample is smoothed"
+        );
+        let plain: Vec<Sample> = samples
+            .iter()
+            .map(|s| Sample {
+                smoothing: 0.0,
+                ..s.clone()
+            })
+            .collect();
+        let off = Recompute::Off;
+        for head in [
+            HeadPlan::fused(32000, usize::MAX),
+            HeadPlan::unfused(usize::MAX),
+        ] {
+            for reduction in [Reduction::Tokens, Reduction::Samples] {
+                let step = |samples: &[Sample]| {
+                    let micro = vec![samples.iter().collect::<Vec<_>>()];
+                    step_gradients_reduced(&model, &micro, &device, head, off, reduction).unwrap()
+                };
+                let (smoothed, unsmoothed) = (step(&samples), step(&plain));
+                assert!(
+                    (smoothed.nll - unsmoothed.loss).abs() <= 1e-5 * unsmoothed.loss.abs(),
+                    "{name} {head:?} {reduction:?}: nll {} vs ε = 0 loss {}",
+                    smoothed.nll,
+                    unsmoothed.loss
+                );
+                assert!(
+                    (unsmoothed.nll - unsmoothed.loss).abs() <= 1e-6 * unsmoothed.loss.abs(),
+                    "{name}: with ε = 0 the nll is the loss"
+                );
+                assert!(
+                    (smoothed.loss - smoothed.nll).abs() > 1e-4,
+                    "{name}: smoothing changes the loss"
+                );
+            }
+        }
     }
 }

@@ -17,21 +17,25 @@ use burn::tensor::activation::log_softmax;
 use indicatif::ProgressBar;
 
 use super::{Outcome, Summary, read_lines, write_outputs};
-use crate::data::batch::{Batch, Overflow, tokenize};
+use crate::data::batch::{Prepare, Sample};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
-use crate::model::Pretrained;
-use crate::uncertainty::SmoothingConfig;
+use crate::loss::Batch;
+use crate::loss::linear::default_chunk_rows;
+use crate::model::{Llama, Pretrained};
 
 /// `score = 1 + 9 · min(1, mean_entropy / ln vocab)`.
 pub fn entropy_score(mean_entropy: f64, vocab: usize) -> f64 {
     1.0 + 9.0 * (mean_entropy / (vocab as f64).ln()).clamp(0.0, 1.0)
 }
 
+/// Scores each line of `input` by `model`'s predictive entropy over its reference response,
+/// rendered with `template` and cut at the model's context window, and writes `output`.
 pub fn run_local(
     input: &Path,
     output: &Path,
     model: &Pretrained,
+    template: &Template,
     limit: Option<usize>,
 ) -> Result<Summary> {
     let started = Instant::now();
@@ -41,52 +45,45 @@ pub fn run_local(
     // Scores already in the input play no part in the entropy, nor in its scale.
     examples.iter_mut().for_each(|e| e.uncertainty = None);
     let eos = model.config.eos_token_id()?;
-    let (samples, _) = tokenize(
-        &examples,
-        &model.tokenizer,
-        &Template::Alpaca,
-        eos,
-        &SmoothingConfig::default(),
-        8192,
-        Overflow::Truncate,
-    )
-    .with_context(|| input.display().to_string())?;
+    let window = model.config.max_position_embeddings;
+    let (samples, _) = Prepare::new(&model.tokenizer, template, eos, window)
+        .examples(&examples)
+        .with_context(|| input.display().to_string())?;
     let mut outcomes: Vec<Option<Outcome>> = (0..lines.len())
         .map(|_| {
-            Some(Outcome::Failed(
-                "the prompt alone fills the 8192-token window".into(),
-            ))
+            Some(Outcome::Failed(format!(
+                "the prompt alone fills the model's {window}-token window"
+            )))
         })
         .collect();
+    let index = crate::eval::score::line_index(&examples);
     let progress = ProgressBar::new(samples.len() as u64);
     for sample in &samples {
-        let index = examples
-            .iter()
-            .position(|e| e.line == sample.line)
-            .expect("sample from an example");
-        let batch = Batch::new(&[sample], &model.model.device())?;
-        let hidden = model.model.hidden_states(batch.ids.clone());
-        let [b, s, h] = hidden.dims();
-        let logits = model
-            .model
-            .logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
-        let log_p = log_softmax(logits, 1);
-        let entropy = log_p
-            .clone()
-            .exp()
-            .mul(log_p)
-            .sum()
-            .neg()
-            .into_scalar::<f32>() as f64;
-        let mean = entropy / batch.labels.rows().max(1) as f64;
-        outcomes[index] = Some(Outcome::Scored(entropy_score(
-            mean,
-            model.config.vocab_size,
-        )));
+        let entropy = mean_entropy(&model.model, sample)?;
+        let score = entropy_score(entropy, model.config.vocab_size);
+        outcomes[index[&sample.line]] = Some(Outcome::Scored(score));
         progress.inc(1);
     }
     progress.finish_and_clear();
     let source = format!("entropy:{}", model.dir.display());
     let scale = crate::uncertainty::UAL_SCALE;
     write_outputs(output, &lines, &outcomes, &source, scale, (started, 0, 0))
+}
+
+/// The mean predictive entropy over a sample's response tokens, the head run on row blocks so
+/// that no more than a block's logits exist at once.
+fn mean_entropy(model: &Llama, sample: &Sample) -> Result<f64> {
+    let batch = Batch::new(&[sample], &model.device())?;
+    let hidden = model.hidden_states(batch.ids.clone());
+    let [b, s, h] = hidden.dims();
+    let rows = hidden.reshape([b * s, h]).select(0, batch.rows.clone());
+    let n = batch.labels.rows();
+    let block = default_chunk_rows(model.config.vocab_size);
+    let mut entropy = 0.0;
+    for start in (0..n).step_by(block) {
+        let logits = model.logits(rows.clone().narrow(0, start, block.min(n - start)));
+        let log_p = log_softmax(logits, 1);
+        entropy -= log_p.clone().exp().mul(log_p).sum().into_scalar::<f32>() as f64;
+    }
+    Ok(entropy / n.max(1) as f64)
 }

@@ -212,16 +212,7 @@ enum Outcome {
 /// Annotates `options.input` through the endpoint.
 pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let started = Instant::now();
-    warn_if_plain_http(&options.endpoint);
-    let api_key = std::env::var(&options.api_key_env)
-        .ok()
-        .filter(|k| !k.is_empty());
-    if api_key.is_none() {
-        eprintln!(
-            "note: ${} is not set; requests carry no API key",
-            options.api_key_env
-        );
-    }
+    let endpoint = connect(options)?;
     let template = match &options.prompt {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,
@@ -234,7 +225,48 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         .map(|p| cache::key(&options.model, p))
         .collect();
     let cache = Cache::open(&sibling(&options.output, "cache.jsonl"))?;
-    let endpoint = Endpoint::new(
+    let mut outcomes: Vec<Option<Outcome>> =
+        keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
+    let cached = outcomes.iter().filter(|o| o.is_some()).count();
+    let work = Work {
+        endpoint: &endpoint,
+        prompts: &prompts,
+        keys: &keys,
+        cache: &cache,
+        scale: options.scale,
+    };
+    let (requested, fatal) = ask_all(&work, options.concurrency, &mut outcomes, started);
+    if let Some(message) = fatal {
+        bail!(
+            "{}: {message}; answers so far are kept in the cache, re-run to resume",
+            options.endpoint
+        );
+    }
+    let source = format!("model:{}", options.model);
+    let counts = (started, cached, requested);
+    write_outputs(
+        &options.output,
+        &lines,
+        &outcomes,
+        &source,
+        options.scale,
+        counts,
+    )
+}
+
+/// The endpoint `options` name, with the API key from the environment when there is one.
+fn connect(options: &ApiOptions) -> Result<Endpoint> {
+    warn_if_plain_http(&options.endpoint);
+    let api_key = std::env::var(&options.api_key_env)
+        .ok()
+        .filter(|k| !k.is_empty());
+    if api_key.is_none() {
+        eprintln!(
+            "note: ${} is not set; requests carry no API key",
+            options.api_key_env
+        );
+    }
+    Ok(Endpoint::new(
         &options.endpoint,
         &options.model,
         api_key,
@@ -242,16 +274,32 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         options.max_retries,
         options.retry_base,
     )?
-    .with_params(options.preset.request_params(options.max_tokens));
-    let scale = options.scale;
+    .with_params(options.preset.request_params(options.max_tokens)))
+}
 
-    let mut outcomes: Vec<Option<Outcome>> =
-        keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
+/// What every worker reads: the endpoint, each line's prompt and cache key, the cache.
+struct Work<'a> {
+    endpoint: &'a Endpoint,
+    prompts: &'a [String],
+    keys: &'a [String],
+    cache: &'a Cache,
+    scale: [f64; 2],
+}
+
+/// Asks for every line without an outcome, `concurrency` requests at a time, filling in
+/// `outcomes`; returns the requests made and the first fatal error, after which no new request
+/// is sent.
+fn ask_all(
+    work: &Work,
+    concurrency: usize,
+    outcomes: &mut [Option<Outcome>],
+    started: Instant,
+) -> (usize, Option<String>) {
     let cached = outcomes.iter().filter(|o| o.is_some()).count();
-    let todo: Vec<usize> = (0..lines.len())
+    let todo: Vec<usize> = (0..outcomes.len())
         .filter(|&i| outcomes[i].is_none())
         .collect();
-    let progress = ProgressBar::new(lines.len() as u64).with_position(cached as u64);
+    let progress = ProgressBar::new(outcomes.len() as u64).with_position(cached as u64);
     progress.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .expect("static template"),
@@ -261,20 +309,19 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let (sender, receiver) = mpsc::channel::<(usize, Result<Answer, Failure>)>();
     let (mut requested, mut failed, mut fatal) = (0usize, 0usize, None);
     std::thread::scope(|scope| {
-        for _ in 0..options.concurrency.clamp(1, 256) {
+        for _ in 0..concurrency.clamp(1, 256) {
             let sender = sender.clone();
-            let (next, stop, todo, prompts, keys, endpoint, cache) =
-                (&next, &stop, &todo, &prompts, &keys, &endpoint, &cache);
+            let (next, stop, todo) = (&next, &stop, &todo);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let result = ask(endpoint, &prompts[i], &keys[i], scale);
+                    let result = ask(work.endpoint, &work.prompts[i], &work.keys[i], work.scale);
                     match &result {
                         // Stop the other workers before they send another doomed request.
                         Err(Failure::Fatal(_)) => stop.store(true, Ordering::SeqCst),
-                        Ok(answer) if cache.record(answer).is_err() => {
+                        Ok(answer) if work.cache.record(answer).is_err() => {
                             stop.store(true, Ordering::SeqCst)
                         }
                         _ => {}
@@ -305,21 +352,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         }
     });
     progress.finish();
-    if let Some(message) = fatal {
-        bail!(
-            "{}: {message}; answers so far are kept in the cache, re-run to resume",
-            options.endpoint
-        );
-    }
-    let source = format!("model:{}", options.model);
-    write_outputs(
-        &options.output,
-        &lines,
-        &outcomes,
-        &source,
-        scale,
-        (started, cached, requested),
-    )
+    (requested, fatal)
 }
 
 /// Asks for a score, following up on replies without one.

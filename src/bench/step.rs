@@ -5,20 +5,18 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::AdamWConfig;
 use burn::tensor::DType;
 use clap::ValueEnum;
 use serde::Serialize;
 
 use super::proc_status_kib;
 use crate::alloc::CountingAlloc;
-use crate::data::batch::Sample;
+use crate::data::batch::{DataSummary, Sample};
 use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
 use crate::model::lora::{self, LoraConfig};
-use crate::train::objective::HeadPlan;
-use crate::train::{Checkpointing, step_gradients};
+use crate::train::{Parts, Recompute, Session, TrainConfig};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -103,7 +101,7 @@ pub struct StepOptions {
     pub head_block_rows: usize,
     /// Vocabulary slices of the fused head's hidden gradient; 0 = the default for the device.
     pub head_vocab_splits: usize,
-    pub gradient_checkpointing: Checkpointing,
+    pub gradient_checkpointing: Recompute,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: String,
     pub lora_r: usize,
@@ -137,69 +135,39 @@ pub struct StepBench {
     pub final_loss: f64,
 }
 
-/// Runs `warmup_steps + steps` LoRA steps of `preset` and reports the timed ones.
+/// Runs `warmup_steps + steps` LoRA steps of `preset` through a training [`Session`] (the
+/// optimizer, clipping and schedule `ual train` uses) and reports the timed ones.
 pub fn run(
     preset: Preset,
     options: StepOptions,
     selected: &Selected,
     base: DType,
 ) -> Result<StepBench> {
-    let (device, device_name) = (&selected.device, selected.description.as_str());
     let mut shape = preset.shape();
     shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
-    let config = ModelConfig::from_json(&shape.config_json().to_string())?;
-    let device = options.gradient_checkpointing.autodiff_device(device);
-    device.seed(0);
-    let model = load_llama(&config, &RandomWeights { seed: 0, std: 0.02 }, &device)?;
-    let parameters = burn::module::Module::num_params(&model);
-    let lora_config = LoraConfig {
-        r: options.lora_r,
-        alpha: 2.0 * options.lora_r as f64,
-        ..LoraConfig::default()
-    };
-    let mut model = lora::attach(model, &lora_config, 0, &device);
-    if base != DType::F32 {
-        model = lora::store_frozen_in(model, base);
-    }
-    let trainable = trainable_params(&model);
-    let samples = random_samples(&shape, config.vocab_size);
-    let batch: Vec<&Sample> = samples.iter().collect();
-    let head = HeadPlan::new(
-        options.fused_head,
-        config.vocab_size,
-        usize::MAX,
-        options.head_block_rows,
-    )
-    .split_vocab(
-        options.head_vocab_splits,
-        config.hidden_size,
-        config.vocab_size,
-        selected.hardware_gpu,
-    );
-    model = head.arrange(model);
-    let mut optimizer = AdamWConfig::new().init();
-    let mut step = |model: crate::model::Llama| -> Result<(crate::model::Llama, f64)> {
-        let micro = std::slice::from_ref(&batch);
-        let (grads, loss, _) =
-            step_gradients(&model, micro, &device, head, options.gradient_checkpointing)?;
-        let model = optimizer.step(1e-4, model, grads);
+    let config = session_config(&options, &shape);
+    let mut session = Session::new(&config, parts(&shape, &config, selected, base)?, selected)?;
+    let parameters = burn::module::Module::num_params(session.model());
+    let trainable = trainable_params(session.model());
+    let mut loss = f64::NAN;
+    let step = |session: &mut Session| -> Result<f64> {
+        let loss = session.step()?.loss;
         // The optimizer's kernels are only queued; waiting for them makes each timed step its
         // own, and leaves no work queued when the process exits (the suspected cause of a rare
         // crash at exit on lavapipe).
-        device.sync()?;
-        Ok((model, loss))
+        session.sync()?;
+        Ok(loss)
     };
-    let mut loss = f64::NAN;
     for _ in 0..options.warmup_steps {
-        (model, loss) = step(model)?;
+        loss = step(&mut session)?;
     }
     let (mut peak_device, mut seconds) = (None::<u64>, 0.0);
     for _ in 0..options.steps {
         let started = Instant::now();
-        (model, loss) = step(model)?;
+        loss = step(&mut session)?;
         seconds += started.elapsed().as_secs_f64();
-        if let Some(usage) = device.memory_pool_usage() {
+        if let Some(usage) = selected.device.memory_pool_usage() {
             peak_device = Some(peak_device.unwrap_or(0).max(usage.bytes_reserved));
         }
     }
@@ -208,7 +176,7 @@ pub fn run(
     Ok(StepBench {
         engine: format!("ual {}", env!("CARGO_PKG_VERSION")),
         preset,
-        device: device_name.to_string(),
+        device: selected.description.clone(),
         parameters,
         trainable_parameters: trainable,
         tokens_per_step,
@@ -220,6 +188,66 @@ pub fn run(
         final_loss: loss,
         shape,
         options,
+    })
+}
+
+/// The training configuration of the measured steps: `ual train`'s defaults, one micro-batch
+/// of the whole random batch per step, nothing evaluated or written.
+fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
+    TrainConfig {
+        name: "bench-step".into(),
+        train_data: "(random tokens)".into(),
+        eval_data: None,
+        steps: options.warmup_steps + options.steps,
+        batch_size: shape.batch_size,
+        grad_accum: 1,
+        max_seq_len: shape.seq_len,
+        eval_every: 0,
+        checkpoint_every: 0,
+        fused_head: options.fused_head,
+        head_block_rows: options.head_block_rows,
+        head_vocab_splits: options.head_vocab_splits,
+        gradient_checkpointing: options.gradient_checkpointing,
+        base_dtype: options.base_dtype.clone(),
+        lora: LoraConfig {
+            r: options.lora_r,
+            alpha: 2.0 * options.lora_r as f64,
+            ..LoraConfig::default()
+        },
+        ..TrainConfig::default()
+    }
+}
+
+/// A random-weight model of `shape` with LoRA attached, and its random batch.
+fn parts(
+    shape: &PresetShape,
+    config: &TrainConfig,
+    selected: &Selected,
+    base: DType,
+) -> Result<Parts> {
+    let model_config = ModelConfig::from_json(&shape.config_json().to_string())?;
+    let device = config
+        .gradient_checkpointing
+        .autodiff_device(&selected.device);
+    device.seed(0);
+    let model = load_llama(
+        &model_config,
+        &RandomWeights { seed: 0, std: 0.02 },
+        &device,
+    )?;
+    let mut model = lora::attach(model, &config.lora, 0, &device);
+    if base != DType::F32 {
+        model = lora::store_frozen_in(model, base);
+    }
+    let samples = random_samples(shape, model_config.vocab_size);
+    Ok(Parts {
+        model,
+        data: DataSummary {
+            samples: samples.len(),
+            ..DataSummary::default()
+        },
+        samples,
+        eval_samples: Vec::new(),
     })
 }
 

@@ -1,15 +1,27 @@
-//! Tokenised samples and the batches the trainer consumes: ids, the response mask expressed as
-//! the rows that carry loss, and per-token smoothing.
+//! Tokenised samples: ids, the tokens that carry loss, and each sample's smoothing and weight.
+//! `loss::Batch` puts them on a device.
+
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::formats::Example;
 use super::template::{Segment, Template};
-use crate::loss::{Reduction, RowLabels};
-use crate::model::Tokenizer;
+use super::tokenizer::Tokenizer;
 use crate::uncertainty::SmoothingConfig;
+
+/// How an optimizer step's token losses become its loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// The mean over every loss token of the step (DESIGN §3; ual's choice).
+    #[default]
+    Tokens,
+    /// Each sample's mean, then the mean over the step's samples, so that every sample weighs
+    /// the same (the authors' `loss_fn` at micro-batch 1, averaged over 64 accumulations).
+    Samples,
+}
 
 /// Which tokens carry loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -111,25 +123,66 @@ pub struct DataSummary {
     pub response_tokens: usize,
 }
 
-/// Tokenises examples with ual's rules of old: loss on the response, ε spread over all V.
-/// See [`prepare`].
-pub fn tokenize(
-    examples: &[Example],
-    tokenizer: &Tokenizer,
-    template: &Template,
-    eos: u32,
-    smoothing: &SmoothingConfig,
-    max_seq_len: usize,
-    overflow: Overflow,
-) -> Result<(Vec<Sample>, DataSummary)> {
-    let rules = SampleRules {
-        max_seq_len,
-        overflow,
-        loss_on: LossOn::Response,
-        smoothing: smoothing.clone(),
-        vocab: tokenizer.inner().get_vocab_size(true),
-    };
-    prepare(examples, tokenizer, template, eos, &rules)
+/// How a model's tokenizer and a template turn examples into samples, with one set of rules:
+/// the one value every command that reads training-schema data prepares it with.
+pub struct Prepare<'a> {
+    /// The model's tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// How examples become text.
+    pub template: &'a Template,
+    /// The id that ends each response.
+    pub eos: u32,
+    /// Length, loss tokens and smoothing.
+    pub rules: SampleRules,
+}
+
+impl<'a> Prepare<'a> {
+    /// ual's default rules: loss on the response, ual's ε mapping spread over all V tokens,
+    /// responses truncated at `max_seq_len`.
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        template: &'a Template,
+        eos: u32,
+        max_seq_len: usize,
+    ) -> Self {
+        Self {
+            tokenizer,
+            template,
+            eos,
+            rules: SampleRules {
+                max_seq_len,
+                overflow: Overflow::Truncate,
+                loss_on: LossOn::Response,
+                smoothing: SmoothingConfig::default(),
+                vocab: tokenizer.inner().get_vocab_size(true),
+            },
+        }
+    }
+
+    /// The same preparation under `rules`.
+    pub fn with_rules(self, rules: SampleRules) -> Self {
+        Self { rules, ..self }
+    }
+
+    /// The samples of `examples` ([`prepare`]).
+    pub fn examples(&self, examples: &[Example]) -> Result<(Vec<Sample>, DataSummary)> {
+        prepare(
+            examples,
+            self.tokenizer,
+            self.template,
+            self.eos,
+            &self.rules,
+        )
+    }
+
+    /// The examples of the JSONL file at `path` and their samples; errors name the file.
+    pub fn file(&self, path: &Path) -> Result<(Vec<Example>, Vec<Sample>, DataSummary)> {
+        let examples = super::formats::read_jsonl(path)?;
+        let (samples, summary) = self
+            .examples(&examples)
+            .with_context(|| path.display().to_string())?;
+        Ok((examples, samples, summary))
+    }
 }
 
 /// Tokenises examples, then maps the kept samples' scores to ε over the whole set (the
@@ -247,53 +300,4 @@ pub fn length_buckets(samples: &[Sample], batch_size: usize) -> Vec<Vec<usize>> 
         .chunks(batch_size.max(1))
         .map(<[usize]>::to_vec)
         .collect()
-}
-
-/// A right-padded batch on a device, with the flat indices of the rows that carry loss.
-pub struct Batch {
-    /// `[batch, len]` token ids.
-    pub ids: Tensor<2, Int>,
-    /// Row `b * len + t` of the flattened hidden states predicts `labels.targets()[i]`.
-    pub rows: Tensor<1, Int>,
-    pub labels: RowLabels,
-    /// Tokens in the batch, padding excluded.
-    pub tokens: usize,
-}
-
-impl Batch {
-    /// A batch whose loss tokens all weigh the same.
-    pub fn new(samples: &[&Sample], device: &Device) -> Result<Self> {
-        Self::with_reduction(samples, Reduction::Tokens, device)
-    }
-
-    /// A batch whose loss tokens weigh as `reduction` says ([`Sample::row_weight`]).
-    pub fn with_reduction(
-        samples: &[&Sample],
-        reduction: Reduction,
-        device: &Device,
-    ) -> Result<Self> {
-        let len = samples.iter().map(|s| s.ids.len()).max().unwrap_or(1);
-        let mut ids = vec![0i64; samples.len() * len];
-        let (mut rows, mut targets, mut smoothing) = (Vec::new(), Vec::new(), Vec::new());
-        let mut weights = Vec::new();
-        for (b, s) in samples.iter().enumerate() {
-            for (t, &id) in s.ids.iter().enumerate() {
-                ids[b * len + t] = id as i64;
-            }
-            // Position t - 1 predicts token t; the first token is never a target.
-            for t in (1..s.ids.len()).filter(|&t| s.loss_mask[t]) {
-                rows.push((b * len + t - 1) as i64);
-                targets.push(s.ids[t]);
-                smoothing.push(s.smoothing);
-                weights.push(s.row_weight(reduction));
-            }
-        }
-        let n = rows.len();
-        Ok(Self {
-            ids: Tensor::from_data(TensorData::new(ids, [samples.len(), len]), device),
-            rows: Tensor::from_data(TensorData::new(rows, [n]), device),
-            labels: RowLabels::weighted(targets, smoothing, weights)?,
-            tokens: samples.iter().map(|s| s.ids.len()).sum(),
-        })
-    }
 }

@@ -3,3 +3,4 @@
 pub mod batch;
 pub mod formats;
 pub mod template;
+pub mod tokenizer;

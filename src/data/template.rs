@@ -198,6 +198,38 @@ impl Template {
         }
     }
 
+    /// The text that asks for an example's response, rendered as training renders it, and
+    /// whether the tokenizer should add its special tokens: everything before the last
+    /// response (a completion line's prompt as it is).
+    pub fn prompt_of(&self, body: &Body) -> Result<(String, bool)> {
+        let special = !self.prompt_has_special_tokens();
+        match (self, body) {
+            (_, Body::Completion { prompt, .. }) => Ok((prompt.clone(), true)),
+            (
+                Self::Alpaca,
+                Body::Alpaca {
+                    instruction, input, ..
+                },
+            ) => Ok((alpaca_prompt(instruction, input), special)),
+            (
+                _,
+                Body::Alpaca {
+                    instruction, input, ..
+                },
+            ) => {
+                let user = Message::new("user", &user_text(instruction, input));
+                Ok((self.prompt(&[user])?, special))
+            }
+            (_, Body::Chat { messages }) => {
+                let asked = messages
+                    .iter()
+                    .rposition(|m| m.role == "assistant")
+                    .unwrap_or(messages.len());
+                Ok((self.prompt(&messages[..asked])?, special))
+            }
+        }
+    }
+
     /// Whether a prompt from [`Template::prompt`] already holds its special tokens.
     pub fn prompt_has_special_tokens(&self) -> bool {
         matches!(self, Self::Chat(_))

@@ -9,19 +9,29 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::data::batch::{Batch, Sample};
-use crate::model::Llama;
+use burn::tensor::Device;
 
+use crate::data::batch::{Prepare, Sample};
+use crate::data::template::{Template, TemplateKind};
+use crate::loss::Batch;
+use crate::model::{Llama, Pretrained};
+
+/// How well one model's response-token features cluster by target id.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterQuality {
+    /// Which model: `base` or `base + ADAPTER`.
     pub label: String,
+    /// Tokens measured.
     pub tokens: usize,
+    /// Classes (target ids) with at least two members.
     pub classes: usize,
+    /// Mean silhouette, in [-1, 1], higher is better clustered.
     pub silhouette: f64,
+    /// Mean intra-class over mean inter-class distance, lower is better.
     pub intra_inter_ratio: f64,
 }
 
@@ -160,6 +170,47 @@ pub fn plot(results: &[ClusterQuality], path: &Path) -> Result<()> {
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// Cluster quality of the base model in `model_dir`, then of base + `adapter` when one is given,
+/// on the response tokens of the training-schema file `data`.
+pub fn compare(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    template: TemplateKind,
+    data: &Path,
+    max_tokens: usize,
+    device: &Device,
+) -> Result<Vec<ClusterQuality>> {
+    let template = Template::load(template, model_dir)?;
+    let mut variants = vec![(None, "base".to_string())];
+    if let Some(adapter) = adapter {
+        variants.push((Some(adapter), format!("base + {}", adapter.display())));
+    }
+    let mut results = Vec::new();
+    for (adapter, label) in variants {
+        let pretrained = Pretrained::load_with_adapter(model_dir, adapter, device)?;
+        let eos = pretrained.config.eos_token_id()?;
+        let (_, samples, _) =
+            Prepare::new(&pretrained.tokenizer, &template, eos, 2048).file(data)?;
+        let (points, labels) = response_features(&pretrained.model, &samples, max_tokens)?;
+        results.push(cluster_quality(&label, &points, &labels)?);
+    }
+    Ok(results)
+}
+
+/// Writes `features.json` and `features.svg` into `output` and returns the JSON.
+pub fn write_report(results: &[ClusterQuality], data: &Path, output: &Path) -> Result<String> {
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "metric": "silhouette (Euclidean) and mean intra/inter-class distance of last hidden states, by target id",
+        "data": data.display().to_string(),
+        "results": results,
+    }))?;
+    crate::util::write_atomic(&output.join("features.json"), json.as_bytes())?;
+    plot(results, &output.join("features.svg"))?;
+    Ok(json)
 }
 
 #[cfg(test)]

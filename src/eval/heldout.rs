@@ -71,6 +71,9 @@ pub fn evaluate_loss(
     data: &str,
     mut progress: impl FnMut(),
 ) -> Result<LossReport> {
+    if samples.is_empty() {
+        anyhow::bail!("{data}: no samples to evaluate");
+    }
     let mut overall = Sums::default();
     let mut buckets: Vec<(&str, Sums)> = ["low", "mid", "high", "none"]
         .map(|b| (b, Sums::default()))

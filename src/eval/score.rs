@@ -1,13 +1,21 @@
 //! `ual score`: the log-probability a model assigns to each token of a text.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use anyhow::Result;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::data::batch::{Batch, Sample};
-use crate::loss::{RowLabels, ual_row_losses};
-use crate::model::{Llama, Tokenizer};
+use crate::data::batch::{Prepare, Reduction, Sample};
+use crate::data::formats::Example;
+use crate::data::template::Template;
+use crate::loss::Batch;
+use crate::loss::linear::default_chunk_rows;
+use crate::loss::objective::{HeadPlan, response_loss};
+use crate::model::{Llama, Pretrained, Tokenizer};
+use crate::train::TrainConfig;
 
 /// One scored text: `logprobs[j] = log p(ids[j] | ids[<j])`, and `None` for the first token.
 #[derive(Debug, Clone, Serialize)]
@@ -25,7 +33,8 @@ pub fn score_text(model: &Llama, tokenizer: &Tokenizer, text: &str) -> Result<To
     })
 }
 
-/// `log p(ids[j] | ids[<j])` for each position, `None` at position 0.
+/// `log p(ids[j] | ids[<j])` for each position, `None` at position 0. The head runs on blocks
+/// of rows, so at most a block's `[rows, V]` logits exist at once.
 pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
     let n = ids.len();
     if n < 2 {
@@ -36,21 +45,21 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
         TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
         &device,
     );
-    let targets = Tensor::<3, Int>::from_data(
-        TensorData::new(
-            ids[1..].iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [1, n - 1, 1],
-        ),
-        &device,
-    );
     // Only the first n-1 positions predict a token that exists.
     let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
-    let logprobs = log_softmax(model.logits(hidden), 2).gather(2, targets);
-    let values = logprobs
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 read-back");
+    let block = default_chunk_rows(model.config.vocab_size);
+    let mut values = Vec::with_capacity(n - 1);
+    for start in (0..n - 1).step_by(block) {
+        let len = block.min(n - 1 - start);
+        let targets: Vec<i64> = ids[start + 1..start + 1 + len]
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, len, 1]), &device);
+        let logits = model.logits(hidden.clone().narrow(1, start, len));
+        let logprobs = log_softmax(logits, 2).gather(2, targets);
+        values.extend(logprobs.into_data().convert::<f32>().iter::<f32>());
+    }
     std::iter::once(None)
         .chain(values.into_iter().map(Some))
         .collect()
@@ -69,25 +78,27 @@ pub struct SampleScore {
 
 /// Scores each sample on its own: the same rows, targets and ε the trainer would use.
 pub fn score_sample(model: &Llama, sample: &Sample, index: usize) -> Result<SampleScore> {
-    let batch = Batch::new(&[sample], &model.device())?;
-    let n = batch.labels.rows();
-    let hidden = model.hidden_states(batch.ids.clone());
-    let [b, s, h] = hidden.dims();
-    let logits = model.logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
-    let mean = |labels: &RowLabels| -> Result<f64> {
-        let sum = ual_row_losses(logits.clone(), labels)?
-            .sum()
-            .into_scalar::<f32>() as f64;
-        Ok(sum / n.max(1) as f64)
-    };
-    let plain = RowLabels::uniform(batch.labels.targets().to_vec(), 0.0)?;
+    let (loss, nll, n) = summed_losses(model, sample)?;
     Ok(SampleScore {
         index,
         response_tokens: n,
-        nll: mean(&plain)?,
-        loss: mean(&batch.labels)?,
+        nll: nll / n.max(1) as f64,
+        loss: loss / n.max(1) as f64,
         smoothing: sample.smoothing,
     })
+}
+
+/// A sample's summed UAL loss and NLL over its loss tokens, and their count, through the fused
+/// head in row blocks, so that no `[rows, V]` logits tensor exists.
+fn summed_losses(model: &Llama, sample: &Sample) -> Result<(f64, f64, usize)> {
+    let batch = Batch::new(&[sample], &model.device())?;
+    let head = HeadPlan::fused(model.config.vocab_size, usize::MAX);
+    let objective = response_loss(model, &batch, head)?;
+    Ok((
+        objective.loss.sum.into_scalar::<f32>() as f64,
+        objective.nll.into_scalar::<f32>() as f64,
+        batch.labels.rows(),
+    ))
 }
 
 /// One data line scored under a training configuration (`ual score --data --config`): what the
@@ -113,25 +124,14 @@ pub fn score_recipe(
     model: &Llama,
     sample: &Sample,
     index: usize,
-    reduction: crate::loss::Reduction,
+    reduction: Reduction,
 ) -> Result<RecipeScore> {
-    let batch = Batch::new(&[sample], &model.device())?;
-    let n = batch.labels.rows();
-    let hidden = model.hidden_states(batch.ids.clone());
-    let [b, s, h] = hidden.dims();
-    let logits = model.logits(hidden.reshape([b * s, h]).select(0, batch.rows.clone()));
-    let sum = |labels: &RowLabels| -> Result<f64> {
-        Ok(ual_row_losses(logits.clone(), labels)?
-            .sum()
-            .into_scalar::<f32>() as f64)
-    };
-    let plain = RowLabels::uniform(batch.labels.targets().to_vec(), 0.0)?;
+    let (loss, nll, n) = summed_losses(model, sample)?;
     // A sample's mean over its loss tokens, or over its labelled tokens (the authors' divisor).
     let divisor = match reduction {
-        crate::loss::Reduction::Tokens => n,
-        crate::loss::Reduction::Samples => sample.labelled_tokens(),
+        Reduction::Tokens => n,
+        Reduction::Samples => sample.labelled_tokens(),
     };
-    let loss = sum(&batch.labels)? / divisor.max(1) as f64;
     Ok(RecipeScore {
         index,
         ids: sample.ids.clone(),
@@ -142,38 +142,65 @@ pub fn score_recipe(
             .map(|(j, &m)| m && j > 0)
             .collect(),
         epsilon: sample.epsilon,
-        nll: sum(&plain)? / n.max(1) as f64,
-        loss,
+        nll: nll / n.max(1) as f64,
+        loss: loss / divisor.max(1) as f64,
     })
 }
 
 /// Every line of `data` prepared and scored as `config` trains (template, `loss_on`, the
 /// mapping over the whole file, `spread`, `reduction`), in file order.
 pub fn score_file(
-    pretrained: &crate::model::Pretrained,
-    config: &crate::train::TrainConfig,
-    data: &std::path::Path,
+    pretrained: &Pretrained,
+    config: &TrainConfig,
+    data: &Path,
     mut emit: impl FnMut(RecipeScore) -> Result<()>,
 ) -> Result<()> {
-    use anyhow::Context;
-    let examples = crate::data::formats::read_jsonl(data)?;
-    let template = crate::data::template::Template::load(config.template, &pretrained.dir)?;
-    let rules = config.sample_rules(pretrained.config.vocab_size);
+    let template = Template::load(config.template, &pretrained.dir)?;
     let eos = pretrained.config.eos_token_id()?;
-    let (samples, _) =
-        crate::data::batch::prepare(&examples, &pretrained.tokenizer, &template, eos, &rules)
-            .with_context(|| data.display().to_string())?;
+    let rules = config.sample_rules(pretrained.config.vocab_size);
+    let prepare =
+        Prepare::new(&pretrained.tokenizer, &template, eos, config.max_seq_len).with_rules(rules);
+    let (examples, samples, _) = prepare.file(data)?;
+    let index = line_index(&examples);
     for sample in &samples {
-        let index = examples
-            .iter()
-            .position(|e| e.line == sample.line)
-            .expect("sample from an example");
         emit(score_recipe(
             &pretrained.model,
             sample,
-            index,
+            index[&sample.line],
             config.reduction,
         )?)?;
     }
     Ok(())
+}
+
+/// Every line of `data` with the trainer's tokenisation and ual's default ε mapping, scored on
+/// its own, in file order.
+pub fn score_data(
+    pretrained: &Pretrained,
+    template: &Template,
+    data: &Path,
+    max_seq_len: usize,
+    mut emit: impl FnMut(SampleScore) -> Result<()>,
+) -> Result<()> {
+    let eos = pretrained.config.eos_token_id()?;
+    let prepare = Prepare::new(&pretrained.tokenizer, template, eos, max_seq_len);
+    let (examples, samples, _) = prepare.file(data)?;
+    let index = line_index(&examples);
+    for sample in &samples {
+        emit(score_sample(
+            &pretrained.model,
+            sample,
+            index[&sample.line],
+        )?)?;
+    }
+    Ok(())
+}
+
+/// Each example's 0-based position among the file's examples, by its line number.
+pub fn line_index(examples: &[Example]) -> HashMap<usize, usize> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.line, i))
+        .collect()
 }

@@ -10,33 +10,19 @@
 //!
 //! [`ual_loss_sum`] returns the *weighted sum* over counted rows and the count, because the
 //! reduction spans an optimizer step, across gradient-accumulation micro-batches: callers
-//! divide by the step's total ([`Reduction`]), not by each micro-batch's own count. A row's
+//! divide by the step's total (`data::batch::Reduction`), not by each micro-batch's own count. A row's
 //! weight is 1 when every token weighs the same, and 1/n_i when every sample does.
 
-mod cpu_head;
-pub mod fused;
-mod host;
+mod batch;
 pub mod linear;
+pub mod objective;
 pub mod reference;
-mod wgsl;
 
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 
+pub use batch::Batch;
 pub use linear::{HeadBlocks, ual_linear_loss_sum};
-
-/// How an optimizer step's token losses become its loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Reduction {
-    /// The mean over every loss token of the step (DESIGN §3; ual's choice).
-    #[default]
-    Tokens,
-    /// Each sample's mean, then the mean over the step's samples, so that every sample weighs
-    /// the same (the authors' `loss_fn` at micro-batch 1, averaged over 64 accumulations).
-    Samples,
-}
 
 /// Per-row targets, smoothing values, mask and weights, validated at the API boundary.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,7 +196,7 @@ pub fn ual_loss_sum(logits: Tensor<2>, labels: &RowLabels) -> Result<LossSum> {
 pub fn ual_row_losses(logits: Tensor<2>, labels: &RowLabels) -> Result<Tensor<1>> {
     labels.check_against(logits.dims())?;
     let packed = labels.packed(&logits.device());
-    Ok(fused::row_losses(logits, packed))
+    Ok(crate::ops::ce::row_losses(logits, packed))
 }
 
 /// The mean UAL loss over counted rows; 0 (not NaN) when nothing is counted.

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{LayerCache, Llama};
-use super::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 /// Additive mask value for hidden keys; finite so a fully masked (padding) row stays finite.
 const MASKED: f32 = -1e30;

@@ -2,16 +2,27 @@
 //! attention, a SwiGLU MLP and a tied or untied LM head. Mistral (sliding window) and Qwen2
 //! (q/k/v bias) are the same network with different switches in [`ModelConfig`].
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
-
-use super::lora::LoraLinear;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor};
 
-use super::attention;
 use super::config::ModelConfig;
+use super::projection::LoraLinear;
 use super::rope::RotaryHalf;
+use crate::ops::attention;
+
+/// A decoder layer's projections by their Hugging Face names: the one place they are written.
+/// Loading, LoRA, PEFT export and saving all go through [`DecoderLayer::projections`].
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// Self-attention with `num_key_value_heads` shared by groups of query heads.
 #[derive(Module, Debug)]
@@ -154,6 +165,28 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer over `x: [batch, len, hidden]`, attending as `attend` does to the normed input:
+    /// `h = x + attend(norm(x))`, then `h + mlp(norm(h))`.
+    fn forward_with(
+        &self,
+        x: Tensor<3>,
+        attend: impl FnOnce(&Attention, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+
+    /// The layer over a whole sequence: causal attention within the `window`, if any.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<2>, Tensor<2>),
+        window: Option<usize>,
+    ) -> Tensor<3> {
+        self.forward_with(x, |attention, h| attention.forward(h, rope, window))
+    }
+
+    /// The layer over `n` new tokens whose keys and values join `cache` at `start..start + n`.
     pub fn forward_cached(
         &self,
         x: Tensor<3>,
@@ -162,28 +195,58 @@ impl DecoderLayer {
         cache: &mut LayerCache,
         start: usize,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self.self_attn.forward_cached(
-                self.input_layernorm.forward(x),
-                rope,
-                mask,
-                cache,
-                start,
-            );
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        self.forward_with(x, |attention, h| {
+            attention.forward_cached(h, rope, mask, cache, start)
+        })
     }
 
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &(Tensor<2>, Tensor<2>),
-        window: Option<usize>,
-    ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, window);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    /// The projections with their names in [`PROJECTIONS`] order.
+    pub fn projections(&self) -> [(&'static str, &LoraLinear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let all = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ];
+        let mut names = PROJECTIONS.into_iter();
+        all.map(|p| (names.next().expect("seven names"), p))
+    }
+
+    /// [`Self::projections`], mutably.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let all = [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ];
+        let mut names = PROJECTIONS.into_iter();
+        all.map(|p| (names.next().expect("seven names"), p))
+    }
+
+    /// Each projection's `[in, out]` and whether it has a bias, in [`PROJECTIONS`] order.
+    pub fn projection_shapes(c: &ModelConfig) -> [(usize, usize, bool); 7] {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let bias = c.attention_bias;
+        [
+            (h, q, bias),
+            (h, kv, bias),
+            (h, kv, bias),
+            (q, h, false),
+            (h, i, false),
+            (h, i, false),
+            (i, h, false),
+        ]
     }
 }
 
@@ -209,11 +272,44 @@ impl Llama {
     pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [_, s] = ids.dims();
         let context = self.layer_context(s, &ids.device());
-        let mut x = self.embed_tokens.forward(ids);
-        for layer in &self.layers {
-            x = layer.forward(x, &context.rope, context.window);
-        }
-        self.norm.forward(x)
+        let top = self.decoder_stack(ids, |_, layer, x| {
+            layer.forward(x, &context.rope, context.window)
+        });
+        self.norm.forward(top)
+    }
+
+    /// The decoder before its final norm: the embeddings of `ids`, then `layer(i, layer_i, x)`
+    /// for each layer in order. Every forward pass (training, recomputation, cached decoding)
+    /// runs through here, so a change to the network is made once.
+    pub fn decoder_stack(
+        &self,
+        ids: Tensor<2, Int>,
+        mut layer: impl FnMut(usize, &DecoderLayer, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let x = self.embed_tokens.forward(ids);
+        self.layers
+            .iter()
+            .enumerate()
+            .fold(x, |x, (i, l)| layer(i, l, x))
+    }
+
+    /// Every projection of the model with its Hugging Face path, e.g.
+    /// `model.layers.0.self_attn.q_proj`.
+    pub fn projections(&self) -> impl Iterator<Item = (String, &LoraLinear)> {
+        self.layers.iter().enumerate().flat_map(|(i, layer)| {
+            layer
+                .projections()
+                .map(|(name, p)| (format!("model.layers.{i}.{name}"), p))
+        })
+    }
+
+    /// [`Self::projections`], mutably.
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = (String, &mut LoraLinear)> {
+        self.layers.iter_mut().enumerate().flat_map(|(i, layer)| {
+            layer
+                .projections_mut()
+                .map(|(name, p)| (format!("model.layers.{i}.{name}"), p))
+        })
     }
 
     /// What every decoder layer of a forward pass over positions `0..len` shares.
@@ -283,11 +379,10 @@ impl Llama {
     ) -> Tensor<3> {
         let [b, _] = ids.dims();
         let rope = self.rope.tables_at(positions, b, &ids.device());
-        let mut x = self.embed_tokens.forward(ids);
-        for (layer, layer_cache) in self.layers.iter().zip(cache) {
-            x = layer.forward_cached(x, &rope, mask, layer_cache, start);
-        }
-        self.norm.forward(x)
+        let top = self.decoder_stack(ids, |i, layer, x| {
+            layer.forward_cached(x, &rope, mask, &mut cache[i], start)
+        });
+        self.norm.forward(top)
     }
 
     /// Logits `[batch, len, vocab]` for right-padded `ids`.
@@ -298,22 +393,4 @@ impl Llama {
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.val().device()
     }
-}
-
-/// Wraps a tensor as a parameter whose id is derived from its Hugging Face `name`.
-///
-/// Optimizer state is keyed by parameter id. Ids that follow from names, rather than from a
-/// process-wide counter, let a restarted run hand its saved optimizer state back to the same
-/// parameters, which is what makes `--resume` exact.
-pub(crate) fn param<const D: usize>(name: &str, t: Tensor<D>) -> Param<Tensor<D>> {
-    let mut param = Param::from_tensor(t);
-    param.id = ParamId::from(stable_id(name));
-    param
-}
-
-/// FNV-1a: a fixed hash, unlike std's randomly keyed one.
-pub(crate) fn stable_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }

@@ -15,8 +15,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
-use super::llama::{Attention, DecoderLayer, Llama, Mlp, param};
-use super::lora::LoraLinear;
+use super::llama::{Attention, DecoderLayer, Llama, Mlp, PROJECTIONS};
+use super::projection::{LoraLinear, param};
 use super::rope::RotaryHalf;
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -29,13 +29,13 @@ struct Shard {
     metadata: Metadata,
 }
 
-/// The tensors of a checkpoint directory, looked up by their Hugging Face names.
-pub struct Checkpoint {
+/// The safetensors files of a model directory, their tensors looked up by Hugging Face name.
+pub struct SafetensorsFile {
     shards: Vec<Shard>,
     location: HashMap<String, usize>,
 }
 
-impl Checkpoint {
+impl SafetensorsFile {
     /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
@@ -183,9 +183,9 @@ pub trait Weights {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
 }
 
-impl Weights for Checkpoint {
+impl Weights for SafetensorsFile {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Checkpoint::read(self, name, shape)
+        SafetensorsFile::read(self, name, shape)
     }
 }
 
@@ -206,7 +206,8 @@ impl Weights for RandomWeights {
         if name.ends_with(".bias") {
             return Ok(vec![0.0; len]);
         }
-        let stream = super::llama::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let stream =
+            super::projection::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let half_width = self.std * 3f32.sqrt();
         Ok((0..len as u64)
             .into_par_iter()
@@ -321,21 +322,35 @@ impl Loader<'_> {
         })
     }
 
+    /// Decoder layer `prefix`, its projections named by [`PROJECTIONS`].
     fn layer(&self, c: &ModelConfig, prefix: &str) -> Result<DecoderLayer> {
-        let (h, q_dim, kv_dim) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        let attn = format!("{prefix}.self_attn");
-        let mlp = format!("{prefix}.mlp");
+        let mut projections = Vec::with_capacity(PROJECTIONS.len());
+        for (name, (d_in, d_out, bias)) in
+            PROJECTIONS.iter().zip(DecoderLayer::projection_shapes(c))
+        {
+            projections.push(self.projection(&format!("{prefix}.{name}"), d_in, d_out, bias)?);
+        }
+        let Ok(
+            [
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                gate_proj,
+                up_proj,
+                down_proj,
+            ],
+        ) = <[LoraLinear; 7]>::try_from(projections)
+        else {
+            unreachable!("one projection per name");
+        };
         Ok(DecoderLayer {
             input_layernorm: self.rms_norm(&format!("{prefix}.input_layernorm"), c)?,
             self_attn: Attention {
-                q_proj: self.projection(&format!("{attn}.q_proj"), h, q_dim, c.attention_bias)?,
-                k_proj: self.projection(&format!("{attn}.k_proj"), h, kv_dim, c.attention_bias)?,
-                v_proj: self.projection(&format!("{attn}.v_proj"), h, kv_dim, c.attention_bias)?,
-                o_proj: self.projection(&format!("{attn}.o_proj"), q_dim, h, false)?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
@@ -343,24 +358,9 @@ impl Loader<'_> {
             post_attention_layernorm: self
                 .rms_norm(&format!("{prefix}.post_attention_layernorm"), c)?,
             mlp: Mlp {
-                gate_proj: self.projection(
-                    &format!("{mlp}.gate_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                )?,
-                up_proj: self.projection(
-                    &format!("{mlp}.up_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                )?,
-                down_proj: self.projection(
-                    &format!("{mlp}.down_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                )?,
+                gate_proj,
+                up_proj,
+                down_proj,
             },
         })
     }

@@ -9,77 +9,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::DropoutConfig;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::llama::{Llama, param, stable_id};
-use super::load::Checkpoint;
+use super::llama::{Llama, PROJECTIONS};
+use super::load::SafetensorsFile;
+use super::projection::{LoraAdapter, LoraLinear, param, stable_id};
 
-/// The projections LoRA may target, by their Hugging Face names.
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// The low-rank update of one projection.
-#[derive(Module, Debug)]
-pub struct LoraAdapter {
-    /// `[in, r]`, PEFT's `lora_A` transposed.
-    pub a: Param<Tensor<2>>,
-    /// `[r, out]`, PEFT's `lora_B` transposed.
-    pub b: Param<Tensor<2>>,
-    pub dropout: Dropout,
-    #[module(skip)]
-    pub scale: f64,
-}
-
-/// A projection that may carry a LoRA adapter.
-#[derive(Module, Debug)]
-pub struct LoraLinear {
-    pub base: Linear,
-    pub lora: Option<LoraAdapter>,
-}
-
-impl LoraLinear {
-    pub fn new(base: Linear) -> Self {
-        Self { base, lora: None }
-    }
-
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let Some(lora) = &self.lora else {
-            return self.base_forward(x);
-        };
-        let low = lora
-            .dropout
-            .forward(x.clone())
-            .matmul(lora.a.val().unsqueeze());
-        self.base_forward(x) + low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale)
-    }
-
-    /// The frozen projection. When its weights are stored in half precision
-    /// ([`store_frozen_in`]) the product runs in that precision and comes back in the input's:
-    /// autodiff then keeps the half-precision input, not an f32 copy of the weight.
-    fn base_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let stored = self.base.weight.val().dtype();
-        let dtype = x.dtype();
-        if stored == dtype {
-            return self.base.forward(x);
-        }
-        self.base.forward(x.cast(stored)).cast(dtype)
-    }
-
-    /// `[in, out]` of the frozen projection.
-    pub fn dims(&self) -> [usize; 2] {
-        self.base.weight.dims()
-    }
+/// The projections LoRA may target: PEFT's `target_modules` names, the last part of each of
+/// [`PROJECTIONS`].
+pub fn targets() -> Vec<&'static str> {
+    PROJECTIONS
+        .iter()
+        .map(|p| p.rsplit('.').next().expect("a name"))
+        .collect()
 }
 
 /// LoRA hyper-parameters, named as in PEFT's `LoraConfig`.
@@ -98,7 +44,7 @@ impl Default for LoraConfig {
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
-            target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
+            target_modules: targets().into_iter().map(String::from).collect(),
         }
     }
 }
@@ -114,14 +60,14 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             bail!(
                 "lora.target_modules is empty; choose from {}",
-                TARGETS.join(", ")
+                targets().join(", ")
             );
         }
         for t in &self.target_modules {
-            if !TARGETS.contains(&t.as_str()) {
+            if !targets().contains(&t.as_str()) {
                 bail!(
                     "lora.target_modules: unknown module {t:?}; choose from {}",
-                    TARGETS.join(", ")
+                    targets().join(", ")
                 );
             }
         }
@@ -210,21 +156,8 @@ fn for_each_target(
 
 /// Every projection with its Hugging Face path, e.g. `model.layers.0.self_attn.q_proj`.
 pub fn for_each_named(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraLinear)) {
-    for (i, layer) in model.layers.iter_mut().enumerate() {
-        let attn = &mut layer.self_attn;
-        let mlp = &mut layer.mlp;
-        let projections: [(&str, &str, &mut LoraLinear); 7] = [
-            ("self_attn", "q_proj", &mut attn.q_proj),
-            ("self_attn", "k_proj", &mut attn.k_proj),
-            ("self_attn", "v_proj", &mut attn.v_proj),
-            ("self_attn", "o_proj", &mut attn.o_proj),
-            ("mlp", "gate_proj", &mut mlp.gate_proj),
-            ("mlp", "up_proj", &mut mlp.up_proj),
-            ("mlp", "down_proj", &mut mlp.down_proj),
-        ];
-        for (block, name, proj) in projections {
-            f(&format!("model.layers.{i}.{block}.{name}"), proj);
-        }
+    for (name, proj) in model.projections_mut() {
+        f(&name, proj);
     }
 }
 
@@ -355,7 +288,7 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
             config_path.display()
         );
     }
-    let checkpoint = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
+    let checkpoint = SafetensorsFile::open_file(&dir.join("adapter_model.safetensors"))?;
     let config = LoraConfig {
         r: file.r,
         alpha: file.lora_alpha,
@@ -363,7 +296,7 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
         dropout: file.lora_dropout,
         target_modules: match file.target_modules {
             TargetModules::List(list) => list,
-            TargetModules::Pattern(_) => TARGETS.iter().map(|s| s.to_string()).collect(),
+            TargetModules::Pattern(_) => targets().into_iter().map(String::from).collect(),
         },
     };
     let mut model = model.no_grad();

@@ -1,23 +1,22 @@
 //! LLaMA-family models loaded from Hugging Face directories.
 
-pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod projection;
 pub mod rope;
 pub mod save;
-pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use burn::tensor::Device;
 
+pub use crate::data::tokenizer::Tokenizer;
 pub use config::ModelConfig;
 pub use llama::Llama;
-pub use tokenizer::Tokenizer;
 
 /// A model directory loaded onto a device: the decoder and its tokenizer.
 pub struct Pretrained {
@@ -32,7 +31,7 @@ impl Pretrained {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
-        let checkpoint = load::Checkpoint::open(dir)?;
+        let checkpoint = load::SafetensorsFile::open(dir)?;
         let model = load::load_llama(&config, &checkpoint, device)?;
         Ok(Self {
             dir: dir.to_path_buf(),

@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use safetensors::Dtype;
 
 use super::llama::Llama;
-use super::lora::LoraLinear;
+use super::projection::LoraLinear;
 
 /// Files copied unchanged from the source model directory, when present.
 const COMPANION_FILES: [&str; 4] = [
@@ -119,17 +119,7 @@ fn named_tensors(model: &Llama) -> Vec<Named> {
             &format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.gamma.val(),
         );
-        let (a, m) = (&layer.self_attn, &layer.mlp);
-        let projections = [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ];
-        for (name, proj) in projections {
+        for (name, proj) in layer.projections() {
             push_projection(&mut out, &format!("{p}.{name}"), proj);
         }
     }

@@ -1,4 +1,4 @@
-//! Checkpoints: everything a run needs to continue exactly where it stopped.
+//! Run checkpoints: everything a run needs to continue exactly where it stopped.
 //!
 //! `checkpoint/` holds the trainable weights (a PEFT adapter, or a full HF model in f32), the
 //! AdamW moments, and `state.json` (step, data position, the held-out loss before training).
@@ -14,27 +14,48 @@ use serde::{Deserialize, Serialize};
 
 use super::StepMetrics;
 use super::config::{Mode, TrainConfig};
+use super::step::Evaluation;
 use crate::model::{Llama, lora, save};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
 
-/// Where the run stood when the checkpoint was taken.
+/// Where the run stood when the checkpoint was taken (`state.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
+pub struct RunCheckpoint {
     /// Optimizer steps completed.
     pub step: usize,
     pub epoch: u64,
     /// Batches consumed in `epoch`.
     pub position: usize,
+    /// The held-out loss before the first step.
     pub initial_eval_loss: Option<f64>,
+    /// The held-out NLL before the first step.
+    #[serde(default)]
+    pub initial_eval_nll: Option<f64>,
 }
 
+impl RunCheckpoint {
+    /// The state of the checkpoint in `checkpoint_dir`.
+    pub fn read(checkpoint_dir: &Path) -> Result<Self> {
+        read_state(checkpoint_dir)
+    }
+
+    /// The held-out evaluation before the first step, as the checkpoint recorded it.
+    pub fn initial_eval(&self) -> Option<Evaluation> {
+        Some(Evaluation {
+            loss: self.initial_eval_loss?,
+            nll: self.initial_eval_nll.unwrap_or(f64::NAN),
+        })
+    }
+}
+
+/// Writes `checkpoint/` under a temporary name, then swaps it in.
 pub fn save(
     model: &mut Llama,
     optimizer: &ModuleOptimizer,
     config: &TrainConfig,
-    state: &State,
+    state: &RunCheckpoint,
 ) -> Result<()> {
     let dir = config.run_dir();
     let tmp = dir.join("checkpoint.tmp");
@@ -69,7 +90,7 @@ pub fn save(
     Ok(())
 }
 
-pub fn read_state(checkpoint_dir: &Path) -> Result<State> {
+fn read_state(checkpoint_dir: &Path) -> Result<RunCheckpoint> {
     let path = checkpoint_dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -101,7 +122,7 @@ pub fn export_dtype(config: &TrainConfig) -> Result<safetensors::Dtype> {
     match &config.export_dtype {
         Some(name) => save::dtype_from_torch(Some(name)),
         None => {
-            let checkpoint = crate::model::load::Checkpoint::open(&config.model)?;
+            let checkpoint = crate::model::load::SafetensorsFile::open(&config.model)?;
             Ok(match checkpoint.dtype("model.embed_tokens.weight")? {
                 d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16) => d,
                 _ => safetensors::Dtype::F32,

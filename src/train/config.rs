@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::data::batch::Reduction;
 use crate::data::batch::{LossOn, Overflow, SampleRules};
 use crate::data::template::TemplateKind;
-use crate::loss::Reduction;
 use crate::model::lora::LoraConfig;
 use crate::uncertainty::SmoothingConfig;
 
@@ -22,7 +22,7 @@ pub enum Mode {
 /// What the backward pass recomputes instead of keeping from the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Checkpointing {
+pub enum Recompute {
     /// Keep every activation the backward pass needs.
     #[default]
     Off,
@@ -34,18 +34,18 @@ pub enum Checkpointing {
     Layers,
 }
 
-impl Checkpointing {
+impl Recompute {
     /// The autodiff device this strategy trains on.
     pub fn autodiff_device(self, device: &burn::tensor::Device) -> burn::tensor::Device {
         match self {
-            Checkpointing::Ops => device.clone().autodiff().gradient_checkpointing(),
-            Checkpointing::Off | Checkpointing::Layers => device.clone().autodiff(),
+            Recompute::Ops => device.clone().autodiff().gradient_checkpointing(),
+            Recompute::Off | Recompute::Layers => device.clone().autodiff(),
         }
     }
 }
 
 /// `true`/`false` (layers/off, as Hugging Face's switch) or one of the names.
-impl<'de> Deserialize<'de> for Checkpointing {
+impl<'de> Deserialize<'de> for Recompute {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -60,7 +60,7 @@ impl<'de> Deserialize<'de> for Checkpointing {
     }
 }
 
-impl std::str::FromStr for Checkpointing {
+impl std::str::FromStr for Recompute {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -140,7 +140,8 @@ pub struct TrainConfig {
     pub name: String,
     pub model: PathBuf,
     pub train_data: PathBuf,
-    /// Held-out JSONL; empty means no evaluation.
+    /// Held-out JSONL; `""` means none. Unset, it is the bundled held-out set when
+    /// `train_data` is the bundled training set, and none otherwise.
     pub eval_data: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub device: String,
@@ -180,7 +181,7 @@ pub struct TrainConfig {
     /// on CPUs, 1 turns the split off.
     pub head_vocab_splits: usize,
     /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
-    pub gradient_checkpointing: Checkpointing,
+    pub gradient_checkpointing: Recompute,
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
     /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
     pub base_dtype: String,
@@ -211,13 +212,13 @@ impl Default for TrainConfig {
             template: TemplateKind::Alpaca,
             loss_on: LossOn::Response,
             reduction: Reduction::Tokens,
-            eval_every: 20,
+            eval_every: 10,
             checkpoint_every: 20,
             export_dtype: None,
             fused_head: true,
             head_block_rows: 0,
             head_vocab_splits: 0,
-            gradient_checkpointing: Checkpointing::Off,
+            gradient_checkpointing: Recompute::Off,
             base_dtype: "f32".into(),
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
@@ -230,11 +231,15 @@ impl TrainConfig {
     /// Defaults, then `file`, then each `key=value` override in order.
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let mut tree = toml::Value::try_from(Self::default())?;
+        let mut eval_data_given = overrides
+            .iter()
+            .any(|o| o.trim_start().starts_with("eval_data"));
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let user: toml::Value = toml::from_str(&text)
                 .with_context(|| format!("{}: invalid TOML", path.display()))?;
+            eval_data_given |= user.get("eval_data").is_some();
             merge(&mut tree, user);
         }
         for o in overrides {
@@ -250,11 +255,14 @@ impl TrainConfig {
         let mut config: Self = tree
             .try_into()
             .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-        // TOML has no null: an empty path is how a file says "none".
+        // TOML has no null: an empty path is how a file says "none". The bundled held-out set
+        // belongs to the bundled training set: other data is not evaluated on it unasked.
+        let bundled = config.train_data == Self::default().train_data;
         if config
             .eval_data
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
+            || (!eval_data_given && !bundled)
         {
             config.eval_data = None;
         }
@@ -320,7 +328,7 @@ impl TrainConfig {
             self.lora.validate()?;
         }
         self.smoothing.validate()?;
-        if self.gradient_checkpointing == Checkpointing::Layers
+        if self.gradient_checkpointing == Recompute::Layers
             && self.mode == Mode::Lora
             && self.lora.dropout > 0.0
         {
@@ -456,10 +464,10 @@ mod tests {
             TrainConfig::resolve(None, &[format!("gradient_checkpointing={value}")])
                 .map(|c| c.gradient_checkpointing)
         };
-        assert_eq!(strategy("true").unwrap(), Checkpointing::Layers);
-        assert_eq!(strategy("false").unwrap(), Checkpointing::Off);
-        assert_eq!(strategy("ops").unwrap(), Checkpointing::Ops);
-        assert_eq!(strategy("\"layers\"").unwrap(), Checkpointing::Layers);
+        assert_eq!(strategy("true").unwrap(), Recompute::Layers);
+        assert_eq!(strategy("false").unwrap(), Recompute::Off);
+        assert_eq!(strategy("ops").unwrap(), Recompute::Ops);
+        assert_eq!(strategy("\"layers\"").unwrap(), Recompute::Layers);
         let err = format!("{:#}", strategy("all").unwrap_err());
         assert!(
             err.contains("expected \"off\", \"ops\" or \"layers\""),

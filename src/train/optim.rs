@@ -53,6 +53,16 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Clips the gradients to a global norm of `max_norm` (0 turns clipping off), as torch's
+/// `clip_grad_norm_`, and returns their norm before clipping.
+pub fn clip<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_norm(model, grads);
+    if max_norm > 0.0 && norm > max_norm {
+        scale_grads(model, grads, max_norm / (norm + 1e-6));
+    }
+    norm
+}
+
 /// Scales every gradient by `factor`.
 pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
     struct Scale<'a> {

@@ -15,12 +15,13 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 
-use super::objective::{HeadPlan, head_loss};
-use crate::data::batch::Batch;
+use crate::loss::Batch;
+use crate::loss::objective::{HeadPlan, head_loss};
 use crate::model::Llama;
 
 /// Adds to `accumulator` the gradients of this batch's summed response loss divided by `scale`,
-/// recomputing each decoder layer in the backward pass, and returns that scaled loss.
+/// recomputing each decoder layer in the backward pass, and returns that scaled loss and its
+/// NLL part.
 ///
 /// The gradients equal those of `response_loss(..).sum / scale` up to rounding. The forward pass
 /// runs the layers without dropout, so the model must have none (`TrainConfig::validate`).
@@ -30,15 +31,17 @@ pub fn accumulate_gradients(
     head: HeadPlan,
     scale: f64,
     accumulator: &mut GradientsAccumulator<Llama>,
-) -> Result<f32> {
+) -> Result<(f32, f32)> {
     if batch.labels.rows() == 0 {
-        return Ok(0.0);
+        return Ok((0.0, 0.0));
     }
     let (inputs, top) = layer_inputs(model, batch);
 
     let top = top.autodiff().require_grad();
     let hidden = model.norm.forward(top.clone());
-    let loss = head_loss(model, hidden, batch, head)?.sum.div_scalar(scale);
+    let objective = head_loss(model, hidden, batch, head)?;
+    let nll = objective.nll.into_scalar::<f32>() / scale as f32;
+    let loss = objective.loss.sum.div_scalar(scale);
     let value = loss.clone().into_scalar::<f32>();
     let mut grad = backward_segment(model, loss, &top, accumulator);
 
@@ -55,7 +58,7 @@ pub fn accumulate_gradients(
         let grads = (embedded * grad).sum().backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    Ok(value)
+    Ok((value, nll))
 }
 
 /// Each decoder layer's input and the last layer's output, computed without a graph.
@@ -64,13 +67,12 @@ fn layer_inputs(model: &Llama, batch: &Batch) -> (Vec<Tensor<3>>, Tensor<3>) {
     let ids = batch.ids.clone().inner();
     let [_, len] = ids.dims();
     let context = frozen.layer_context(len, &ids.device());
-    let mut x = frozen.embed_tokens.forward(ids);
     let mut inputs = Vec::with_capacity(frozen.layers.len());
-    for layer in &frozen.layers {
+    let top = frozen.decoder_stack(ids, |_, layer, x| {
         inputs.push(x.clone());
-        x = layer.forward(x, &context.rope, context.window);
-    }
-    (inputs, x)
+        layer.forward(x, &context.rope, context.window)
+    });
+    (inputs, top)
 }
 
 /// Runs one segment's backward, keeps its parameter gradients, and returns the gradient with

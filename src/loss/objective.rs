@@ -2,11 +2,11 @@
 //! LM head and the UAL loss.
 
 use anyhow::Result;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::data::batch::Batch;
+use super::Batch;
 use crate::loss::linear::{HeadBlocks, default_chunk_rows, divisor_at_most, gpu_vocab_splits};
-use crate::loss::{LossSum, ual_linear_loss_sum, ual_loss_sum};
+use crate::loss::{LossSum, RowLabels, ual_linear_loss_sum, ual_loss_sum};
 use crate::model::Llama;
 
 /// How the LM head and the loss are computed.
@@ -82,10 +82,19 @@ impl HeadPlan {
     }
 }
 
+/// A batch's summed loss, with the plain cross-entropy part of it for reporting.
+pub struct ObjectiveLoss {
+    /// The weighted UAL loss summed over the loss rows; differentiable.
+    pub loss: LossSum,
+    /// The same rows' weighted negative log-likelihood (ε = 0), detached: what the loss would
+    /// be without smoothing, so that runs with different ε report comparable numbers.
+    pub nll: Tensor<1>,
+}
+
 /// The summed UAL loss over the batch's response tokens, and their count.
 ///
 /// Prompt and padding positions never reach the head: the response rows are gathered first.
-pub fn response_loss(model: &Llama, batch: &Batch, head: HeadPlan) -> Result<LossSum> {
+pub fn response_loss(model: &Llama, batch: &Batch, head: HeadPlan) -> Result<ObjectiveLoss> {
     head_loss(model, model.hidden_states(batch.ids.clone()), batch, head)
 }
 
@@ -95,28 +104,43 @@ pub fn head_loss(
     hidden: Tensor<3>,
     batch: &Batch,
     head: HeadPlan,
-) -> Result<LossSum> {
+) -> Result<ObjectiveLoss> {
     let [b, s, h] = hidden.dims();
-    let n = batch.labels.rows();
-    let device = hidden.device();
-    if n == 0 {
-        return Ok(LossSum {
-            sum: Tensor::zeros([1], &device),
-            count: 0,
+    let labels = &batch.labels;
+    if labels.rows() == 0 {
+        let zero = Tensor::zeros([1], &hidden.device());
+        return Ok(ObjectiveLoss {
+            loss: LossSum {
+                sum: zero.clone(),
+                count: 0,
+            },
+            nll: zero,
         });
     }
     let response = hidden.reshape([b * s, h]).select(0, batch.rows.clone());
-    if head.fused
-        && let Some(weight) = model.head_weight()
-    {
-        return ual_linear_loss_sum(response, weight, &batch.labels, head.blocks());
-    }
+    let gap = smoothing_gap(model, &response, labels);
+    let loss = match model.head_weight() {
+        Some(weight) if head.fused => ual_linear_loss_sum(response, weight, labels, head.blocks())?,
+        _ => unfused_loss(model, response, labels, head)?,
+    };
+    let nll = loss.sum.clone().detach() + gap;
+    Ok(ObjectiveLoss { loss, nll })
+}
+
+/// Logits for `head.rows_per_chunk` rows at a time, then the fused loss on each block.
+fn unfused_loss(
+    model: &Llama,
+    response: Tensor<2>,
+    labels: &RowLabels,
+    head: HeadPlan,
+) -> Result<LossSum> {
+    let n = labels.rows();
     let mut sum: Option<Tensor<1>> = None;
     let chunk = head.rows_per_chunk.max(1);
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let logits = model.logits(response.clone().narrow(0, start, len));
-        let part = ual_loss_sum(logits, &batch.labels.slice(start..start + len))?.sum;
+        let part = ual_loss_sum(logits, &labels.slice(start..start + len))?.sum;
         sum = Some(match sum {
             Some(total) => total + part,
             None => part,
@@ -126,6 +150,49 @@ pub fn head_loss(
         sum: sum.expect("at least one chunk"),
         count: n,
     })
+}
+
+/// `Σ_r w_r·ε_r·(mean_k z_rk − z_{r,y_r})`: what turns the summed UAL loss into the summed NLL.
+///
+/// A row's UAL loss is `lse − (1 − ε)·z_y − ε·mean z`, so its NLL `lse − z_y` is the loss plus
+/// `ε·(mean z − z_y)`. Both logits are linear in the hidden state: `mean z = h·mean_k W_k` and
+/// `z_y = h·W_y`, an `[rows, H]` computation with no `[rows, V]` block, without gradients.
+/// Nothing is computed when no row is smoothed.
+fn smoothing_gap(model: &Llama, response: &Tensor<2>, labels: &RowLabels) -> Tensor<1> {
+    let device = response.device();
+    let coefficients: Vec<f32> = labels
+        .weights()
+        .iter()
+        .zip(labels.smoothing())
+        .map(|(w, e)| w * e)
+        .collect();
+    if coefficients.iter().all(|&c| c == 0.0) {
+        return Tensor::zeros([1], &device);
+    }
+    let n = labels.rows();
+    let response = response.clone().detach();
+    let targets: Vec<i64> = labels.targets().iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    let c = Tensor::<2>::from_data(TensorData::new(coefficients, [n, 1]), &device);
+    let (mean_logit, target_logit) = match model.head_weight() {
+        Some(weight) => {
+            let weight = weight.detach().cast(response.dtype());
+            let mean_column = weight.clone().mean_dim(1);
+            let target_rows = weight.transpose().select(0, targets);
+            (
+                response.clone().matmul(mean_column),
+                (response * target_rows).sum_dim(1),
+            )
+        }
+        None => {
+            let logits = model.logits(response).detach();
+            (
+                logits.clone().mean_dim(1),
+                logits.gather(1, targets.unsqueeze_dim(1)),
+            )
+        }
+    };
+    ((mean_logit - target_logit) * c).sum()
 }
 
 #[cfg(test)]

@@ -25,8 +25,8 @@ use burn::backend::{Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_ext
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::lanes;
-use crate::matmul::{Matrix, contiguous, matmul_here};
+use crate::ops::gemm::{Matrix, contiguous, matmul_here};
+use crate::ops::lanes;
 
 /// `q, k, v: [batch, heads, len, head_dim]`, keys and values already repeated for each query
 /// head → `[batch, heads, len, head_dim]`. Position i attends to the positions j ≤ i, and with

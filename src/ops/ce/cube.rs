@@ -12,11 +12,11 @@ use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArgument
 use burn::tensor::{DType, Shape};
 use derive_new::new;
 
-use super::fused::{UalLossBackend, slice_major, sliced_shape, stats_shape};
+use super::backend::{UalLossBackend, slice_major, sliced_shape, stats_shape};
 use super::host;
 
-kernel_source!(ForwardSource, "../../shaders/ual_ce_forward.wgsl");
-kernel_source!(BackwardSource, "../../shaders/ual_ce_backward.wgsl");
+kernel_source!(ForwardSource, "../../../shaders/ual_ce_forward.wgsl");
+kernel_source!(BackwardSource, "../../../shaders/ual_ce_backward.wgsl");
 
 /// Threads per row. A power of two, as the tree reduction requires; any vocabulary size works.
 const WORKGROUP: u32 = 256;

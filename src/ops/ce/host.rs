@@ -1,7 +1,7 @@
 //! The fused loss on the host: the kernels' arithmetic, one row per task. Used by the CPU
 //! backend and by any non-wgpu device; it never allocates more than the gradient it returns.
 //!
-//! A row is visited in the vectorised passes of `crate::lanes` (glibc's `expf` and a sequential
+//! A row is visited in the vectorised passes of `crate::ops::lanes` (glibc's `expf` and a sequential
 //! f32 sum take one value at a time), which made the CPU loss several times faster.
 
 use burn::backend::Backend;
@@ -10,7 +10,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
-use crate::lanes::{exp_sum, row_max, row_sum, scaled_exp, scaled_exp_in_place};
+use crate::ops::lanes::{exp_sum, row_max, row_sum, scaled_exp, scaled_exp_in_place};
 
 pub fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
     pollster::block_on(B::float_into_data(t))
@@ -174,6 +174,13 @@ fn grad_row(
         None => scaled_exp_in_place(g, lse, scale, uniform),
     }
     g[row.target] -= g_loss * (1.0 - row.eps);
+}
+
+/// The `[rows, 2]` upstream gradient of the weighted loss sum with respect to each row's
+/// statistics `(loss, lse)`: the row's weight for its loss, 0 for its lse. `labels` are the
+/// packed `[rows, 3]` (target, ε, weight).
+pub fn loss_only_upstream(labels: &[f32]) -> Vec<f32> {
+    labels.chunks_exact(3).flat_map(|l| [l[2], 0.0]).collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,192 @@
+//! `ual bench`: performance measurements, printed as JSON.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ual::bench::step::{Preset, StepOptions};
+use ual::loss::objective::HeadPlan;
+use ual::model::Pretrained;
+use ual::model::lora::frozen_dtype;
+use ual::train::Recompute;
+
+use super::DeviceArg;
+
+/// `ual bench`.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// The fused UAL loss against the composed reference, forward + backward, in one run.
+    Loss(LossArgs),
+    /// One LoRA training step of a named model size on random weights, through the trainer's
+    /// own session; prints JSON with tokens/s, peak device memory and peak RSS (compare with
+    /// scripts/bench_torch.py).
+    Step(StepArgs),
+    /// The fused linear cross-entropy against logits-then-loss, forward + backward, in one run.
+    Head(HeadArgs),
+    /// Decoding speed with and without the KV cache, in one run.
+    Decode(DecodeArgs),
+}
+
+/// `ual bench loss`.
+#[derive(clap::Args)]
+pub struct LossArgs {
+    /// Rows of logits.
+    #[arg(long, default_value_t = 1024)]
+    rows: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32_000)]
+    vocab: usize,
+    /// Timed steps per implementation, after one warm-up step.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// `ual bench step`.
+#[derive(clap::Args)]
+pub struct StepArgs {
+    /// The model size.
+    #[arg(long, value_enum, default_value = "small")]
+    preset: Preset,
+    /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
+    #[arg(long)]
+    unfused_head: bool,
+    /// Rows per block of the fused head (0: about 8 Mi logits, in whole 128-row tiles).
+    #[arg(long, default_value_t = 0)]
+    head_block_rows: usize,
+    /// Vocabulary slices of the fused head's hidden gradient (0: split on hardware GPUs
+    /// only, 1: no split).
+    #[arg(long, default_value_t = 0)]
+    head_vocab_splits: usize,
+    /// Recompute in the backward pass: `layers` (each decoder layer from its input; the
+    /// default when the flag has no value), `ops` (burn's balanced strategy) or `off`.
+    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "layers")]
+    gradient_checkpointing: Recompute,
+    /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
+    #[arg(long, default_value = "f32")]
+    base_dtype: String,
+    /// LoRA rank (α = 2r).
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// Untimed steps first (kernel compilation, autotune).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Overrides the preset's batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Overrides the preset's sequence length.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// `ual bench head`.
+#[derive(clap::Args)]
+pub struct HeadArgs {
+    /// Rows of hidden states.
+    #[arg(long, default_value_t = 4096)]
+    rows: usize,
+    /// Hidden width.
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32_000)]
+    vocab: usize,
+    /// Timed steps per implementation.
+    #[arg(long, default_value_t = 2)]
+    iters: usize,
+    /// Rows per block of the fused head; default: about 8 Mi logits, in whole 128-row tiles.
+    #[arg(long)]
+    chunk_rows: Option<usize>,
+    /// Vocabulary slices of the hidden gradient (0: split on hardware GPUs only, 1: none).
+    #[arg(long, default_value_t = 0)]
+    vocab_splits: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// `ual bench decode`.
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// The model directory.
+    #[arg(long, default_value = "models/tiny")]
+    model: PathBuf,
+    /// The prompt decoded from.
+    #[arg(
+        long,
+        default_value = "Natalia sold clips to 48 of her friends in April"
+    )]
+    prompt: String,
+    /// Tokens decoded.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// Runs one measurement.
+pub fn main(command: Command) -> Result<()> {
+    match command {
+        Command::Loss(a) => {
+            let selected = a.device.select()?;
+            let report = ual::bench::loss(
+                a.rows,
+                a.vocab,
+                a.iters.max(1),
+                &selected.device,
+                &selected.description,
+            )?;
+            super::print_json(&report)
+        }
+        Command::Step(a) => step(a),
+        Command::Head(a) => head(a),
+        Command::Decode(a) => {
+            let selected = a.device.select()?;
+            let pretrained = Pretrained::load(&a.model, &selected.device)?;
+            let report =
+                ual::bench::decode(&pretrained, &a.prompt, a.tokens, &selected.description)?;
+            super::print_json(&report)
+        }
+    }
+}
+
+fn step(a: StepArgs) -> Result<()> {
+    let selected = a.device.select()?;
+    let base = frozen_dtype(&a.base_dtype, selected.shader_f16, selected.is_wgpu)?;
+    let options = StepOptions {
+        fused_head: !a.unfused_head,
+        head_block_rows: a.head_block_rows,
+        head_vocab_splits: a.head_vocab_splits,
+        gradient_checkpointing: a.gradient_checkpointing,
+        base_dtype: a.base_dtype,
+        lora_r: a.lora_r,
+        warmup_steps: a.warmup,
+        steps: a.steps.max(1),
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+    };
+    let report = ual::bench::step::run(a.preset, options, &selected, base)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn head(a: HeadArgs) -> Result<()> {
+    let selected = a.device.select()?;
+    let blocks = HeadPlan::new(true, a.vocab, usize::MAX, a.chunk_rows.unwrap_or(0))
+        .split_vocab(a.vocab_splits, a.hidden, a.vocab, selected.hardware_gpu)
+        .blocks();
+    let report = ual::bench::head(
+        a.rows,
+        a.hidden,
+        a.vocab,
+        a.iters.max(1),
+        blocks,
+        &selected.device,
+        &selected.description,
+    )?;
+    super::print_json(&report)
+}

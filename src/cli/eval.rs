@@ -1,0 +1,206 @@
+//! `ual eval`: maths accuracy (ual's protocol or the authors'), and held-out loss.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use ual::data::batch::Prepare;
+use ual::eval::{gsm8k, heldout, paper};
+
+use super::ModelArgs;
+
+/// How a maths benchmark is run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// ual's: greedy answers in the training template, exact match of the final number.
+    Ual,
+    /// The authors': their prompt, 0-shot, T 0.8, top-k 200, 256 tokens, substring match.
+    Paper,
+}
+
+/// `ual eval`.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Accuracy on GSM8K: ual's greedy exact match, or the authors' sampled substring match.
+    Gsm8k(Gsm8kArgs),
+    /// The authors' MetaMath protocol: gold = the response's last word, sampled answers,
+    /// substring match (their test set is the last 1,030 items of MetaMathQA: --tail 1030).
+    Metamath(MetamathArgs),
+    /// Mean response NLL, perplexity and UAL loss, overall and by uncertainty bucket.
+    Loss(LossArgs),
+}
+
+/// `ual eval gsm8k`.
+#[derive(clap::Args)]
+pub struct Gsm8kArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// `ual` (greedy, exact match) or `paper` (the authors' `math_bench.py`).
+    #[arg(long, value_enum, default_value = "ual")]
+    protocol: Protocol,
+    /// The sampling seed of `--protocol paper` (item i draws from seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// GSM8K-format JSONL ({"question", "answer"}).
+    #[arg(long, default_value = "data/gsm8k/test.jsonl")]
+    data: PathBuf,
+    /// Where few-shot exemplars come from.
+    #[arg(long, default_value = "data/gsm8k/train.jsonl")]
+    train: PathBuf,
+    /// Only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Worked examples shown before each question.
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// The longest answer generated.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Write the JSON report here too (atomically).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// `ual eval metamath`.
+#[derive(clap::Args)]
+pub struct MetamathArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// MetaMathQA records ({"query", "response"}), JSONL or a JSON array.
+    #[arg(long)]
+    data: PathBuf,
+    /// Only the last N records.
+    #[arg(long)]
+    tail: Option<usize>,
+    /// Only the first N of those.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Item i samples from seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the JSON report here too (atomically).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// `ual eval loss`.
+#[derive(clap::Args)]
+pub struct LossArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A training-schema JSONL file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Samples longer than this are truncated at the response end.
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+}
+
+/// Runs one evaluation and prints its JSON report.
+pub fn main(command: Command) -> Result<()> {
+    match command {
+        Command::Gsm8k(args) if args.protocol == Protocol::Paper => gsm8k_paper(args),
+        Command::Gsm8k(args) => gsm8k_ual(args),
+        Command::Metamath(args) => metamath(args),
+        Command::Loss(args) => loss(args),
+    }
+}
+
+fn gsm8k_ual(args: Gsm8kArgs) -> Result<()> {
+    let (pretrained, template) = args.model.load()?;
+    let mut items = gsm8k::read_items(&args.data)?;
+    items.truncate(args.limit.unwrap_or(usize::MAX));
+    let mut exemplars = match args.shots {
+        0 => Vec::new(),
+        _ => gsm8k::read_items(&args.train)?,
+    };
+    exemplars.truncate(args.shots);
+    let name = args.data.display().to_string();
+    let report = gsm8k::evaluate(
+        &pretrained,
+        &template,
+        &items,
+        &exemplars,
+        args.max_new_tokens,
+        &name,
+    )?;
+    write_report(
+        &report,
+        args.output.as_deref(),
+        report.correct,
+        report.total,
+    )
+}
+
+fn gsm8k_paper(args: Gsm8kArgs) -> Result<()> {
+    if args.shots > 0 {
+        bail!("--protocol paper is the authors' 0-shot run; drop --shots");
+    }
+    let mut items = paper::read_gsm8k(&args.data)?;
+    items.truncate(args.limit.unwrap_or(usize::MAX));
+    paper_report(
+        &args.model,
+        &items,
+        args.seed,
+        &args.data,
+        args.output.as_deref(),
+    )
+}
+
+fn metamath(args: MetamathArgs) -> Result<()> {
+    let mut items = paper::read_metamath(&args.data)?;
+    if let Some(n) = args.tail {
+        items.drain(..items.len().saturating_sub(n));
+    }
+    items.truncate(args.limit.unwrap_or(usize::MAX));
+    paper_report(
+        &args.model,
+        &items,
+        args.seed,
+        &args.data,
+        args.output.as_deref(),
+    )
+}
+
+/// The authors' protocol on `items`, reported.
+fn paper_report(
+    model: &ModelArgs,
+    items: &[paper::MathItem],
+    seed: u64,
+    data: &Path,
+    output: Option<&Path>,
+) -> Result<()> {
+    let (pretrained, _) = model.load()?;
+    let report = paper::evaluate(&pretrained, items, seed, &data.display().to_string())?;
+    write_report(&report, output, report.correct, report.total)
+}
+
+fn loss(args: LossArgs) -> Result<()> {
+    let (pretrained, template) = args.model.load()?;
+    let eos = pretrained.config.eos_token_id()?;
+    let prepare = Prepare::new(&pretrained.tokenizer, &template, eos, args.max_seq_len);
+    let (_, samples, _) = prepare.file(&args.data)?;
+    let progress = indicatif::ProgressBar::new(samples.len() as u64);
+    let name = args.data.display().to_string();
+    let report = heldout::evaluate_loss(&pretrained.model, &samples, &name, || progress.inc(1))?;
+    progress.finish_and_clear();
+    super::print_json(&report)
+}
+
+/// Prints a JSON report (and writes it to `output` atomically) and its accuracy.
+fn write_report(
+    report: &impl serde::Serialize,
+    output: Option<&Path>,
+    correct: usize,
+    total: usize,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    if let Some(path) = output {
+        ual::util::write_atomic(path, json.as_bytes())?;
+    }
+    println!("{json}");
+    eprintln!(
+        "accuracy {:.2}% ({correct}/{total})",
+        100.0 * correct as f64 / total.max(1) as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! `ual generate`: continue one prompt, streaming, or answer a file of prompts.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use ual::data::formats::{Message, read_jsonl};
+use ual::data::template::Template;
+use ual::eval::answers::{self, Answer};
+use ual::model::Pretrained;
+use ual::model::generate::{GenerationConfig, generate};
+
+use super::{DecodingArgs, ModelArgs};
+
+/// How `generate --input` writes its answers.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One JSON line per input line: `{index, prompt, generation, finish}`.
+    Jsonl,
+    /// The JSON array of `{"instruction", "output", "generator"}` the `alpaca_eval` package reads.
+    AlpacaEval,
+}
+
+/// `ual generate`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A prompt, asked in the training template unless --raw.
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    prompt: Option<String>,
+    /// A JSONL file of Alpaca, chat, ShareGPT or prompt/completion lines; each is asked as
+    /// training renders it.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Where file mode writes its output, atomically (default: stdout).
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    /// File mode's output format.
+    #[arg(long, value_enum, default_value = "jsonl", requires = "input")]
+    format: OutputFormat,
+    /// The `generator` name of `--format alpaca-eval` (default: the adapter's or model's
+    /// directory name).
+    #[arg(long, requires = "input")]
+    generator: Option<String>,
+    /// Use --prompt as it is, without the template.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    decoding: DecodingArgs,
+}
+
+/// Streams one continuation, or writes one answer per input line.
+pub fn main(args: Args) -> Result<()> {
+    let (pretrained, template) = args.model.load()?;
+    let config = args.decoding.config();
+    match (&args.prompt, &args.input) {
+        (Some(prompt), _) => stream_one(&pretrained, &template, prompt, args.raw, &config),
+        (None, Some(input)) => answer_file(&args, &pretrained, &template, input, &config),
+        (None, None) => unreachable!("clap requires --prompt or --input"),
+    }
+}
+
+/// Streams one continuation of `prompt` to stdout.
+fn stream_one(
+    pretrained: &Pretrained,
+    template: &Template,
+    prompt: &str,
+    raw: bool,
+    config: &GenerationConfig,
+) -> Result<()> {
+    let (text, special) = if raw {
+        (prompt.to_string(), true)
+    } else {
+        let messages = [Message::new("user", prompt)];
+        (
+            template.prompt(&messages)?,
+            !template.prompt_has_special_tokens(),
+        )
+    };
+    let ids = pretrained.tokenizer.encode_with(&text, special)?;
+    let eos = pretrained.config.eos_token_ids.clone();
+    let mut stdout = std::io::stdout();
+    let out = generate(
+        &pretrained.model,
+        &pretrained.tokenizer,
+        &eos,
+        &[ids],
+        config,
+        |_, piece| {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    eprintln!("({} tokens, {:?})", out[0].ids.len(), out[0].finish);
+    Ok(())
+}
+
+/// Answers every line of `input`; JSON lines stream to stdout unless `--output` is given.
+fn answer_file(
+    args: &Args,
+    pretrained: &Pretrained,
+    template: &Template,
+    input: &Path,
+    config: &GenerationConfig,
+) -> Result<()> {
+    let examples = read_jsonl(input)?;
+    let progress = indicatif::ProgressBar::new(examples.len() as u64);
+    let streaming = args.output.is_none() && args.format == OutputFormat::Jsonl;
+    let answers = answers::answer_all(pretrained, template, &examples, config, |answer| {
+        if streaming {
+            progress.suspend(|| println!("{}", jsonl_line(answer)));
+        }
+        progress.inc(1);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    let text = match args.format {
+        OutputFormat::Jsonl => answers.iter().map(|a| jsonl_line(a) + "\n").collect(),
+        OutputFormat::AlpacaEval => {
+            let generator = args
+                .generator
+                .clone()
+                .unwrap_or_else(|| generator_name(&args.model));
+            serde_json::to_string_pretty(&answers::alpaca_eval(&answers, &generator))? + "\n"
+        }
+    };
+    match &args.output {
+        Some(path) => {
+            ual::util::write_atomic(path, text.as_bytes())?;
+            eprintln!("wrote {} generations to {}", answers.len(), path.display());
+        }
+        None if !streaming => print!("{text}"),
+        None => {}
+    }
+    Ok(())
+}
+
+fn jsonl_line(answer: &Answer) -> String {
+    serde_json::to_string(answer).expect("an answer serialises")
+}
+
+/// The adapter's directory name, else the model's.
+fn generator_name(model: &ModelArgs) -> String {
+    let dir = model.adapter.as_ref().unwrap_or(&model.model);
+    let dir = dir.canonicalize().unwrap_or(dir.clone());
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ual".into())
+}

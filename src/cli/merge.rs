@@ -1,0 +1,36 @@
+//! `ual merge`: fold a LoRA adapter into its base model.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ual::model::Pretrained;
+use ual::model::load::SafetensorsFile;
+
+use super::DeviceArg;
+
+/// `ual merge`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The PEFT adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The new model directory (written whole, or not at all).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+/// Writes base + adapter as a Hugging Face directory in the base's dtype.
+pub fn main(args: Args) -> Result<()> {
+    let selected = args.device.select()?;
+    let pretrained =
+        Pretrained::load_with_adapter(&args.model, Some(&args.adapter), &selected.device)?;
+    let dtype = SafetensorsFile::open(&args.model)?.dtype("model.embed_tokens.weight")?;
+    ual::model::save::save_pretrained(&pretrained.model, &args.model, &args.output, dtype)?;
+    eprintln!("wrote {} ({dtype:?})", args.output.display());
+    Ok(())
+}

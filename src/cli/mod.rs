@@ -1,0 +1,144 @@
+//! The `ual` subcommands, one module each: parse the arguments, call the library, print.
+//!
+//! This module holds what several commands share: the device, model and decoding arguments.
+
+pub mod analyze;
+pub mod annotate;
+pub mod bench;
+pub mod devices;
+pub mod eval;
+pub mod generate;
+pub mod merge;
+pub mod score;
+pub mod train;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ual::data::template::{Template, TemplateKind};
+use ual::device::{self, DeviceSpec, Selected};
+use ual::model::Pretrained;
+use ual::model::generate::GenerationConfig;
+
+/// `--device`.
+#[derive(clap::Args, Clone, Copy)]
+pub struct DeviceArg {
+    /// Where to compute: auto (first hardware wgpu adapter, else CPU), cpu, wgpu or wgpu:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+}
+
+impl DeviceArg {
+    /// The device asked for, said on stderr.
+    pub fn select(self) -> Result<Selected> {
+        let selected = device::select(self.device)?;
+        eprintln!("device: {}", selected.description);
+        Ok(selected)
+    }
+}
+
+/// A model directory, an optional adapter, the prompt template and the device.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// How prompts are written: alpaca (as `ual train` by default), chat_template, vicuna or
+    /// vicuna_lima.
+    #[arg(long, default_value = "alpaca")]
+    pub template: TemplateKind,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+impl ModelArgs {
+    /// The model with its adapter on the chosen device, and its template.
+    pub fn load(&self) -> Result<(Pretrained, Template)> {
+        let selected = self.device.select()?;
+        let pretrained =
+            Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
+        let template = Template::load(self.template, &self.model)?;
+        Ok((pretrained, template))
+    }
+}
+
+/// How continuations are decoded.
+#[derive(clap::Args, Clone)]
+pub struct DecodingArgs {
+    /// The most tokens generated per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample within the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
+    pub top_p: f64,
+    /// The sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this; repeat for several.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Recompute the whole prefix for every token (slow; for comparison).
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl DecodingArgs {
+    /// The library's decoding settings.
+    pub fn config(&self) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            use_cache: !self.no_cache,
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A finite number ≥ 0.
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a finite number ≥ 0")),
+    }
+}
+
+/// A probability in (0, 1].
+fn probability(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a probability in (0, 1]")),
+    }
+}
+
+/// Keeps the Vulkan loader's window-system probes quiet on a headless machine.
+///
+/// Probing for a Wayland display, libwayland prints `error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment.` when that variable is missing, which reads as ual failing. ual
+/// never opens a window, so pointing the variable at the temporary directory changes nothing
+/// but the message; `ual devices` reports the same adapters.
+pub fn quiet_window_system_probes() {
+    let valid =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|dir| PathBuf::from(dir).is_absolute());
+    if !valid {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
+}

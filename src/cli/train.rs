@@ -1,0 +1,113 @@
+//! `ual train`: fine-tune with the UAL loss, reporting progress on stderr.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use ual::device::DeviceSpec;
+use ual::train::{Mode, Reporter, RunSummary, Session, StepMetrics, TrainConfig};
+
+/// `ual train`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A TOML configuration; unset keys take the bundled run's defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. --set optim.lr=1e-3 --set smoothing.loss=sft.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Shorthand for --set device=...
+    #[arg(long)]
+    device: Option<DeviceSpec>,
+    /// Continue the run in this directory from its last checkpoint, with its config.toml.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    resume: Option<PathBuf>,
+}
+
+/// Trains, then prints the run's summary as JSON on stdout.
+pub fn main(mut args: Args) -> Result<()> {
+    if let Some(d) = args.device {
+        args.overrides.push(format!("device={d}"));
+    }
+    let config = match &args.resume {
+        Some(dir) => TrainConfig::for_resume(dir, &args.overrides)?,
+        None => TrainConfig::resolve(args.config.as_deref(), &args.overrides)?,
+    };
+    let mut progress = Progress::new(&config);
+    let summary = ual::train::run_with(&config, args.resume.is_some(), &mut progress)?;
+    super::print_json(&summary)
+}
+
+/// A progress bar over the steps, and the run told in words at both ends.
+struct Progress {
+    bar: ProgressBar,
+    output: &'static str,
+}
+
+impl Progress {
+    fn new(config: &TrainConfig) -> Self {
+        let bar = ProgressBar::hidden();
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}]")
+                .expect("static template"),
+        );
+        let output = match config.mode {
+            Mode::Lora => "adapter",
+            Mode::Full => "model",
+        };
+        Self { bar, output }
+    }
+}
+
+impl Reporter for Progress {
+    fn opened(&mut self, session: &Session) {
+        let d = session.data();
+        eprintln!("device: {}", session.device_description());
+        eprintln!(
+            "data: {} samples ({} truncated, {} dropped, {} without uncertainty), {} response tokens; held out: {}",
+            d.samples,
+            d.truncated,
+            d.dropped,
+            d.without_uncertainty,
+            d.response_tokens,
+            session.eval_samples()
+        );
+        if let Some(eval) = session.initial_eval() {
+            eprintln!("held-out NLL before training: {:.3}", eval.nll);
+        }
+        self.bar.set_length(session.steps() as u64);
+        self.bar.set_position(session.steps_done() as u64);
+        self.bar
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    }
+
+    fn stepped(&mut self, m: &StepMetrics) {
+        let eval = m
+            .eval_nll
+            .map(|v| format!(", held-out {v:.3}"))
+            .unwrap_or_default();
+        self.bar.set_message(format!(
+            "nll {:.3}{eval}, {:.0} tok/s",
+            m.nll, m.tokens_per_s
+        ));
+        self.bar.inc(1);
+    }
+
+    fn finished(&mut self, s: &RunSummary) {
+        self.bar.finish_and_clear();
+        let held_out = match (s.initial_eval_nll, s.final_eval_nll) {
+            (Some(a), Some(b)) if a.is_finite() => format!("held-out NLL {a:.2} → {b:.2}"),
+            (_, Some(b)) => format!("held-out NLL {b:.2}"),
+            _ => "no held-out set".to_string(),
+        };
+        eprintln!(
+            "{held_out} over {} steps ({:.1} min, {:.0} tok/s); {}: {}/{}",
+            s.steps,
+            s.seconds / 60.0,
+            s.mean_tokens_per_s,
+            self.output,
+            s.run_dir,
+            self.output
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Answers to a file of prompts: what `ual generate --input` writes, and what a judge compares.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::formats::{Body, Example, user_text};
+use crate::data::template::Template;
+use crate::model::Pretrained;
+use crate::model::generate::{Finish, GenerationConfig, generate};
+
+/// One example's prompt, as the model saw it, and the model's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// 0-based position of the example in its file.
+    pub index: usize,
+    /// The question in words: the user's last turn, or a completion line's prompt.
+    #[serde(skip)]
+    pub instruction: String,
+    /// The rendered prompt the model continued.
+    pub prompt: String,
+    /// The continuation.
+    pub generation: String,
+    /// Why decoding stopped.
+    pub finish: Finish,
+}
+
+/// Answers each example's prompt, rendered as training renders it ([`Template::prompt_of`]),
+/// calling `on_answer` as each one is ready.
+pub fn answer_all(
+    pretrained: &Pretrained,
+    template: &Template,
+    examples: &[Example],
+    config: &GenerationConfig,
+    mut on_answer: impl FnMut(&Answer) -> Result<()>,
+) -> Result<Vec<Answer>> {
+    let eos = pretrained.config.eos_token_ids.clone();
+    let mut answers = Vec::with_capacity(examples.len());
+    for (index, example) in examples.iter().enumerate() {
+        let (prompt, special) = template.prompt_of(&example.body)?;
+        let ids = pretrained.tokenizer.encode_with(&prompt, special)?;
+        let generation = generate(
+            &pretrained.model,
+            &pretrained.tokenizer,
+            &eos,
+            &[ids],
+            config,
+            |_, _| {},
+        )?
+        .remove(0);
+        let answer = Answer {
+            index,
+            instruction: instruction(&example.body),
+            prompt,
+            generation: generation.text,
+            finish: generation.finish,
+        };
+        on_answer(&answer)?;
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+/// AlpacaEval's model outputs: a JSON array of `{"instruction", "output", "generator"}`.
+pub fn alpaca_eval(answers: &[Answer], generator: &str) -> serde_json::Value {
+    answers
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "instruction": a.instruction, "output": a.generation.trim(), "generator": generator,
+            })
+        })
+        .collect()
+}
+
+/// The question of an example in words.
+fn instruction(body: &Body) -> String {
+    match body {
+        Body::Completion { prompt, .. } => prompt.clone(),
+        Body::Alpaca {
+            instruction, input, ..
+        } => user_text(instruction, input),
+        Body::Chat { messages } => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+    }
+}

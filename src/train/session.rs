@@ -1,0 +1,425 @@
+//! A training session: the model, its data and its optimizer, stepped one optimizer step at a
+//! time. `ual train` and `ual bench step` both drive it, so the bench measures what training runs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::{DType, Device};
+
+use super::checkpoint::{self, RunCheckpoint};
+use super::config::{Mode, TrainConfig};
+use super::step::{Evaluation, evaluate, step_gradients_reduced};
+use super::stream::BatchStream;
+use super::{RunSummary, StepMetrics, optim, report};
+use crate::data::batch::{DataSummary, Sample, prepare};
+use crate::data::formats::read_jsonl;
+use crate::data::template::Template;
+use crate::device::{self, DeviceSpec, Selected};
+use crate::loss::objective::HeadPlan;
+use crate::model::{Llama, Pretrained, lora, save};
+
+/// A run in progress. [`Session::open`] prepares it, [`Session::step`] takes one optimizer step,
+/// [`Session::finish`] exports what it trained.
+pub struct Session {
+    config: TrainConfig,
+    device: Device,
+    description: String,
+    model: Llama,
+    optimizer: ModuleOptimizer,
+    head: HeadPlan,
+    samples: Vec<Sample>,
+    eval_samples: Vec<Sample>,
+    data: DataSummary,
+    stream: BatchStream,
+    step: usize,
+    steps: usize,
+    warmup: usize,
+    initial_eval: Option<Evaluation>,
+    history: Vec<StepMetrics>,
+    /// `metrics.jsonl`, appended to after every step; `None` for a session without a run
+    /// directory (benches).
+    metrics: Option<File>,
+    started: Instant,
+}
+
+/// The model, data and device a session trains with.
+pub struct Parts {
+    /// The model to train, adapters attached (LoRA) or not (full).
+    pub model: Llama,
+    /// Training samples.
+    pub samples: Vec<Sample>,
+    /// Held-out samples; empty for none.
+    pub eval_samples: Vec<Sample>,
+    /// What preparing the training data kept and dropped.
+    pub data: DataSummary,
+}
+
+impl Session {
+    /// Prepares the run `config` describes in `runs/<name>/`; with `resume`, continues it from
+    /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
+    pub fn open(config: &TrainConfig, resume: bool) -> Result<Self> {
+        let spec: DeviceSpec = config.device.parse().map_err(|e: String| anyhow!(e))?;
+        let selected = device::select(spec)?;
+        let checkpoint_dir = config.run_dir().join("checkpoint");
+        let saved = resume
+            .then(|| RunCheckpoint::read(&checkpoint_dir))
+            .transpose()?;
+        let device = config
+            .gradient_checkpointing
+            .autodiff_device(&selected.device);
+        device.seed(config.seed);
+        let (pretrained, model) = load_model(config, &selected, &device, saved.is_some())?;
+        let template = Template::load(config.template, &config.model)?;
+        let rules = config.sample_rules(pretrained.config.vocab_size);
+        let eos = pretrained.config.eos_token_id()?;
+        let read = |path: &Path| -> Result<(Vec<Sample>, DataSummary)> {
+            prepare(
+                &read_jsonl(path)?,
+                &pretrained.tokenizer,
+                &template,
+                eos,
+                &rules,
+            )
+            .with_context(|| path.display().to_string())
+        };
+        let (samples, data) = read(&config.train_data)?;
+        let eval_samples = match &config.eval_data {
+            Some(path) => read(path)?.0,
+            None => Vec::new(),
+        };
+        write_config(config)?;
+        let parts = Parts {
+            model,
+            samples,
+            eval_samples,
+            data,
+        };
+        let mut session = Self::new(config, parts, &selected)?;
+        match saved {
+            Some(saved) => session.restore(&checkpoint_dir, &saved)?,
+            None => session.initial_eval = session.evaluate()?,
+        }
+        session.open_metrics()?;
+        Ok(session)
+    }
+
+    /// A session on `parts`, with no run directory: nothing is written until [`Session::finish`].
+    pub fn new(config: &TrainConfig, parts: Parts, selected: &Selected) -> Result<Self> {
+        if parts.samples.is_empty() {
+            bail!("{}: no usable samples", config.train_data.display());
+        }
+        let vocab = parts.model.config.vocab_size;
+        let hidden = parts.model.config.hidden_size;
+        let head = HeadPlan::new(
+            config.fused_head,
+            vocab,
+            selected.rows_per_binding(vocab),
+            config.head_block_rows,
+        )
+        .split_vocab(
+            config.head_vocab_splits,
+            hidden,
+            vocab,
+            selected.hardware_gpu,
+        );
+        let steps = config.total_steps(parts.samples.len());
+        Ok(Self {
+            device: config
+                .gradient_checkpointing
+                .autodiff_device(&selected.device),
+            description: selected.description.clone(),
+            model: head.arrange(parts.model),
+            optimizer: adamw(config),
+            head,
+            stream: BatchStream::new(
+                &parts.samples,
+                config.batch_size,
+                config.sampling,
+                config.seed,
+            ),
+            samples: parts.samples,
+            eval_samples: parts.eval_samples,
+            data: parts.data,
+            step: 0,
+            steps,
+            warmup: config.warmup_steps(steps),
+            initial_eval: None,
+            history: Vec::new(),
+            metrics: None,
+            started: Instant::now(),
+            config: config.clone(),
+        })
+    }
+
+    /// Takes one optimizer step and returns its metrics (written to `metrics.jsonl`, with a
+    /// checkpoint when one is due).
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let config = &self.config;
+        // The random state is a function of the step, so a resumed run draws what an
+        // uninterrupted one would have drawn (LoRA dropout).
+        self.device
+            .seed(config.seed.wrapping_add(self.step as u64 + 1));
+        let started = Instant::now();
+        let micro: Vec<Vec<&Sample>> = (0..config.grad_accum)
+            .map(|_| {
+                self.stream
+                    .next_batch()
+                    .iter()
+                    .map(|&i| &self.samples[i])
+                    .collect()
+            })
+            .collect();
+        let mut step = step_gradients_reduced(
+            &self.model,
+            &micro,
+            &self.device,
+            self.head,
+            config.gradient_checkpointing,
+            config.reduction,
+        )?;
+        let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
+        let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
+        let mean_eps = mean_epsilon(&micro);
+        self.model = self.optimizer.step(lr, self.model.clone(), step.grads);
+        self.step += 1;
+        let eval = self
+            .eval_due()
+            .then(|| self.evaluate())
+            .transpose()?
+            .flatten();
+        let metrics = StepMetrics {
+            step: self.step,
+            loss: step.loss,
+            nll: step.nll,
+            lr,
+            grad_norm,
+            tokens_per_s: step.tokens as f64 / started.elapsed().as_secs_f64(),
+            mean_eps,
+            eval_loss: eval.map(|e| e.loss),
+            eval_nll: eval.map(|e| e.nll),
+        };
+        self.record(&metrics)?;
+        Ok(metrics)
+    }
+
+    /// Whether every step has been taken.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.steps
+    }
+
+    /// Optimizer steps taken so far, a resumed run's earlier ones included.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// The run's length in optimizer steps.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// The device the session computes on, in words.
+    pub fn device_description(&self) -> &str {
+        &self.description
+    }
+
+    /// What preparing the training data kept and dropped.
+    pub fn data(&self) -> &DataSummary {
+        &self.data
+    }
+
+    /// Held-out samples.
+    pub fn eval_samples(&self) -> usize {
+        self.eval_samples.len()
+    }
+
+    /// The held-out loss before the first step.
+    pub fn initial_eval(&self) -> Option<Evaluation> {
+        self.initial_eval
+    }
+
+    /// The model as trained so far.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Waits for the device's queued work, so that a timed step is its own.
+    pub fn sync(&self) -> Result<()> {
+        self.device
+            .sync()
+            .map_err(|e| anyhow!("device sync: {e:?}"))
+    }
+
+    /// Exports the adapter (LoRA) or model (full), draws `loss.svg` and writes `summary.json`.
+    pub fn finish(mut self) -> Result<RunSummary> {
+        let run_dir = self.config.run_dir();
+        export(&mut self.model, &self.config, &run_dir)?;
+        report::plot_losses(&self.history, self.initial_eval, &run_dir.join("loss.svg"))?;
+        let summary = RunSummary::new(
+            &run_dir,
+            self.description,
+            self.data,
+            self.steps,
+            self.initial_eval,
+            &self.history,
+            self.started.elapsed().as_secs_f64(),
+        );
+        crate::util::write_atomic(
+            &run_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        Ok(summary)
+    }
+
+    fn evaluate(&self) -> Result<Option<Evaluation>> {
+        let c = &self.config;
+        evaluate(
+            &self.model,
+            &self.eval_samples,
+            c.batch_size,
+            self.head,
+            c.reduction,
+        )
+    }
+
+    /// Every `eval_every` steps, and always after the last one.
+    fn eval_due(&self) -> bool {
+        let every = self.config.eval_every;
+        (every > 0 && self.step.is_multiple_of(every)) || self.step == self.steps
+    }
+
+    /// Appends `metrics` to the log and checkpoints when one is due.
+    fn record(&mut self, metrics: &StepMetrics) -> Result<()> {
+        self.history.push(metrics.clone());
+        let Some(file) = &mut self.metrics else {
+            return Ok(());
+        };
+        writeln!(file, "{}", serde_json::to_string(metrics)?)?;
+        file.flush()?;
+        let every = self.config.checkpoint_every;
+        if every > 0 && self.step.is_multiple_of(every) && self.step < self.steps {
+            let saved = RunCheckpoint {
+                step: self.step,
+                epoch: self.stream.epoch,
+                position: self.stream.position,
+                initial_eval_loss: self.initial_eval.map(|e| e.loss),
+                initial_eval_nll: self.initial_eval.map(|e| e.nll),
+            };
+            checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)?;
+        }
+        Ok(())
+    }
+
+    /// Continues from `saved`: the optimizer's moments, the data position and the metrics.
+    fn restore(&mut self, dir: &Path, saved: &RunCheckpoint) -> Result<()> {
+        let file = dir.join(checkpoint::OPTIMIZER_FILE);
+        let optimizer = std::mem::replace(&mut self.optimizer, adamw(&self.config));
+        self.optimizer = optimizer
+            .load(&file)
+            .map_err(|e| anyhow!("{}: {e:?}", file.display()))?;
+        self.stream.seek(saved.epoch, saved.position);
+        self.step = saved.step;
+        self.initial_eval = saved.initial_eval();
+        let metrics = self.config.run_dir().join("metrics.jsonl");
+        self.history = checkpoint::metrics_until(&metrics, saved.step)?;
+        Ok(())
+    }
+
+    /// Rewrites the metrics kept so far (a crash may have left lines past the checkpoint) and
+    /// opens the log for appending.
+    fn open_metrics(&mut self) -> Result<()> {
+        let path = self.config.run_dir().join("metrics.jsonl");
+        let kept: String = self
+            .history
+            .iter()
+            .map(|m| serde_json::to_string(m).map(|l| l + "\n"))
+            .collect::<Result<_, _>>()?;
+        crate::util::write_atomic(&path, kept.as_bytes())?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        self.metrics = Some(file);
+        Ok(())
+    }
+}
+
+/// The model to train: LoRA on the base (a resumed run's adapter from its checkpoint), or the
+/// base itself for a full fine-tune (a resumed one's checkpointed weights).
+fn load_model(
+    config: &TrainConfig,
+    selected: &Selected,
+    device: &Device,
+    resume: bool,
+) -> Result<(Pretrained, Llama)> {
+    let checkpoint_dir = config.run_dir().join("checkpoint");
+    let source = match (config.mode, resume) {
+        (Mode::Full, true) => checkpoint_dir.join("model"),
+        _ => config.model.clone(),
+    };
+    let pretrained = Pretrained::load(&source, device)?;
+    let base = pretrained.model.clone();
+    let mut model = match (config.mode, resume) {
+        (Mode::Lora, false) => lora::attach(base, &config.lora, config.seed, device),
+        (Mode::Lora, true) => lora::load_peft(base, &checkpoint_dir, device)?.0,
+        (Mode::Full, _) => base,
+    };
+    let frozen = lora::frozen_dtype(&config.base_dtype, selected.shader_f16, selected.is_wgpu)?;
+    if frozen != DType::F32 {
+        model = lora::store_frozen_in(model, frozen);
+    }
+    Ok((pretrained, model))
+}
+
+/// AdamW as the configuration sets it.
+fn adamw(config: &TrainConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(config.optim.beta1 as f32)
+        .with_beta_2(config.optim.beta2 as f32)
+        .with_epsilon(config.optim.eps as f32)
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .init()
+}
+
+/// Writes `config.toml`, which `--resume` reads back. No held-out set is written as "", since
+/// TOML has no null and a missing key would resume with the default one.
+fn write_config(config: &TrainConfig) -> Result<()> {
+    let run_dir = config.run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let mut written = config.clone();
+    written.eval_data.get_or_insert_with(PathBuf::new);
+    crate::util::write_atomic(
+        &run_dir.join("config.toml"),
+        toml::to_string_pretty(&written)?.as_bytes(),
+    )
+}
+
+/// The response-token-weighted mean ε of a step's samples.
+fn mean_epsilon(micro: &[Vec<&Sample>]) -> f64 {
+    let samples = micro.iter().flatten();
+    let tokens: usize = samples.clone().map(|s| s.response_tokens()).sum();
+    samples
+        .map(|s| s.epsilon * s.response_tokens() as f64)
+        .sum::<f64>()
+        / tokens.max(1) as f64
+}
+
+/// Writes the trained weights: `adapter/` (LoRA) or `model/` (full).
+fn export(model: &mut Llama, config: &TrainConfig, run_dir: &Path) -> Result<()> {
+    match config.mode {
+        Mode::Lora => lora::save_peft(
+            model,
+            &config.lora,
+            &config.model.display().to_string(),
+            &run_dir.join("adapter"),
+        ),
+        Mode::Full => {
+            let dtype = checkpoint::export_dtype(config)?;
+            save::save_pretrained(model, &config.model, &run_dir.join("model"), dtype)
+        }
+    }
+}

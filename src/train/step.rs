@@ -1,0 +1,125 @@
+//! One optimizer step's gradients, and the held-out evaluation.
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use serde::{Deserialize, Serialize};
+
+use super::config::Recompute;
+use super::recompute;
+use crate::data::batch::Reduction;
+use crate::data::batch::{Sample, length_buckets};
+use crate::loss::Batch;
+use crate::loss::objective::{HeadPlan, response_loss};
+use crate::model::Llama;
+
+/// What one optimizer step's micro-batches produced.
+pub struct StepGradients {
+    /// The gradients of the step's loss, accumulated over its micro-batches.
+    pub grads: GradientsParams,
+    /// The step's loss under its reduction.
+    pub loss: f64,
+    /// The plain cross-entropy part of `loss` (ε = 0), on the same rows and reduction.
+    pub nll: f64,
+    /// Tokens of the step, padding excluded.
+    pub tokens: usize,
+}
+
+/// The gradients of one optimizer step, accumulated over its micro-batches, with the step's
+/// mean loss and its token count (padding excluded).
+///
+/// Each micro-batch's summed loss is divided by the response-token count of the *whole step*,
+/// so k micro-batches give exactly the gradient of one batch holding all of them (DESIGN §3).
+///
+/// With [`Recompute::Layers`] each micro-batch's backward recomputes the decoder layers one
+/// at a time (`recompute`); the other strategies live in the autodiff `device`.
+pub fn step_gradients(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &burn::tensor::Device,
+    head: HeadPlan,
+    recompute: Recompute,
+) -> Result<(GradientsParams, f64, usize)> {
+    let step = step_gradients_reduced(model, micro, device, head, recompute, Reduction::Tokens)?;
+    Ok((step.grads, step.loss, step.tokens))
+}
+
+/// [`step_gradients`] under `reduction`: with [`Reduction::Samples`] each sample's loss tokens
+/// weigh 1/n_i and the step's sum is divided by its sample count, so k micro-batches again give
+/// exactly the gradient of one batch holding all of them.
+pub fn step_gradients_reduced(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &burn::tensor::Device,
+    head: HeadPlan,
+    strategy: Recompute,
+    reduction: Reduction,
+) -> Result<StepGradients> {
+    let scale: f64 = micro.iter().flatten().map(|s| s.share(reduction)).sum();
+    let scale = if scale > 0.0 { scale } else { 1.0 };
+    let mut accumulator = GradientsAccumulator::new();
+    let (mut loss_total, mut nll_total, mut tokens) = (0.0, 0.0, 0);
+    for batch_samples in micro {
+        let batch = Batch::with_reduction(batch_samples, reduction, device)?;
+        tokens += batch.tokens;
+        let (loss, nll) = if strategy == Recompute::Layers {
+            recompute::accumulate_gradients(model, &batch, head, scale, &mut accumulator)?
+        } else {
+            let objective = response_loss(model, &batch, head)?;
+            let loss = objective.loss.sum.div_scalar(scale);
+            let value = loss.clone().into_scalar::<f32>();
+            accumulator.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            (value, objective.nll.into_scalar::<f32>() / scale as f32)
+        };
+        loss_total += loss as f64;
+        nll_total += nll as f64;
+    }
+    Ok(StepGradients {
+        grads: accumulator.grads(),
+        loss: loss_total,
+        nll: nll_total,
+        tokens,
+    })
+}
+
+/// The held-out loss, and its plain cross-entropy part.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Mean UAL loss (with each sample's ε).
+    pub loss: f64,
+    /// Mean negative log-likelihood of the same tokens (ε = 0).
+    pub nll: f64,
+}
+
+/// The mean UAL loss and NLL over `samples` under `reduction` (per loss token, or per sample),
+/// without gradients or dropout; `None` for no samples.
+pub fn evaluate(
+    model: &Llama,
+    samples: &[Sample],
+    batch_size: usize,
+    head: HeadPlan,
+    reduction: Reduction,
+) -> Result<Option<Evaluation>> {
+    if samples.is_empty() {
+        return Ok(None);
+    }
+    let model = model.valid();
+    let device = model.device();
+    let (mut loss, mut nll) = (0.0, 0.0);
+    for bucket in length_buckets(samples, batch_size) {
+        let batch_samples: Vec<&Sample> = bucket.iter().map(|&i| &samples[i]).collect();
+        let batch = Batch::with_reduction(&batch_samples, reduction, &device)?;
+        let objective = response_loss(&model, &batch, head)?;
+        loss += objective.loss.sum.into_scalar::<f32>() as f64;
+        nll += objective.nll.into_scalar::<f32>() as f64;
+    }
+    let divisor = samples
+        .iter()
+        .map(|s| s.share(reduction))
+        .sum::<f64>()
+        .max(1.0);
+    Ok(Some(Evaluation {
+        loss: loss / divisor,
+        nll: nll / divisor,
+    }))
+}
