@@ -1,14 +1,12 @@
 #!/usr/bin/env python3
-"""Prepares the bundled tiny model: its random initialisation, its pre-training corpus and its
-mixed UAL dataset. The pre-training itself is done by ual's own full fine-tuning; the exact
+"""Prepares the bundled tiny model: its random initialisation and its pre-training corpus (its
+UAL dataset is scripts/make_tiny_data.py's). The pre-training itself is done by ual's own full fine-tuning; the exact
 commands are in models/README.md.
 
 - target/tiny-init/: a 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings) with the
   Llama-2 tokenizer and transformers' random initialisation, in float32. Not committed.
 - data/corpus/gsm8k-text.jsonl: GSM8K train[1000:3000] as plain text (prompt "" and the whole
-  Alpaca-formatted question and answer as the completion), disjoint from the fine-tuning set.
-- models/tiny/data/{train,eval}.jsonl: low-entropy GSM8K items (uncertainty 1) mixed with
-  open-ended instructions written for ual (scripts/open_ended.jsonl, uncertainty 8-10).
+  Alpaca-formatted question and answer as the completion).
 
     pip install torch transformers
     python scripts/make_tiny_model.py
@@ -46,13 +44,9 @@ def write(path, rows):
 def main():
     torch.manual_seed(0)
     random.seed(0)
-    train, test = read(GSM8K / "train.jsonl"), read(GSM8K / "test.jsonl")
-    open_ended = read(ROOT / "scripts" / "open_ended.jsonl")
-    maths = lambda rows: [dict(instruction=r["question"], output=r["answer"], uncertainty=1) for r in rows]
-    train_rows = maths(train[:240]) + open_ended[:30]
-    random.shuffle(train_rows)
-    write(DATA / "train.jsonl", train_rows)
-    write(DATA / "eval.jsonl", maths(test[:30]) + open_ended[30:])
+    train = read(GSM8K / "train.jsonl")
+    # The bundled UAL dataset is scripts/make_tiny_data.py's (arithmetic drills and open-ended
+    # instructions); this script makes the model and its pre-training corpus.
     write(CORPUS, [dict(prompt="", completion=ALPACA.format(instruction=r["question"]) + r["answer"])
                    for r in train[1000:3000]])
 

@@ -30,6 +30,7 @@ impl CountingAlloc {
         PEAK.load(Ordering::Relaxed)
     }
 
+    /// Starts a new peak measurement from the bytes in use now.
     pub fn reset_peak() {
         PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
     }

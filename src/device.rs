@@ -14,9 +14,12 @@ use burn::tensor::{Device, DeviceKind};
 /// What the user asked for with `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
+    /// The first hardware wgpu adapter, else the CPU.
     #[default]
     Auto,
+    /// The CPU (burn-flex).
     Cpu,
+    /// The N-th adapter of `ual devices`'s list.
     Wgpu(usize),
 }
 
@@ -47,25 +50,50 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Written as its text (`auto`, `cpu`, `wgpu:N`), as configurations hold it.
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One wgpu adapter as `ual devices` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterReport {
+    /// Position in `ual devices`'s list.
     pub index: usize,
+    /// The adapter's name.
     pub name: String,
+    /// The graphics API (Vulkan, Metal, DX12, GL).
     pub backend: String,
+    /// Discrete, integrated, virtual or CPU (software).
     pub device_type: String,
+    /// Whether shaders may use f16.
     pub shader_f16: bool,
     /// The largest storage buffer one shader may bind, in bytes (DESIGN §7).
     pub max_storage_buffer_binding_size: u64,
     #[serde(skip)]
     kind: Option<DeviceKind>,
+    /// A software rasterizer running on the CPU (lavapipe, WARP), not a GPU.
+    #[serde(skip)]
+    software: bool,
 }
 
 /// A device ready for tensors, with a human-readable description of what was chosen.
 #[derive(Debug, Clone)]
 pub struct Selected {
+    /// The burn device.
     pub device: Device,
+    /// What was chosen, in words.
     pub description: String,
+    /// A wgpu adapter (rather than the CPU).
     pub is_wgpu: bool,
     /// A wgpu adapter that is real hardware, not a software rasterizer running on the CPU.
     pub hardware_gpu: bool,
@@ -135,6 +163,7 @@ fn adapters_on(backend: wgpu::Backend) -> Vec<AdapterReport> {
                 shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
                 max_storage_buffer_binding_size: adapter.limits().max_storage_buffer_binding_size,
                 kind,
+                software: info.device_type == wgpu::DeviceType::Cpu,
             }
         })
         .collect()
@@ -162,7 +191,7 @@ pub fn select(spec: DeviceSpec) -> Result<Selected> {
         // reaches a software adapter, which is how CI exercises the shaders.
         DeviceSpec::Auto => Ok(adapters()
             .into_iter()
-            .filter(|a| a.device_type != "Cpu")
+            .filter(|a| !a.software)
             .find_map(|a| wgpu_device(&a))
             .unwrap_or_else(|| {
                 let mut selected = cpu();
@@ -199,7 +228,7 @@ fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
             adapter.index, adapter.name, adapter.backend, adapter.device_type
         ),
         is_wgpu: true,
-        hardware_gpu: adapter.device_type != "Cpu",
+        hardware_gpu: !adapter.software,
         shader_f16: adapter.shader_f16,
         max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
     })

@@ -4,8 +4,11 @@
 //! value comes from that sample's uncertainty (Wang et al., "Uncertainty Aware Learning for
 //! Language Model Alignment", ACL 2024), on any wgpu adapter or on the CPU.
 //!
-//! Data flows one way: `data` → `model` → `loss` → `train`; `uncertainty` only supplies the
-//! per-sample number that becomes the smoothing value.
+//! Each module depends only on those before it here: `ops` (the hand-written kernels) and
+//! `device` at the bottom; then `uncertainty` (a score becomes ε), `data` (examples become
+//! samples), `model`, `loss` (the UAL loss and the training objective), `train`; and the
+//! commands' libraries on top: `eval`, `annotate`, `bench`.
+#![warn(missing_docs)]
 
 pub mod alloc;
 pub mod annotate;

@@ -563,3 +563,48 @@ fn paper_preset_sends_the_authors_prompt_and_reads_their_scale() {
         "the histogram follows the 0–99 scale: {stderr}"
     );
 }
+
+/// `--from-model` renders the lines with `--template`: the authors' template gives the model
+/// other context, so other entropies (alpaca is the default).
+#[test]
+fn local_mode_follows_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let scores = |template: &str| {
+        let output = tmp.path().join(format!("{template}.jsonl"));
+        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+            .args([
+                "annotate",
+                "--device",
+                "cpu",
+                "--template",
+                template,
+                "--from-model",
+            ])
+            .arg(root.join("tests/fixtures/models/llama-gqa"))
+            .arg("--input")
+            .arg(root.join("tests/fixtures/score/data.jsonl"))
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read(&output)
+            .iter()
+            .map(|l| l["uncertainty"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (alpaca, vicuna) = (scores("alpaca"), scores("vicuna"));
+    assert_eq!(alpaca.len(), vicuna.len());
+    assert!(
+        alpaca
+            .iter()
+            .zip(&vicuna)
+            .any(|(a, v)| (a - v).abs() > 1e-6),
+        "alpaca {alpaca:?} vs vicuna {vicuna:?}"
+    );
+}

@@ -188,3 +188,41 @@ fn stop_strings_and_eos_end_a_sequence() {
     assert_eq!(ended.finish, Finish::Eos);
     assert_eq!(ended.ids, case.greedy_ids[..3]);
 }
+
+/// `generate --input` asks each line as training renders it: an Alpaca line with an input gets
+/// the template's `### Input:` section, not the input merged into the instruction.
+#[test]
+fn file_mode_renders_lines_as_training_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &input,
+        r#"{"instruction": "Add the numbers.", "input": "3 and 4", "output": ""}"#.to_string()
+            + "\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "generate",
+            "--model",
+            "models/tiny",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--input",
+        ])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = ual::data::template::alpaca_prompt("Add the numbers.", "3 and 4");
+    assert_eq!(line["prompt"], expected.as_str());
+    assert!(expected.contains("### Input:\n3 and 4"));
+}

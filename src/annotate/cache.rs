@@ -13,12 +13,15 @@ use serde::{Deserialize, Serialize};
 /// What a request got: a score, or the reply that held none.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Answer {
+    /// The request's key: a hash of the model and the prompt.
     pub key: String,
+    /// The score read from the reply, if one was found.
     pub score: Option<f64>,
     /// The last reply, kept so a failure's reason can be shown without asking again.
     pub reply: String,
 }
 
+/// Answers already received, kept on disk so that a re-run asks only for the rest.
 pub struct Cache {
     answers: HashMap<String, Answer>,
     file: Mutex<File>,
@@ -56,14 +59,17 @@ impl Cache {
         })
     }
 
+    /// The cached answer to the request with `key`.
     pub fn get(&self, key: &str) -> Option<&Answer> {
         self.answers.get(key)
     }
 
+    /// Answers in the cache.
     pub fn len(&self) -> usize {
         self.answers.len()
     }
 
+    /// Whether the cache holds no answer.
     pub fn is_empty(&self) -> bool {
         self.answers.is_empty()
     }

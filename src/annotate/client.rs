@@ -18,6 +18,7 @@ pub enum Failure {
     GaveUp(String),
 }
 
+/// An OpenAI-compatible chat-completions endpoint with retries.
 pub struct Endpoint {
     client: reqwest::blocking::Client,
     url: String,
@@ -34,6 +35,7 @@ pub struct Endpoint {
 const MAX_RETRY_AFTER: f64 = 300.0;
 
 impl Endpoint {
+    /// An endpoint at `base` serving `model`; fails on a malformed URL.
     pub fn new(
         base: &str,
         model: &str,

@@ -53,6 +53,7 @@ pub enum PromptPreset {
 }
 
 impl PromptPreset {
+    /// The preset's prompt text.
     pub fn prompt(self) -> &'static str {
         match self {
             Self::Ual => DEFAULT_PROMPT,
@@ -60,6 +61,7 @@ impl PromptPreset {
         }
     }
 
+    /// The scale the preset's prompt asks for: `[min, max]`.
     pub fn scale(self) -> [f64; 2] {
         match self {
             Self::Ual => crate::uncertainty::UAL_SCALE,
@@ -94,9 +96,13 @@ const FOLLOW_UPS: usize = 2;
 
 /// One line's fields for the prompt, and the line itself to copy to the output.
 pub struct Line {
+    /// The line's JSON object, written back with its score added.
     pub object: Map<String, Value>,
+    /// The instruction, or the user's turns.
     pub instruction: String,
+    /// An Alpaca line's input (empty otherwise).
     pub input: String,
+    /// The reference response.
     pub response: String,
     /// The turns joined with newlines, without speakers (the authors' `{example}`).
     pub example: String,
@@ -171,33 +177,50 @@ pub fn render_prompt(template: &str, line: &Line) -> String {
 
 /// What the command was asked to do against an endpoint.
 pub struct ApiOptions {
+    /// The JSONL file to score.
     pub input: PathBuf,
+    /// The scored file, written whole at the end.
     pub output: PathBuf,
+    /// The server's base URL.
     pub endpoint: String,
+    /// The model name the server serves.
     pub model: String,
+    /// The environment variable that holds the API key.
     pub api_key_env: String,
+    /// Requests in flight at once.
     pub concurrency: usize,
     /// A prompt file; without one, the preset's prompt.
     pub prompt: Option<PathBuf>,
+    /// The built-in prompt and sampling settings.
     pub preset: PromptPreset,
     /// The scale replies are read on: `[min, max]`.
     pub scale: [f64; 2],
     /// Overrides the preset's `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// Only the first N lines.
     pub limit: Option<usize>,
+    /// Retries per request on connection errors, timeouts, 429 and 5xx.
     pub max_retries: u32,
+    /// How long one request may take.
     pub timeout: Duration,
+    /// The first backoff delay; it doubles per retry.
     pub retry_base: Duration,
 }
 
+/// What an annotation run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// Lines read.
     pub lines: usize,
+    /// Lines that got a score.
     pub scored: usize,
     /// Answers taken from the cache rather than asked.
     pub cached: usize,
+    /// Requests sent.
     pub requested: usize,
+    /// Lines that failed.
     pub failed: usize,
+    /// Wall-clock seconds.
     pub seconds: f64,
     /// Lines per score bucket, each named by its lowest score: one per integer on a scale of
     /// up to 20 points, else ten of equal width.

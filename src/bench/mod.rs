@@ -20,14 +20,22 @@ pub struct LossTiming {
     pub peak_extra_bytes: u64,
 }
 
+/// `ual bench loss`: the fused loss against the composed reference.
 #[derive(Debug, Clone, Serialize)]
 pub struct LossBench {
+    /// Rows of logits.
     pub rows: usize,
+    /// Vocabulary size.
     pub vocab: usize,
+    /// The device, in words.
     pub device: String,
+    /// Where the memory figures come from.
     pub memory_source: &'static str,
+    /// Bytes of one `[rows, V]` f32 logits tensor.
     pub logits_bytes: u64,
+    /// The fused kernels.
     pub fused: LossTiming,
+    /// The composed burn reference.
     pub reference: LossTiming,
     /// reference time / fused time.
     pub speedup: f64,
@@ -128,16 +136,25 @@ fn measure(
 /// followed by the fused loss, forward + backward, with a frozen head (LoRA's case).
 #[derive(Debug, Clone, Serialize)]
 pub struct HeadBench {
+    /// Rows of hidden states.
     pub rows: usize,
+    /// Hidden width.
     pub hidden: usize,
+    /// Vocabulary size.
     pub vocab: usize,
+    /// The device, in words.
     pub device: String,
+    /// Where the memory figures come from.
     pub memory_source: &'static str,
     /// 2 × rows × V × 4: the logits and their gradient, which the fused head never forms.
     pub logits_and_grad_bytes: u64,
+    /// Rows per block of the fused head.
     pub chunk_rows: usize,
+    /// Vocabulary slices of the hidden gradient.
     pub vocab_splits: usize,
+    /// The fused linear cross-entropy.
     pub fused: LossTiming,
+    /// Logits, then the fused loss.
     pub unfused: LossTiming,
     /// unfused time / fused time.
     pub speedup: f64,
@@ -289,10 +306,15 @@ pub(crate) fn proc_status_kib(field: &str) -> u64 {
 /// Decoding speed with and without the KV cache, measured back to back.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeBench {
+    /// The device, in words.
     pub device: String,
+    /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Tokens decoded.
     pub new_tokens: usize,
+    /// Decoding speed with the KV cache.
     pub cached_tokens_per_s: f64,
+    /// Decoding speed recomputing the prefix for every token.
     pub uncached_tokens_per_s: f64,
     /// cached / uncached.
     pub speedup: f64,

@@ -15,7 +15,7 @@ use crate::data::batch::{DataSummary, Sample};
 use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
-use crate::model::lora::{self, LoraConfig};
+use crate::model::lora::{self, BaseDtype, LoraConfig};
 use crate::train::{Parts, Recompute, Session, TrainConfig};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
@@ -39,18 +39,28 @@ pub enum Preset {
 /// What one preset trains on: the model and the batch.
 #[derive(Debug, Clone, Serialize)]
 pub struct PresetShape {
+    /// Hidden width.
     pub hidden_size: usize,
+    /// SwiGLU width.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads.
     pub num_key_value_heads: usize,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Whether the head is the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Sequences per step.
     pub batch_size: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
 }
 
 impl Preset {
+    /// The model and batch this preset measures.
     pub fn shape(self) -> PresetShape {
         let (hidden, inter, layers, heads, kv, tied, batch, seq) = match self {
             Preset::Tiny => (64, 172, 2, 4, 2, true, 8, 256),
@@ -96,34 +106,50 @@ impl PresetShape {
 /// The memory levers and the loop length of one measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOptions {
+    /// The fused linear cross-entropy head, or logits then the loss.
     pub fused_head: bool,
     /// Rows per block of the fused head; 0 = the default.
     pub head_block_rows: usize,
     /// Vocabulary slices of the fused head's hidden gradient; 0 = the default for the device.
     pub head_vocab_splits: usize,
+    /// What the backward pass recomputes.
     pub gradient_checkpointing: Recompute,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
-    pub base_dtype: String,
+    pub base_dtype: BaseDtype,
+    /// LoRA rank (α = 2r).
     pub lora_r: usize,
+    /// Untimed steps first.
     pub warmup_steps: usize,
+    /// Timed steps.
     pub steps: usize,
     /// Overrides the preset's batch shape.
     pub batch_size: Option<usize>,
+    /// Overrides the preset's sequence length.
     pub seq_len: Option<usize>,
 }
 
 /// The JSON line `ual bench step` and `scripts/bench_torch.py` both print.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBench {
+    /// `ual` and its version.
     pub engine: String,
+    /// The model size measured.
     pub preset: Preset,
+    /// The device, in words.
     pub device: String,
+    /// The model and batch.
     pub shape: PresetShape,
+    /// The levers the measurement was taken with.
     pub options: StepOptions,
+    /// Parameters of the base model, adapters not included.
     pub parameters: usize,
+    /// Parameters that train (the adapters).
     pub trainable_parameters: usize,
+    /// Tokens in one step's batch.
     pub tokens_per_step: usize,
+    /// Mean seconds per timed step.
     pub seconds_per_step: f64,
+    /// Tokens per second over the timed steps.
     pub tokens_per_s: f64,
     /// The wgpu memory pool's reserved bytes at their highest after a step; `None` on the CPU.
     pub peak_device_bytes: Option<u64>,
@@ -132,6 +158,7 @@ pub struct StepBench {
     /// The most heap bytes in use at once, weights included (the `ual` binary's counting
     /// allocator; `None` elsewhere). Exact, unlike RSS, which keeps freed pages.
     pub peak_heap_bytes: Option<u64>,
+    /// The last step's loss.
     pub final_loss: f64,
 }
 
@@ -148,8 +175,8 @@ pub fn run(
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
     let config = session_config(&options, &shape);
     let mut session = Session::new(&config, parts(&shape, &config, selected, base)?, selected)?;
-    let parameters = burn::module::Module::num_params(session.model());
     let trainable = trainable_params(session.model());
+    let parameters = burn::module::Module::num_params(session.model()) - trainable;
     let mut loss = f64::NAN;
     let step = |session: &mut Session| -> Result<f64> {
         let loss = session.step()?.loss;
@@ -208,7 +235,7 @@ fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
         head_block_rows: options.head_block_rows,
         head_vocab_splits: options.head_vocab_splits,
         gradient_checkpointing: options.gradient_checkpointing,
-        base_dtype: options.base_dtype.clone(),
+        base_dtype: options.base_dtype,
         lora: LoraConfig {
             r: options.lora_r,
             alpha: 2.0 * options.lora_r as f64,

@@ -6,7 +6,7 @@ use anyhow::Result;
 use ual::bench::step::{Preset, StepOptions};
 use ual::loss::objective::HeadPlan;
 use ual::model::Pretrained;
-use ual::model::lora::frozen_dtype;
+use ual::model::lora::BaseDtype;
 use ual::train::Recompute;
 
 use super::DeviceArg;
@@ -64,7 +64,7 @@ pub struct StepArgs {
     gradient_checkpointing: Recompute,
     /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
     #[arg(long, default_value = "f32")]
-    base_dtype: String,
+    base_dtype: BaseDtype,
     /// LoRA rank (α = 2r).
     #[arg(long, default_value_t = 16)]
     lora_r: usize,
@@ -156,7 +156,7 @@ pub fn main(command: Command) -> Result<()> {
 
 fn step(a: StepArgs) -> Result<()> {
     let selected = a.device.select()?;
-    let base = frozen_dtype(&a.base_dtype, selected.shader_f16, selected.is_wgpu)?;
+    let base = a.base_dtype.dtype(selected.shader_f16, selected.is_wgpu)?;
     let options = StepOptions {
         fused_head: !a.unfused_head,
         head_block_rows: a.head_block_rows,

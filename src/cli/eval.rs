@@ -29,6 +29,20 @@ pub enum Command {
     Loss(LossArgs),
 }
 
+/// What every maths evaluation takes besides its data.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// The sampling seed of the authors' protocol (item i draws from seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the JSON report here too (atomically).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
 /// `ual eval gsm8k`.
 #[derive(clap::Args)]
 pub struct Gsm8kArgs {
@@ -37,27 +51,20 @@ pub struct Gsm8kArgs {
     /// `ual` (greedy, exact match) or `paper` (the authors' `math_bench.py`).
     #[arg(long, value_enum, default_value = "ual")]
     protocol: Protocol,
-    /// The sampling seed of `--protocol paper` (item i draws from seed + i).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// GSM8K-format JSONL ({"question", "answer"}).
     #[arg(long, default_value = "data/gsm8k/test.jsonl")]
     data: PathBuf,
     /// Where few-shot exemplars come from.
     #[arg(long, default_value = "data/gsm8k/train.jsonl")]
     train: PathBuf,
-    /// Only the first N items.
-    #[arg(long)]
-    limit: Option<usize>,
     /// Worked examples shown before each question.
     #[arg(long, default_value_t = 0)]
     shots: usize,
     /// The longest answer generated.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Write the JSON report here too (atomically).
-    #[arg(long)]
-    output: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// `ual eval metamath`.
@@ -68,18 +75,11 @@ pub struct MetamathArgs {
     /// MetaMathQA records ({"query", "response"}), JSONL or a JSON array.
     #[arg(long)]
     data: PathBuf,
-    /// Only the last N records.
+    /// Only the last N records (then `--limit` takes the first of those).
     #[arg(long)]
     tail: Option<usize>,
-    /// Only the first N of those.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Item i samples from seed + i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Write the JSON report here too (atomically).
-    #[arg(long)]
-    output: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// `ual eval loss`.
@@ -108,7 +108,7 @@ pub fn main(command: Command) -> Result<()> {
 fn gsm8k_ual(args: Gsm8kArgs) -> Result<()> {
     let (pretrained, template) = args.model.load()?;
     let mut items = gsm8k::read_items(&args.data)?;
-    items.truncate(args.limit.unwrap_or(usize::MAX));
+    items.truncate(args.run.limit.unwrap_or(usize::MAX));
     let mut exemplars = match args.shots {
         0 => Vec::new(),
         _ => gsm8k::read_items(&args.train)?,
@@ -125,7 +125,7 @@ fn gsm8k_ual(args: Gsm8kArgs) -> Result<()> {
     )?;
     write_report(
         &report,
-        args.output.as_deref(),
+        args.run.output.as_deref(),
         report.correct,
         report.total,
     )
@@ -135,15 +135,8 @@ fn gsm8k_paper(args: Gsm8kArgs) -> Result<()> {
     if args.shots > 0 {
         bail!("--protocol paper is the authors' 0-shot run; drop --shots");
     }
-    let mut items = paper::read_gsm8k(&args.data)?;
-    items.truncate(args.limit.unwrap_or(usize::MAX));
-    paper_report(
-        &args.model,
-        &items,
-        args.seed,
-        &args.data,
-        args.output.as_deref(),
-    )
+    let items = paper::read_gsm8k(&args.data)?;
+    paper_report(&args.model, &args.run, &args.data, items)
 }
 
 fn metamath(args: MetamathArgs) -> Result<()> {
@@ -151,27 +144,20 @@ fn metamath(args: MetamathArgs) -> Result<()> {
     if let Some(n) = args.tail {
         items.drain(..items.len().saturating_sub(n));
     }
-    items.truncate(args.limit.unwrap_or(usize::MAX));
-    paper_report(
-        &args.model,
-        &items,
-        args.seed,
-        &args.data,
-        args.output.as_deref(),
-    )
+    paper_report(&args.model, &args.run, &args.data, items)
 }
 
-/// The authors' protocol on `items`, reported.
+/// The authors' protocol on the first `--limit` of `items`, reported.
 fn paper_report(
     model: &ModelArgs,
-    items: &[paper::MathItem],
-    seed: u64,
+    run: &RunArgs,
     data: &Path,
-    output: Option<&Path>,
+    mut items: Vec<paper::MathItem>,
 ) -> Result<()> {
+    items.truncate(run.limit.unwrap_or(usize::MAX));
     let (pretrained, _) = model.load()?;
-    let report = paper::evaluate(&pretrained, items, seed, &data.display().to_string())?;
-    write_report(&report, output, report.correct, report.total)
+    let report = paper::evaluate(&pretrained, &items, run.seed, &data.display().to_string())?;
+    write_report(&report, run.output.as_deref(), report.correct, report.total)
 }
 
 fn loss(args: LossArgs) -> Result<()> {

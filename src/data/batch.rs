@@ -38,9 +38,13 @@ pub enum LossOn {
 /// How examples become samples, beyond what the model (tokenizer, template) decides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRules {
+    /// Samples longer than this are cut or dropped.
     pub max_seq_len: usize,
+    /// What happens to a sample longer than `max_seq_len`.
     pub overflow: Overflow,
+    /// Which tokens carry loss.
     pub loss_on: LossOn,
+    /// How scores become ε.
     pub smoothing: SmoothingConfig,
     /// The logits width V, for smoothing spread over the V − 1 other tokens.
     pub vocab: usize,
@@ -116,10 +120,15 @@ impl Sample {
 /// Counts for the run summary.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DataSummary {
+    /// Samples kept.
     pub samples: usize,
+    /// Samples cut at `max_seq_len`.
     pub truncated: usize,
+    /// Samples left out.
     pub dropped: usize,
+    /// Samples without an `uncertainty` score.
     pub without_uncertainty: usize,
+    /// Tokens that carry loss, over all samples.
     pub response_tokens: usize,
 }
 

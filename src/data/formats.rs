@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 /// One training example, before templating and tokenisation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// What the line holds.
     pub body: Body,
     /// The elicited uncertainty score, if the line carries one.
     pub uncertainty: Option<f64>,
@@ -25,18 +26,28 @@ pub struct Example {
     pub line: usize,
 }
 
+/// The three training schemas.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
+    /// `{"instruction", "input", "output"}`.
     Alpaca {
+        /// The task.
         instruction: String,
+        /// Its input; empty when there is none.
         input: String,
+        /// The reference response.
         output: String,
     },
+    /// `{"messages": [{"role", "content"}, ..]}` or ShareGPT's `conversations`.
     Chat {
+        /// The turns, in order.
         messages: Vec<Message>,
     },
+    /// `{"prompt", "completion"}`, used as it is, without a template.
     Completion {
+        /// The text before the response.
         prompt: String,
+        /// The response.
         completion: String,
     },
 }
@@ -44,11 +55,14 @@ pub enum Body {
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Message {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl Message {
+    /// A turn of `role` saying `content`.
     pub fn new(role: &str, content: &str) -> Self {
         Self {
             role: role.to_string(),

@@ -23,8 +23,10 @@ const ALPACA_INPUT_PREAMBLE: &str = "Below is an instruction that describes a ta
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
+    /// The Alpaca prompt (ual's default).
     #[default]
     Alpaca,
+    /// The model's own `chat_template`, from `tokenizer_config.json`.
     ChatTemplate,
     /// The authors' `prepare_llama2.py` / `prepare_mistral.py` turns (`"\n\n### User: "`).
     Vicuna,
@@ -50,7 +52,9 @@ impl std::str::FromStr for TemplateKind {
 /// A piece of an example's text; `trains` marks the pieces whose tokens carry loss.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
+    /// The segment's text.
     pub text: String,
+    /// Whether its tokens carry loss.
     pub trains: bool,
 }
 
@@ -71,10 +75,13 @@ impl Segment {
 
 /// A loaded template.
 pub enum Template {
+    /// The Alpaca prompt.
     Alpaca,
+    /// A Hugging Face chat template.
     Chat(ChatTemplate),
-    /// The authors' turns; `lead` is the text before `### User:`.
+    /// The authors' turns.
     Vicuna {
+        /// The text before `### User:`.
         lead: &'static str,
     },
 }

@@ -49,12 +49,14 @@ impl Tokenizer {
             .unwrap_or_else(|| format!("<{id}>"))
     }
 
+    /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
             .map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
     }
 
+    /// The Hugging Face tokenizer underneath.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::data::formats::{Body, Example, user_text};
 use crate::data::template::Template;
 use crate::model::Pretrained;
-use crate::model::generate::{Finish, GenerationConfig, generate};
+use crate::model::generate::{Finish, GenerationConfig};
 
 /// One example's prompt, as the model saw it, and the model's answer.
 #[derive(Debug, Clone, Serialize)]
@@ -33,20 +33,11 @@ pub fn answer_all(
     config: &GenerationConfig,
     mut on_answer: impl FnMut(&Answer) -> Result<()>,
 ) -> Result<Vec<Answer>> {
-    let eos = pretrained.config.eos_token_ids.clone();
     let mut answers = Vec::with_capacity(examples.len());
     for (index, example) in examples.iter().enumerate() {
         let (prompt, special) = template.prompt_of(&example.body)?;
         let ids = pretrained.tokenizer.encode_with(&prompt, special)?;
-        let generation = generate(
-            &pretrained.model,
-            &pretrained.tokenizer,
-            &eos,
-            &[ids],
-            config,
-            |_, _| {},
-        )?
-        .remove(0);
+        let generation = pretrained.continue_ids(ids, config)?;
         let answer = Answer {
             index,
             instruction: instruction(&example.body),

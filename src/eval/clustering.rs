@@ -29,7 +29,9 @@ pub const TOP_LABELS: usize = 42;
 /// A label and how many points carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LabelCount {
+    /// The token id.
     pub id: u32,
+    /// How often it is the next token.
     pub count: usize,
 }
 
@@ -37,16 +39,22 @@ pub struct LabelCount {
 /// (sklearn needs at least three).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PairScore {
+    /// The first token id.
     pub a: u32,
+    /// The second token id.
     pub b: u32,
+    /// The pair's silhouette in its PCA plane; `None` when a class is empty.
     pub silhouette: Option<f64>,
 }
 
 /// One model's analysis.
 #[derive(Debug, Clone, Serialize)]
 pub struct Clustering {
+    /// Which model: the base, or the base with an adapter.
     pub model: String,
+    /// The most frequent next-token ids.
     pub labels: Vec<LabelCount>,
+    /// Every pair of them, scored.
     pub pairs: Vec<PairScore>,
     /// The mean silhouette over every pair that has one.
     pub mean: f64,
@@ -306,13 +314,17 @@ pub fn plot_pair(
 
 /// What the authors' analysis runs on.
 pub struct Request<'a> {
+    /// The base model directory.
     pub model_dir: &'a Path,
     /// One analysis per entry: `None` is the base model.
     pub adapters: Vec<Option<&'a Path>>,
+    /// How prompts are written.
     pub template: &'a crate::data::template::Template,
     /// Prompts as they are (BOS + text), without the template.
     pub raw: bool,
+    /// The prompts.
     pub prompts: &'a [String],
+    /// Prompts are cut to this many tokens.
     pub max_seq_len: usize,
     /// A pair to draw, and the directory its SVGs go to.
     pub plot: Option<((u32, u32), &'a Path)>,

@@ -5,39 +5,52 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::data::formats::Message;
 use crate::data::template::Template;
 use crate::model::Pretrained;
-use crate::model::generate::{GenerationConfig, generate};
+use crate::model::generate::GenerationConfig;
 
 /// One GSM8K item as the dataset ships it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Item {
+    /// The problem.
     pub question: String,
+    /// The worked solution, ending `#### N`.
     pub answer: String,
 }
 
 /// One evaluated item.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
+    /// The problem.
     pub question: String,
+    /// The reference answer.
     pub gold: String,
+    /// What the model wrote.
     pub prediction: String,
+    /// The final number found in it.
     pub extracted: Option<String>,
+    /// Whether it equals the reference.
     pub correct: bool,
 }
 
+/// ual's GSM8K report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The test file.
     pub data: String,
+    /// Worked examples shown before each question.
     pub shots: usize,
+    /// Items asked.
     pub total: usize,
+    /// Items answered correctly.
     pub correct: usize,
+    /// `correct / total`.
     pub accuracy: f64,
+    /// Every item's record.
     pub items: Vec<Record>,
 }
 
@@ -63,6 +76,7 @@ fn normalise(number: &str) -> String {
     if n == "-0" { "0".into() } else { n }
 }
 
+/// GSM8K-format JSONL; errors name the line and field.
 pub fn read_items(path: &Path) -> Result<Vec<Item>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -94,19 +108,12 @@ pub fn evaluate(
     if items.is_empty() {
         bail!("{data_name}: no items to evaluate");
     }
-    let eos = model.config.eos_token_ids.clone();
     let config = GenerationConfig {
         max_new_tokens,
         stop: vec!["\n\n###".into()],
         ..Default::default()
     };
-    let progress = ProgressBar::new(items.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("gsm8k {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
-            .expect("static template"),
-    );
-    let mut records = Vec::with_capacity(items.len());
-    for item in items {
+    let (records, correct) = super::grade_all(items, |_, item| {
         let mut messages = Vec::new();
         for shot in exemplars {
             messages.push(Message::new("user", &shot.question));
@@ -117,35 +124,20 @@ pub fn evaluate(
         let ids = model
             .tokenizer
             .encode_with(&prompt, !template.prompt_has_special_tokens())?;
-        let generation = generate(
-            &model.model,
-            &model.tokenizer,
-            &eos,
-            &[ids],
-            &config,
-            |_, _| {},
-        )?
-        .remove(0);
+        let prediction = model.continue_ids(ids, &config)?.text;
         let gold = extract_answer(&item.answer)
             .with_context(|| format!("{data_name}: gold answer without a number"))?;
-        let extracted = extract_answer(&generation.text);
+        let extracted = extract_answer(&prediction);
         let correct = extracted.as_deref() == Some(gold.as_str());
-        records.push(Record {
+        let record = Record {
             question: item.question.clone(),
             gold,
-            prediction: generation.text,
+            prediction,
             extracted,
             correct,
-        });
-        let right = records.iter().filter(|r| r.correct).count();
-        progress.set_message(format!(
-            "accuracy {:.1}%",
-            100.0 * right as f64 / records.len() as f64
-        ));
-        progress.inc(1);
-    }
-    progress.finish();
-    let correct = records.iter().filter(|r| r.correct).count();
+        };
+        Ok((record, correct))
+    })?;
     Ok(Report {
         data: data_name.to_string(),
         shots: exemplars.len(),

@@ -10,18 +10,24 @@ use crate::model::Llama;
 /// Token-weighted means over a set of samples.
 #[derive(Debug, Clone, Serialize)]
 pub struct LossFigures {
+    /// Samples scored.
     pub samples: usize,
+    /// Tokens that carry loss.
     pub response_tokens: usize,
     /// Mean response-token negative log-likelihood (nats).
     pub nll: f64,
+    /// `exp(nll)`.
     pub perplexity: f64,
     /// The UAL loss, each token smoothed by its sample's ε.
     pub ual_loss: f64,
 }
 
+/// `ual eval loss`'s report.
 #[derive(Debug, Clone, Serialize)]
 pub struct LossReport {
+    /// The file scored.
     pub data: String,
+    /// Over every sample.
     pub overall: LossFigures,
     /// `low` (score < 4), `mid` (4 to 7), `high` (> 7) and `none` (no score); empty ones omitted.
     pub by_uncertainty: Vec<(String, LossFigures)>,

@@ -13,17 +13,18 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::data::template::vicuna_prompt;
 use crate::model::Pretrained;
-use crate::model::generate::{GenerationConfig, generate};
+use crate::model::generate::GenerationConfig;
 
 /// The authors' sampling settings.
 pub const TEMPERATURE: f64 = 0.8;
+/// The authors' top-k.
 pub const TOP_K: usize = 200;
+/// The authors' answer length.
 pub const MAX_NEW_TOKENS: usize = 256;
 /// The prompt keeps its last this many tokens (`encoded[-max_tokens:]`).
 pub const MAX_PROMPT_TOKENS: usize = 512;
@@ -31,7 +32,9 @@ pub const MAX_PROMPT_TOKENS: usize = 512;
 /// A question and the text whose presence in the output counts as correct.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MathItem {
+    /// The question.
     pub question: String,
+    /// The reference answer.
     pub gold: String,
 }
 
@@ -134,23 +137,38 @@ fn field(record: &Value, name: &str, path: &Path, line: usize) -> Result<String>
 /// One evaluated question.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
+    /// The question.
     pub question: String,
+    /// The reference answer.
     pub gold: String,
+    /// What the model wrote.
     pub output: String,
+    /// Whether the reference occurs in it.
     pub correct: bool,
 }
 
+/// The authors' maths report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Which protocol ran.
     pub protocol: &'static str,
+    /// The test file.
     pub data: String,
+    /// Item i sampled from seed + i.
     pub seed: u64,
+    /// Sampling temperature.
     pub temperature: f64,
+    /// Sampling top-k.
     pub top_k: usize,
+    /// The answer length.
     pub max_new_tokens: usize,
+    /// Items asked.
     pub total: usize,
+    /// Items answered correctly.
     pub correct: usize,
+    /// `correct / total`.
     pub accuracy: f64,
+    /// Every item's record.
     pub items: Vec<Record>,
 }
 
@@ -165,14 +183,7 @@ pub fn evaluate(
     if items.is_empty() {
         bail!("{data_name}: no items to evaluate");
     }
-    let eos = model.config.eos_token_ids.clone();
-    let progress = ProgressBar::new(items.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
-            .expect("static template"),
-    );
-    let mut records = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
+    let (records, correct) = super::grade_all(items, |i, item| {
         let mut ids = model.tokenizer.encode(&math_prompt(&item.question))?;
         if ids.len() > MAX_PROMPT_TOKENS {
             ids.drain(..ids.len() - MAX_PROMPT_TOKENS);
@@ -184,32 +195,16 @@ pub fn evaluate(
             seed: seed.wrapping_add(i as u64),
             ..Default::default()
         };
-        let output = generate(
-            &model.model,
-            &model.tokenizer,
-            &eos,
-            &[ids],
-            &config,
-            |_, _| {},
-        )?
-        .remove(0)
-        .text;
-        let output = output.trim().to_string();
-        records.push(Record {
-            correct: is_correct(&item.gold, &output),
+        let output = model.continue_ids(ids, &config)?.text.trim().to_string();
+        let correct = is_correct(&item.gold, &output);
+        let record = Record {
+            correct,
             question: item.question.clone(),
             gold: item.gold.clone(),
             output,
-        });
-        let right = records.iter().filter(|r| r.correct).count();
-        progress.set_message(format!(
-            "accuracy {:.1}%",
-            100.0 * right as f64 / records.len() as f64
-        ));
-        progress.inc(1);
-    }
-    progress.finish();
-    let correct = records.iter().filter(|r| r.correct).count();
+        };
+        Ok((record, correct))
+    })?;
     Ok(Report {
         protocol: "paper",
         data: data_name.to_string(),

@@ -20,7 +20,9 @@ use crate::train::TrainConfig;
 /// One scored text: `logprobs[j] = log p(ids[j] | ids[<j])`, and `None` for the first token.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenScores {
+    /// The text's token ids, special tokens included.
     pub ids: Vec<u32>,
+    /// `log p(ids[j] | ids[<j])`, `None` for the first token.
     pub logprobs: Vec<Option<f32>>,
 }
 
@@ -70,9 +72,13 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
 pub struct SampleScore {
     /// 0-based index of the line among the file's non-blank lines.
     pub index: usize,
+    /// Tokens that carry loss.
     pub response_tokens: usize,
+    /// Mean NLL over them.
     pub nll: f64,
+    /// Mean UAL loss over them, with the line's ε.
     pub loss: f64,
+    /// The ε the kernels apply (mass ε/V on every token).
     pub smoothing: f32,
 }
 
@@ -107,6 +113,7 @@ fn summed_losses(model: &Llama, sample: &Sample) -> Result<(f64, f64, usize)> {
 pub struct RecipeScore {
     /// 0-based index of the line among the file's non-blank lines.
     pub index: usize,
+    /// The sample's token ids.
     pub ids: Vec<u32>,
     /// `loss_mask[j]`: the token at position j is predicted with loss.
     pub loss_mask: Vec<bool>,

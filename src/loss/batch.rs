@@ -13,6 +13,7 @@ pub struct Batch {
     pub ids: Tensor<2, Int>,
     /// Row `b * len + t` of the flattened hidden states predicts `labels.targets()[i]`.
     pub rows: Tensor<1, Int>,
+    /// Targets, ε and weights of the loss rows.
     pub labels: RowLabels,
     /// Tokens in the batch, padding excluded.
     pub tokens: usize,

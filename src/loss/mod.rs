@@ -110,6 +110,7 @@ impl RowLabels {
         self.weights.is_some()
     }
 
+    /// Rows, counted or not.
     pub fn rows(&self) -> usize {
         self.targets.len()
     }
@@ -119,14 +120,17 @@ impl RowLabels {
         self.mask.iter().filter(|&&m| m).count()
     }
 
+    /// Each row's target id.
     pub fn targets(&self) -> &[u32] {
         &self.targets
     }
 
+    /// Each row's ε.
     pub fn smoothing(&self) -> &[f32] {
         &self.smoothing
     }
 
+    /// Whether each row counts.
     pub fn mask(&self) -> &[bool] {
         &self.mask
     }
@@ -172,6 +176,7 @@ impl RowLabels {
 pub struct LossSum {
     /// Shape `[1]`; differentiable with respect to the logits.
     pub sum: Tensor<1>,
+    /// Rows counted.
     pub count: usize,
 }
 

@@ -14,33 +14,52 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Llama3RopeScaling {
+    /// How much the long wavelengths are stretched.
     pub factor: f64,
+    /// Wavelengths above `original / low_freq_factor` are fully scaled.
     pub low_freq_factor: f64,
+    /// Wavelengths below `original / high_freq_factor` are kept.
     pub high_freq_factor: f64,
+    /// The context length the model was pre-trained with.
     pub original_max_position_embeddings: usize,
 }
 
 /// The architecture of a decoder, resolved from `config.json` with transformers' defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// `llama`, `mistral` or `qwen2`.
     pub model_type: String,
+    /// Vocabulary size V.
     pub vocab_size: usize,
+    /// Hidden width.
     pub hidden_size: usize,
+    /// SwiGLU width.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads.
     pub num_key_value_heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
+    /// RMSNorm's ε.
     pub rms_norm_eps: f64,
+    /// RoPE's base.
     pub rope_theta: f64,
+    /// Llama 3's RoPE scaling, if any.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Whether the head is the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Qwen2 puts a bias on the q, k and v projections.
     pub attention_bias: bool,
     /// Mistral's sliding-window attention: a token sees at most this many positions, itself included.
     pub sliding_window: Option<usize>,
+    /// Positions the model was trained for.
     pub max_position_embeddings: usize,
+    /// The beginning-of-sequence id.
     pub bos_token_id: Option<u32>,
+    /// Every id that ends a generation.
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint was saved in (`torch_dtype`), kept so merges can write it back.
     pub torch_dtype: Option<String>,
@@ -89,6 +108,7 @@ impl ModelConfig {
         Self::from_json(&text).with_context(|| format!("{}", path.display()))
     }
 
+    /// Parses a `config.json`; errors name the field.
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
         let model_type = raw.model_type.context("missing field `model_type`")?;

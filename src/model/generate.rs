@@ -19,6 +19,7 @@ const MASKED: f32 = -1e30;
 /// How to decode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationConfig {
+    /// The most tokens generated per prompt.
     pub max_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f64,
@@ -26,6 +27,7 @@ pub struct GenerationConfig {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
     pub top_p: f64,
+    /// The sampling seed.
     pub seed: u64,
     /// Generation stops when the text contains one of these; the text is cut before it.
     pub stop: Vec<String>,
@@ -51,8 +53,11 @@ impl Default for GenerationConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Finish {
+    /// The model wrote an end-of-sequence token.
     Eos,
+    /// The text reached a stop string.
     Stop,
+    /// `max_new_tokens` were generated.
     Length,
 }
 
@@ -63,6 +68,7 @@ pub struct Generation {
     pub ids: Vec<u32>,
     /// The decoded continuation, cut before any stop string.
     pub text: String,
+    /// Why decoding stopped.
     pub finish: Finish,
 }
 

@@ -27,14 +27,21 @@ pub const PROJECTIONS: [&str; 7] = [
 /// Self-attention with `num_key_value_heads` shared by groups of query heads.
 #[derive(Module, Debug)]
 pub struct Attention {
+    /// The query projection.
     pub q_proj: LoraLinear,
+    /// The key projection.
     pub k_proj: LoraLinear,
+    /// The value projection.
     pub v_proj: LoraLinear,
+    /// The output projection.
     pub o_proj: LoraLinear,
+    /// Query heads.
     #[module(skip)]
     pub num_heads: usize,
+    /// Key/value heads, each shared by `num_heads / num_kv_heads` query heads.
     #[module(skip)]
     pub num_kv_heads: usize,
+    /// Width of one head.
     #[module(skip)]
     pub head_dim: usize,
 }
@@ -48,9 +55,7 @@ impl Attention {
         rope: &(Tensor<2>, Tensor<2>),
         window: Option<usize>,
     ) -> Tensor<3> {
-        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (q, k, v) = self.qkv(x);
         let q = RotaryHalf::apply(q, &rope.0, &rope.1);
         let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
         let v = self.repeat_kv(v);
@@ -68,9 +73,7 @@ impl Attention {
         start: usize,
     ) -> Tensor<3> {
         let [b, n, _] = x.dims();
-        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (q, k, v) = self.qkv(x);
         let q = RotaryHalf::apply_batched(q, &rope.0, &rope.1);
         let k = RotaryHalf::apply_batched(k, &rope.0, &rope.1);
         let slots = [
@@ -89,6 +92,14 @@ impl Attention {
             v,
             mask.clone().expand([b, self.num_heads, n, start + n]),
         )
+    }
+
+    /// The query, key and value heads of `x`, `[batch, heads, len, head_dim]`, before RoPE.
+    fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        (q, k, v)
     }
 
     /// softmax(q·kᵀ/√d + mask)·v, heads merged and projected.
@@ -129,26 +140,34 @@ impl Attention {
 /// The rotary tables and the sliding window that all layers of one forward pass share.
 #[derive(Debug, Clone)]
 pub struct LayerContext {
+    /// The rotary cos and sin tables, `[len, head_dim / 2]`.
     pub rope: (Tensor<2>, Tensor<2>),
+    /// The sliding attention window, if the model has one.
     pub window: Option<usize>,
 }
 
 /// One layer's preallocated keys and values, `[batch, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
+    /// Cached keys.
     pub keys: Tensor<4>,
+    /// Cached values.
     pub values: Tensor<4>,
 }
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp {
+    /// The gate projection.
     pub gate_proj: LoraLinear,
+    /// The up projection.
     pub up_proj: LoraLinear,
+    /// The down projection.
     pub down_proj: LoraLinear,
 }
 
 impl Mlp {
+    /// `x: [batch, len, hidden]` → `[batch, len, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
@@ -158,9 +177,13 @@ impl Mlp {
 /// One pre-norm decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
+    /// The norm before attention.
     pub input_layernorm: RmsNorm,
+    /// Self-attention.
     pub self_attn: Attention,
+    /// The norm before the MLP.
     pub post_attention_layernorm: RmsNorm,
+    /// The feed-forward block.
     pub mlp: Mlp,
 }
 
@@ -253,13 +276,18 @@ impl DecoderLayer {
 /// A LLaMA-family causal language model.
 #[derive(Module, Debug)]
 pub struct Llama {
+    /// Token embeddings, `[vocab, hidden]`.
     pub embed_tokens: Embedding,
+    /// The decoder layers.
     pub layers: Vec<DecoderLayer>,
+    /// The final norm.
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embedding matrix.
     pub lm_head: Option<Linear>,
+    /// The Hugging Face configuration the model was built from.
     #[module(skip)]
     pub config: ModelConfig,
+    /// Rotary position embeddings.
     #[module(skip)]
     pub rope: RotaryHalf,
 }
@@ -390,6 +418,7 @@ impl Llama {
         self.logits(self.hidden_states(ids))
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.val().device()
     }

@@ -81,6 +81,7 @@ impl SafetensorsFile {
         Self::open_files(vec![path.to_path_buf()])
     }
 
+    /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
     }
@@ -192,7 +193,9 @@ impl Weights for SafetensorsFile {
 /// Seeded random weights for benchmarks: HF's initialisation scale (uniform with standard
 /// deviation `std`), norms at one, biases at zero. Each tensor depends only on (seed, name).
 pub struct RandomWeights {
+    /// Seeds every tensor (with its name).
     pub seed: u64,
+    /// The standard deviation of the weights.
     pub std: f32,
 }
 

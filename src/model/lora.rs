@@ -32,9 +32,13 @@ pub fn targets() -> Vec<&'static str> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
+    /// Rank of the update.
     pub r: usize,
+    /// Scale numerator: the update is multiplied by α / r.
     pub alpha: f64,
+    /// Dropout on the adapter's input while training.
     pub dropout: f64,
+    /// PEFT's names of the projections that get adapters.
     pub target_modules: Vec<String>,
 }
 
@@ -50,6 +54,7 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// Refuses a rank of 0, dropout outside [0, 1) and unknown targets.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             bail!("lora.r must be positive");
@@ -74,6 +79,7 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// α / r.
     pub fn scale(&self) -> f64 {
         self.alpha / self.r as f64
     }
@@ -115,16 +121,52 @@ pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
     model
 }
 
-/// The dtype named by `base_dtype` (`f32` or `f16`), checked against the adapter: f16 needs
-/// SHADER_F16 on wgpu; the CPU runs it, more slowly than f32.
-pub fn frozen_dtype(name: &str, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" if is_wgpu && !shader_f16 => {
-            bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
+/// How a LoRA run stores the frozen projection weights (`base_dtype`). Adapters, the loss and
+/// optimizer state stay f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BaseDtype {
+    /// Full precision.
+    #[default]
+    #[serde(rename = "f32", alias = "float32")]
+    F32,
+    /// Half precision: half the base model's memory, on wgpu adapters with SHADER_F16 (the CPU
+    /// runs it, more slowly than f32).
+    #[serde(rename = "f16", alias = "float16")]
+    F16,
+}
+
+impl std::str::FromStr for BaseDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            other => Err(format!(
+                "base_dtype = \"{other}\": expected \"f32\" or \"f16\""
+            )),
         }
-        "f16" | "float16" => Ok(DType::F16),
-        other => bail!("base_dtype = \"{other}\": expected \"f32\" or \"f16\""),
+    }
+}
+
+impl std::fmt::Display for BaseDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+impl BaseDtype {
+    /// The tensor dtype, checked against the device: f16 needs SHADER_F16 on wgpu.
+    pub fn dtype(self, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
+        match self {
+            Self::F32 => Ok(DType::F32),
+            Self::F16 if is_wgpu && !shader_f16 => {
+                bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
+            }
+            Self::F16 => Ok(DType::F16),
+        }
     }
 }
 

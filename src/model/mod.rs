@@ -20,9 +20,13 @@ pub use llama::Llama;
 
 /// A model directory loaded onto a device: the decoder and its tokenizer.
 pub struct Pretrained {
+    /// The directory it was loaded from.
     pub dir: PathBuf,
+    /// Its `config.json`.
     pub config: ModelConfig,
+    /// The decoder.
     pub model: Llama,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
 }
 
@@ -48,5 +52,17 @@ impl Pretrained {
             pretrained.model = lora::load_peft(pretrained.model, adapter, device)?.0;
         }
         Ok(pretrained)
+    }
+
+    /// One continuation of `ids` (a prompt already tokenised), decoded as `config` says.
+    pub fn continue_ids(
+        &self,
+        ids: Vec<u32>,
+        config: &generate::GenerationConfig,
+    ) -> Result<generate::Generation> {
+        let eos = &self.config.eos_token_ids;
+        let mut out =
+            generate::generate(&self.model, &self.tokenizer, eos, &[ids], config, |_, _| {})?;
+        Ok(out.remove(0))
     }
 }

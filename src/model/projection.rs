@@ -12,7 +12,9 @@ pub struct LoraAdapter {
     pub a: Param<Tensor<2>>,
     /// `[r, out]`, PEFT's `lora_B` transposed.
     pub b: Param<Tensor<2>>,
+    /// Dropout on the adapter's input while training.
     pub dropout: Dropout,
+    /// α / r.
     #[module(skip)]
     pub scale: f64,
 }
@@ -20,15 +22,19 @@ pub struct LoraAdapter {
 /// A projection that may carry a LoRA adapter.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
+    /// The frozen (or fully trained) projection, `[in, out]`.
     pub base: Linear,
+    /// The adapter, when LoRA is attached.
     pub lora: Option<LoraAdapter>,
 }
 
 impl LoraLinear {
+    /// A projection without an adapter.
     pub fn new(base: Linear) -> Self {
         Self { base, lora: None }
     }
 
+    /// `x·W (+ b) + (α/r)·(dropout(x)·A)·B`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let Some(lora) = &self.lora else {
             return self.base_forward(x);

@@ -15,6 +15,7 @@ pub struct RotaryHalf {
 }
 
 impl RotaryHalf {
+    /// The tables' frequencies for `config` (Llama 3 scaling included).
     pub fn new(config: &ModelConfig) -> Self {
         let d = config.head_dim;
         // Computed as transformers does: in f32, theta^(-2i/d).

@@ -21,11 +21,12 @@ const COMPANION_FILES: [&str; 4] = [
     "generation_config.json",
 ];
 
-/// One tensor ready to serialise: its HF name, shape and f32 values.
-struct Named {
+/// One tensor to write: its HF name, its shape, and how to compute its f32 values, so that
+/// only one tensor's values exist at a time.
+struct Named<'a> {
     name: String,
     shape: Vec<usize>,
-    values: Vec<f32>,
+    values: Box<dyn Fn() -> Vec<f32> + 'a>,
 }
 
 /// Parses a `torch_dtype` string (`float32`, `float16`, `bfloat16`); `None` means float32.
@@ -56,23 +57,9 @@ pub fn save_pretrained(model: &Llama, source_dir: &Path, out: &Path, dtype: Dtyp
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
 
-    let tensors = named_tensors(model);
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|t| (t.name, t.shape, encode(&t.values, dtype)))
-        .collect();
-    let views = encoded.iter().map(|(name, shape, bytes)| {
-        let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
-            .expect("consistent tensor view");
-        (name.clone(), view)
-    });
-    let metadata = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
-    safetensors::serialize_to_file(views, metadata, &tmp.join("model.safetensors"))
-        .with_context(|| format!("cannot write {}", tmp.join("model.safetensors").display()))?;
+    let weights = tmp.join("model.safetensors");
+    write_safetensors(&named_tensors(model), dtype, &weights)
+        .with_context(|| format!("cannot write {}", weights.display()))?;
 
     let config_path = source_dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
@@ -99,60 +86,119 @@ pub fn save_pretrained(model: &Llama, source_dir: &Path, out: &Path, dtype: Dtyp
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))
 }
 
+/// Writes `tensors` as one safetensors file in `dtype`, a tensor at a time: the header first
+/// (every offset follows from the shapes), then each tensor's bytes as they are computed.
+fn write_safetensors(tensors: &[Named], dtype: Dtype, path: &Path) -> Result<()> {
+    use std::io::Write;
+    let width = match dtype {
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => 4,
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for t in tensors {
+        let end = offset + t.shape.iter().product::<usize>() * width;
+        let entry = serde_json::json!({ "dtype": format!("{dtype:?}"), "shape": t.shape, "data_offsets": [offset, end] });
+        header.insert(t.name.clone(), entry);
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&header)?;
+    // The data starts on an 8-byte boundary; the format pads the header with spaces.
+    text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    file.write_all(&(text.len() as u64).to_le_bytes())?;
+    file.write_all(text.as_bytes())?;
+    for t in tensors {
+        file.write_all(&encode(&(t.values)(), dtype))?;
+    }
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
 /// Every weight of `model` under its HF name, projections merged and back in `[out, in]`.
-fn named_tensors(model: &Llama) -> Vec<Named> {
+fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
     let mut out = Vec::new();
+    let embedding = &model.embed_tokens.weight;
     push(
         &mut out,
         "model.embed_tokens.weight",
-        model.embed_tokens.weight.val(),
+        embedding.dims().to_vec(),
+        move || embedding.val(),
     );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        push(
-            &mut out,
-            &format!("{p}.input_layernorm.weight"),
-            layer.input_layernorm.gamma.val(),
-        );
-        push(
-            &mut out,
-            &format!("{p}.post_attention_layernorm.weight"),
-            layer.post_attention_layernorm.gamma.val(),
-        );
+        for (name, norm) in [
+            ("input_layernorm", &layer.input_layernorm),
+            ("post_attention_layernorm", &layer.post_attention_layernorm),
+        ] {
+            push(
+                &mut out,
+                &format!("{p}.{name}.weight"),
+                norm.gamma.dims().to_vec(),
+                move || norm.gamma.val(),
+            );
+        }
         for (name, proj) in layer.projections() {
             push_projection(&mut out, &format!("{p}.{name}"), proj);
         }
     }
-    push(&mut out, "model.norm.weight", model.norm.gamma.val());
+    let norm = &model.norm.gamma;
+    push(
+        &mut out,
+        "model.norm.weight",
+        norm.dims().to_vec(),
+        move || norm.val(),
+    );
     if let Some(head) = &model.lm_head {
-        push(&mut out, "lm_head.weight", head.weight.val().transpose());
+        let [d_in, d_out] = head.weight.dims();
+        push(&mut out, "lm_head.weight", vec![d_out, d_in], move || {
+            head.weight.val().transpose()
+        });
     }
     out
 }
 
-fn push_projection(out: &mut Vec<Named>, prefix: &str, proj: &LoraLinear) {
-    let mut weight = proj.base.weight.val();
-    if let Some(lora) = &proj.lora {
-        weight = weight + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale);
-    }
+fn push_projection<'a>(out: &mut Vec<Named<'a>>, prefix: &str, proj: &'a LoraLinear) {
+    let [d_in, d_out] = proj.dims();
     // burn keeps [in, out]; Hugging Face stores [out, in].
-    push(out, &format!("{prefix}.weight"), weight.transpose());
+    push(
+        out,
+        &format!("{prefix}.weight"),
+        vec![d_out, d_in],
+        move || {
+            let mut weight = proj.base.weight.val().cast(burn::tensor::DType::F32);
+            if let Some(lora) = &proj.lora {
+                weight = weight + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale);
+            }
+            weight.transpose()
+        },
+    );
     if let Some(bias) = &proj.base.bias {
-        push(out, &format!("{prefix}.bias"), bias.val());
+        push(out, &format!("{prefix}.bias"), vec![d_out], move || {
+            bias.val()
+        });
     }
 }
 
-fn push<const D: usize>(out: &mut Vec<Named>, name: &str, t: Tensor<D>) {
-    let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 weights");
+/// Adds `name` of `shape`, whose values `tensor` computes when the file is written.
+fn push<'a, const D: usize>(
+    out: &mut Vec<Named<'a>>,
+    name: &str,
+    shape: Vec<usize>,
+    tensor: impl Fn() -> Tensor<D> + 'a,
+) {
+    let values = move || {
+        tensor()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32 weights")
+    };
     out.push(Named {
         name: name.to_string(),
         shape,
-        values,
+        values: Box::new(values),
     });
 }
 

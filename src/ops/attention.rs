@@ -57,6 +57,7 @@ pub fn causal_backward(
     [dq, dk, dv].map(Tensor::from_dispatch)
 }
 
+/// Causal attention as a backend operation, so that the CPU runs its own kernel and autodiff a hand-written backward.
 #[backend_extension(Autodiff, Cube, Flex, Fusion)]
 pub trait AttentionBackend: Backend {
     /// [`causal`] on primitives; `window` is `usize::MAX` for none.

@@ -25,7 +25,9 @@ pub fn contiguous(t: FlexTensor) -> FlexTensor {
 pub struct Matrix<'a> {
     data: &'a [f32],
     offset: usize,
+    /// Rows.
     pub rows: usize,
+    /// Columns.
     pub cols: usize,
     rs: isize,
     cs: isize,
@@ -65,6 +67,7 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// The transpose (a view).
     pub fn t(self) -> Self {
         Self {
             rows: self.cols,
@@ -75,6 +78,7 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// Rows `range` (a view).
     pub fn row_range(self, range: Range<usize>) -> Self {
         Self {
             offset: self.offset + range.start * self.rs as usize,

@@ -8,14 +8,18 @@ use serde::{Deserialize, Serialize};
 use crate::data::batch::Reduction;
 use crate::data::batch::{LossOn, Overflow, SampleRules};
 use crate::data::template::TemplateKind;
-use crate::model::lora::LoraConfig;
+use crate::device::DeviceSpec;
+use crate::model::lora::{BaseDtype, LoraConfig};
 use crate::uncertainty::SmoothingConfig;
 
+/// What trains: LoRA adapters on a frozen model, or every weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Adapters on the attention and MLP projections; the base stays frozen.
     #[default]
     Lora,
+    /// Every weight.
     Full,
 }
 
@@ -100,11 +104,17 @@ pub enum Sampling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    /// The peak learning rate.
     pub lr: f64,
+    /// AdamW's β₁ (first-moment decay).
     pub beta1: f64,
+    /// AdamW's β₂ (second-moment decay).
     pub beta2: f64,
+    /// AdamW's ε (added to the root of the second moment).
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// The learning rate after warm-up.
     pub schedule: Schedule,
     /// Steps of linear warm-up from 0 to `lr`.
     pub warmup_steps: usize,
@@ -133,29 +143,41 @@ impl Default for OptimConfig {
     }
 }
 
+/// A training run: everything `ual train` reads from TOML and `--set`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// The run's directory is `runs/<name>`.
     pub name: String,
+    /// The Hugging Face model directory trained.
     pub model: PathBuf,
+    /// Training JSONL (Alpaca, chat, ShareGPT or prompt/completion lines).
     pub train_data: PathBuf,
     /// Held-out JSONL; `""` means none. Unset, it is the bundled held-out set when
     /// `train_data` is the bundled training set, and none otherwise.
     pub eval_data: Option<PathBuf>,
+    /// Where run directories are made.
     pub output_dir: PathBuf,
-    pub device: String,
+    /// `auto`, `cpu`, `wgpu` or `wgpu:N`.
+    pub device: DeviceSpec,
+    /// Seeds the adapters' initialisation, the batch order and dropout.
     pub seed: u64,
+    /// LoRA or full fine-tuning.
     pub mode: Mode,
+    /// Optimizer steps (unless `epochs` is set).
     pub steps: usize,
     /// Passes over the training set; when above 0 it sets `steps` (rounded up) from the number
     /// of samples, `batch_size` and `grad_accum`.
     pub epochs: f64,
+    /// How micro-batches are drawn.
     pub sampling: Sampling,
+    /// Samples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Samples longer than this are cut or dropped (`overflow`).
     pub max_seq_len: usize,
+    /// What happens to a sample longer than `max_seq_len`.
     pub overflow: Overflow,
     /// How Alpaca and chat examples become text: `alpaca`, the model's `chat_template`, or the
     /// authors' `vicuna` / `vicuna_lima`.
@@ -165,7 +187,9 @@ pub struct TrainConfig {
     /// `tokens`: the mean over the step's loss tokens (ual's); `samples`: each sample's mean,
     /// then the mean over samples (the authors').
     pub reduction: Reduction,
+    /// Evaluate on `eval_data` every this many steps (and after the last); 0 only after the last.
     pub eval_every: usize,
+    /// Checkpoint every this many steps; 0 never.
     pub checkpoint_every: usize,
     /// Full fine-tuning writes `model/` in this dtype (float32, float16, bfloat16); unset means
     /// the base checkpoint's.
@@ -184,9 +208,12 @@ pub struct TrainConfig {
     pub gradient_checkpointing: Recompute,
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
     /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
-    pub base_dtype: String,
+    pub base_dtype: BaseDtype,
+    /// AdamW, the schedule and clipping.
     pub optim: OptimConfig,
+    /// LoRA's rank, scale, dropout and targets.
     pub lora: LoraConfig,
+    /// How each sample's uncertainty becomes its ε.
     pub smoothing: SmoothingConfig,
 }
 
@@ -199,7 +226,7 @@ impl Default for TrainConfig {
             train_data: "models/tiny/data/train.jsonl".into(),
             eval_data: Some("models/tiny/data/eval.jsonl".into()),
             output_dir: "runs".into(),
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             seed: 42,
             mode: Mode::Lora,
             steps: 60,
@@ -219,7 +246,7 @@ impl Default for TrainConfig {
             head_block_rows: 0,
             head_vocab_splits: 0,
             gradient_checkpointing: Recompute::Off,
-            base_dtype: "f32".into(),
+            base_dtype: BaseDtype::F32,
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
             smoothing: SmoothingConfig::default(),
@@ -291,6 +318,7 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// Refuses settings that cannot train, naming the key.
     pub fn validate(&self) -> Result<()> {
         for (name, path) in [("model", &self.model), ("train_data", &self.train_data)] {
             if path.as_os_str().is_empty() {
@@ -339,23 +367,24 @@ impl TrainConfig {
                 self.lora.dropout
             );
         }
-        match (self.base_dtype.as_str(), self.mode) {
-            ("f32" | "float32", _) => {}
-            ("f16" | "float16", Mode::Lora) => {}
-            ("f16" | "float16", Mode::Full) => {
-                bail!(
-                    "`base_dtype = \"{}\"` needs mode = \"lora\": full fine-tuning trains the base weights",
-                    self.base_dtype
-                )
-            }
-            (other, _) => bail!("`base_dtype = \"{other}\"`: expected \"f32\" or \"f16\""),
+        if self.base_dtype == BaseDtype::F16 && self.mode == Mode::Full {
+            bail!(
+                "`base_dtype = \"f16\"` needs mode = \"lora\": full fine-tuning trains the base weights"
+            );
         }
-        self.device
-            .parse::<crate::device::DeviceSpec>()
-            .map_err(|e| anyhow::anyhow!("`device`: {e}"))?;
         Ok(())
     }
 
+    /// The configuration as `config.toml` holds it, for `--resume` to read back. No held-out
+    /// set is written as "", since TOML has no null and a missing key would resume with the
+    /// default one.
+    pub fn to_toml(&self) -> Result<String> {
+        let mut written = self.clone();
+        written.eval_data.get_or_insert_with(PathBuf::new);
+        Ok(toml::to_string_pretty(&written)?)
+    }
+
+    /// `output_dir/name`.
     pub fn run_dir(&self) -> PathBuf {
         self.output_dir.join(&self.name)
     }
@@ -482,5 +511,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("lora.dropout = 0"), "{err:#}");
+    }
+
+    #[test]
+    fn no_evaluation_is_expressible_and_survives_the_written_config() {
+        let default = TrainConfig::resolve(None, &[]).unwrap();
+        assert!(default.eval_data.is_some(), "the bundled run evaluates");
+        let other = TrainConfig::resolve(None, &["train_data=\"mine.jsonl\"".into()]).unwrap();
+        assert_eq!(
+            other.eval_data, None,
+            "other data is not evaluated on the bundled set"
+        );
+        let asked = [
+            "train_data=\"mine.jsonl\"".into(),
+            "eval_data=\"held.jsonl\"".into(),
+        ];
+        let asked = TrainConfig::resolve(None, &asked).unwrap();
+        assert_eq!(asked.eval_data, Some(PathBuf::from("held.jsonl")));
+        let none = TrainConfig::resolve(None, &["eval_data=\"\"".into()]).unwrap();
+        assert_eq!(none.eval_data, None);
+        // The run writes none as "" and `--resume` reads it back as none.
+        let dir = tempfile_dir();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, none.to_toml().unwrap()).unwrap();
+        assert_eq!(
+            TrainConfig::resolve(Some(&file), &[]).unwrap().eval_data,
+            None
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ual-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

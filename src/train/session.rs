@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,7 +18,7 @@ use super::{RunSummary, StepMetrics, optim, report};
 use crate::data::batch::{DataSummary, Sample, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
-use crate::device::{self, DeviceSpec, Selected};
+use crate::device::{self, Selected};
 use crate::loss::objective::HeadPlan;
 use crate::model::{Llama, Pretrained, lora, save};
 
@@ -62,8 +62,7 @@ impl Session {
     /// Prepares the run `config` describes in `runs/<name>/`; with `resume`, continues it from
     /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
     pub fn open(config: &TrainConfig, resume: bool) -> Result<Self> {
-        let spec: DeviceSpec = config.device.parse().map_err(|e: String| anyhow!(e))?;
-        let selected = device::select(spec)?;
+        let selected = device::select(config.device)?;
         let checkpoint_dir = config.run_dir().join("checkpoint");
         let saved = resume
             .then(|| RunCheckpoint::read(&checkpoint_dir))
@@ -367,7 +366,9 @@ fn load_model(
         (Mode::Lora, true) => lora::load_peft(base, &checkpoint_dir, device)?.0,
         (Mode::Full, _) => base,
     };
-    let frozen = lora::frozen_dtype(&config.base_dtype, selected.shader_f16, selected.is_wgpu)?;
+    let frozen = config
+        .base_dtype
+        .dtype(selected.shader_f16, selected.is_wgpu)?;
     if frozen != DType::F32 {
         model = lora::store_frozen_in(model, frozen);
     }
@@ -384,18 +385,12 @@ fn adamw(config: &TrainConfig) -> ModuleOptimizer {
         .init()
 }
 
-/// Writes `config.toml`, which `--resume` reads back. No held-out set is written as "", since
-/// TOML has no null and a missing key would resume with the default one.
+/// Writes `config.toml`, which `--resume` reads back.
 fn write_config(config: &TrainConfig) -> Result<()> {
     let run_dir = config.run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let mut written = config.clone();
-    written.eval_data.get_or_insert_with(PathBuf::new);
-    crate::util::write_atomic(
-        &run_dir.join("config.toml"),
-        toml::to_string_pretty(&written)?.as_bytes(),
-    )
+    crate::util::write_atomic(&run_dir.join("config.toml"), config.to_toml()?.as_bytes())
 }
 
 /// The response-token-weighted mean ε of a step's samples.

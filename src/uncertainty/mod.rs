@@ -60,7 +60,9 @@ pub enum Spread {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmoothingConfig {
+    /// UAL (per-sample ε), SFT (ε = 0) or fixed label smoothing.
     pub loss: LossKind,
+    /// How a score becomes ε.
     pub mapping: Mapping,
     /// The elicitation scale `[min, max]`; a score outside it is an error naming its line.
     pub scale: [f64; 2],
@@ -77,6 +79,7 @@ pub struct SmoothingConfig {
     /// `linear`: the score of samples that carry none (counted in the run summary).
     /// `mean_normalised` needs every sample scored.
     pub default_score: f64,
+    /// Whether ε covers all V tokens or the V − 1 others.
     pub spread: Spread,
 }
 
@@ -103,6 +106,7 @@ const MEAN_TOLERANCE: f64 = 1e-3;
 const MAX_ROUNDS: usize = 10_000;
 
 impl SmoothingConfig {
+    /// Refuses settings that give no ε in [0, 1).
     pub fn validate(&self) -> Result<()> {
         for (name, eps) in [
             ("eps_min", self.eps_min),

@@ -70,6 +70,7 @@ pub(crate) fn slice_major<B: Backend>(grad: FloatTensor<B>, slices: usize) -> Fl
     B::float_swap_dims(grad, 0, 1)
 }
 
+/// The fused UAL cross-entropy as backend operations; every backend runs the default bodies unless it has its own.
 #[backend_extension(Autodiff, Cube, Flex, Fusion)]
 pub trait UalLossBackend: Backend {
     /// `[rows, V]` logits and `[rows, 3]` (target, ε, mask) labels → `[rows, 2]` f32 (loss, lse).

@@ -1,0 +1,66 @@
+//! The first run a new user makes: `ual train` with no arguments on the bundled tiny model and
+//! data. It must end without an `error:` line (the Vulkan loader's window-system probe on a
+//! headless machine included), say in words what happened, and visibly learn.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The bar: the held-out NLL falls by at least this many nats over the bundled run.
+const MIN_HELD_OUT_DROP: f64 = 0.3;
+
+#[test]
+fn the_bundled_run_learns_and_says_so_without_an_error_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .env_remove("XDG_RUNTIME_DIR")
+        .args(["train", "--set"])
+        .arg(format!("output_dir={:?}", tmp.path().display().to_string()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.lines().any(|l| l.contains("error:")),
+        "an error line on a successful run:\n{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let before = summary["initial_eval_nll"].as_f64().unwrap();
+    let after = summary["final_eval_nll"].as_f64().unwrap();
+    assert!(
+        after <= before - MIN_HELD_OUT_DROP,
+        "held-out NLL {before} -> {after}: the bundled run must visibly learn"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "held-out NLL {before:.2} → {after:.2} over 60 steps"
+        )),
+        "the run's last line says what happened: {last}"
+    );
+    assert!(
+        last.ends_with("adapter: ") || last.contains("tiny-ual/adapter"),
+        "{last}"
+    );
+    let run = tmp.path().join("tiny-ual");
+    for file in [
+        "adapter/adapter_model.safetensors",
+        "loss.svg",
+        "metrics.jsonl",
+    ] {
+        assert!(run.join(file).is_file(), "{file}");
+    }
+    // Every step reports its NLL beside its loss; held-out steps their held-out NLL.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 60);
+    assert!(
+        lines
+            .iter()
+            .all(|m| m["nll"].as_f64().is_some_and(f64::is_finite))
+    );
+    assert!(lines.iter().filter(|m| m["eval_nll"].is_f64()).count() >= 6);
+}
