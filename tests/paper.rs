@@ -222,7 +222,7 @@ fn the_paper_protocol_is_reproducible_by_seed() {
     let run = |seed| ual::eval::paper::evaluate(&p, &items, seed, "gsm8k").unwrap();
     let (a, b, c) = (run(7), run(7), run(8));
     let outputs = |r: &ual::eval::paper::Report| -> Vec<String> {
-        r.items.iter().map(|i| i.output.clone()).collect()
+        r.graded.items.iter().map(|i| i.output.clone()).collect()
     };
     assert_eq!(
         outputs(&a),
@@ -230,7 +230,7 @@ fn the_paper_protocol_is_reproducible_by_seed() {
         "the same seed gives the same outputs"
     );
     assert_ne!(outputs(&a), outputs(&c), "another seed samples otherwise");
-    for item in &a.items {
+    for item in &a.graded.items {
         assert_eq!(item.correct, item.output.contains(&item.gold));
     }
 }

@@ -126,8 +126,8 @@ fn gsm8k_ual(args: Gsm8kArgs) -> Result<()> {
     write_report(
         &report,
         args.run.output.as_deref(),
-        report.correct,
-        report.total,
+        report.graded.correct,
+        report.graded.total,
     )
 }
 
@@ -157,7 +157,12 @@ fn paper_report(
     items.truncate(run.limit.unwrap_or(usize::MAX));
     let (pretrained, _) = model.load()?;
     let report = paper::evaluate(&pretrained, &items, run.seed, &data.display().to_string())?;
-    write_report(&report, run.output.as_deref(), report.correct, report.total)
+    write_report(
+        &report,
+        run.output.as_deref(),
+        report.graded.correct,
+        report.graded.total,
+    )
 }
 
 fn loss(args: LossArgs) -> Result<()> {

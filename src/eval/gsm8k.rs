@@ -44,14 +44,9 @@ pub struct Report {
     pub data: String,
     /// Worked examples shown before each question.
     pub shots: usize,
-    /// Items asked.
-    pub total: usize,
-    /// Items answered correctly.
-    pub correct: usize,
-    /// `correct / total`.
-    pub accuracy: f64,
-    /// Every item's record.
-    pub items: Vec<Record>,
+    /// The items and how many were right.
+    #[serde(flatten)]
+    pub graded: super::Graded<Record>,
 }
 
 static NUMBER: LazyLock<Regex> =
@@ -113,7 +108,7 @@ pub fn evaluate(
         stop: vec!["\n\n###".into()],
         ..Default::default()
     };
-    let (records, correct) = super::grade_all(items, |_, item| {
+    let graded = super::grade_all(items, |_, item| {
         let mut messages = Vec::new();
         for shot in exemplars {
             messages.push(Message::new("user", &shot.question));
@@ -141,10 +136,7 @@ pub fn evaluate(
     Ok(Report {
         data: data_name.to_string(),
         shots: exemplars.len(),
-        total: records.len(),
-        correct,
-        accuracy: correct as f64 / records.len() as f64,
-        items: records,
+        graded,
     })
 }
 

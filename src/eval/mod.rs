@@ -8,13 +8,25 @@ pub mod heldout;
 pub mod paper;
 pub mod score;
 
+/// Items graded right or wrong: the part of every accuracy report that is the same.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Graded<R> {
+    /// Items asked.
+    pub total: usize,
+    /// Items answered correctly.
+    pub correct: usize,
+    /// `correct / total`.
+    pub accuracy: f64,
+    /// Every item's record.
+    pub items: Vec<R>,
+}
+
 /// Grades every item in turn with a progress bar that shows the running accuracy; `grade`
-/// returns an item's record and whether it was answered correctly. Returns the records and the
-/// number correct.
+/// returns an item's record and whether it was answered correctly.
 pub(crate) fn grade_all<I, R>(
     items: &[I],
     mut grade: impl FnMut(usize, &I) -> anyhow::Result<(R, bool)>,
-) -> anyhow::Result<(Vec<R>, usize)> {
+) -> anyhow::Result<Graded<R>> {
     let progress = indicatif::ProgressBar::new(items.len() as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
@@ -30,5 +42,10 @@ pub(crate) fn grade_all<I, R>(
         progress.inc(1);
     }
     progress.finish();
-    Ok((records, correct))
+    Ok(Graded {
+        total: records.len(),
+        correct,
+        accuracy: correct as f64 / records.len().max(1) as f64,
+        items: records,
+    })
 }

@@ -162,14 +162,9 @@ pub struct Report {
     pub top_k: usize,
     /// The answer length.
     pub max_new_tokens: usize,
-    /// Items asked.
-    pub total: usize,
-    /// Items answered correctly.
-    pub correct: usize,
-    /// `correct / total`.
-    pub accuracy: f64,
-    /// Every item's record.
-    pub items: Vec<Record>,
+    /// The items and how many were right.
+    #[serde(flatten)]
+    pub graded: super::Graded<Record>,
 }
 
 /// Samples one answer per item as the authors do; item i draws from `seed + i`, so a run is
@@ -183,7 +178,7 @@ pub fn evaluate(
     if items.is_empty() {
         bail!("{data_name}: no items to evaluate");
     }
-    let (records, correct) = super::grade_all(items, |i, item| {
+    let graded = super::grade_all(items, |i, item| {
         let mut ids = model.tokenizer.encode(&math_prompt(&item.question))?;
         if ids.len() > MAX_PROMPT_TOKENS {
             ids.drain(..ids.len() - MAX_PROMPT_TOKENS);
@@ -212,10 +207,7 @@ pub fn evaluate(
         temperature: TEMPERATURE,
         top_k: TOP_K,
         max_new_tokens: MAX_NEW_TOKENS,
-        total: records.len(),
-        correct,
-        accuracy: correct as f64 / records.len() as f64,
-        items: records,
+        graded,
     })
 }
 

@@ -160,24 +160,16 @@ pub fn score_file(
     pretrained: &Pretrained,
     config: &TrainConfig,
     data: &Path,
-    mut emit: impl FnMut(RecipeScore) -> Result<()>,
+    emit: impl FnMut(RecipeScore) -> Result<()>,
 ) -> Result<()> {
     let template = Template::load(config.template, &pretrained.dir)?;
     let eos = pretrained.config.eos_token_id()?;
     let rules = config.sample_rules(pretrained.config.vocab_size);
     let prepare =
         Prepare::new(&pretrained.tokenizer, &template, eos, config.max_seq_len).with_rules(rules);
-    let (examples, samples, _) = prepare.file(data)?;
-    let index = line_index(&examples);
-    for sample in &samples {
-        emit(score_recipe(
-            &pretrained.model,
-            sample,
-            index[&sample.line],
-            config.reduction,
-        )?)?;
-    }
-    Ok(())
+    let score =
+        |sample: &Sample, index| score_recipe(&pretrained.model, sample, index, config.reduction);
+    score_lines(&prepare, data, score, emit)
 }
 
 /// Every line of `data` with the trainer's tokenisation and ual's default ε mapping, scored on
@@ -187,18 +179,25 @@ pub fn score_data(
     template: &Template,
     data: &Path,
     max_seq_len: usize,
-    mut emit: impl FnMut(SampleScore) -> Result<()>,
+    emit: impl FnMut(SampleScore) -> Result<()>,
 ) -> Result<()> {
     let eos = pretrained.config.eos_token_id()?;
     let prepare = Prepare::new(&pretrained.tokenizer, template, eos, max_seq_len);
+    let score = |sample: &Sample, index| score_sample(&pretrained.model, sample, index);
+    score_lines(&prepare, data, score, emit)
+}
+
+/// Prepares `data`, then emits `score(sample, its line's index)` for each sample in order.
+fn score_lines<T>(
+    prepare: &Prepare,
+    data: &Path,
+    mut score: impl FnMut(&Sample, usize) -> Result<T>,
+    mut emit: impl FnMut(T) -> Result<()>,
+) -> Result<()> {
     let (examples, samples, _) = prepare.file(data)?;
     let index = line_index(&examples);
     for sample in &samples {
-        emit(score_sample(
-            &pretrained.model,
-            sample,
-            index[&sample.line],
-        )?)?;
+        emit(score(sample, index[&sample.line])?)?;
     }
     Ok(())
 }

@@ -49,17 +49,13 @@ pub struct Attention {
 impl Attention {
     /// `x: [batch, len, hidden]` → `[batch, len, hidden]`, causal, within a sliding `window` if
     /// there is one.
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &(Tensor<2>, Tensor<2>),
-        window: Option<usize>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, context: &LayerContext) -> Tensor<3> {
+        let LayerContext { rope, window } = context;
         let (q, k, v) = self.qkv(x);
         let q = RotaryHalf::apply(q, &rope.0, &rope.1);
         let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
         let v = self.repeat_kv(v);
-        self.project(attention::causal(q, k, v, window))
+        self.project(attention::causal(q, k, v, *window))
     }
 
     /// Attention for `n` new tokens whose keys and values join `cache` at slots
@@ -67,11 +63,10 @@ impl Attention {
     pub fn forward_cached(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<4>, Tensor<4>),
-        mask: &Tensor<4>,
+        step: &CachedStep,
         cache: &mut LayerCache,
-        start: usize,
     ) -> Tensor<3> {
+        let CachedStep { rope, mask, start } = *step;
         let [b, n, _] = x.dims();
         let (q, k, v) = self.qkv(x);
         let q = RotaryHalf::apply_batched(q, &rope.0, &rope.1);
@@ -146,6 +141,18 @@ pub struct LayerContext {
     pub window: Option<usize>,
 }
 
+/// What every layer of one cached decoding step shares: `n` new tokens stored at cache slots
+/// `start..start + n`, their rotary tables, and the additive `mask: [batch, 1, n, start + n]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedStep<'a> {
+    /// The rotary cos and sin tables of the new tokens' positions.
+    pub rope: &'a (Tensor<4>, Tensor<4>),
+    /// Additive over the cached slots.
+    pub mask: &'a Tensor<4>,
+    /// The first new token's slot.
+    pub start: usize,
+}
+
 /// One layer's preallocated keys and values, `[batch, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
@@ -200,27 +207,18 @@ impl DecoderLayer {
     }
 
     /// The layer over a whole sequence: causal attention within the `window`, if any.
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &(Tensor<2>, Tensor<2>),
-        window: Option<usize>,
-    ) -> Tensor<3> {
-        self.forward_with(x, |attention, h| attention.forward(h, rope, window))
+    pub fn forward(&self, x: Tensor<3>, context: &LayerContext) -> Tensor<3> {
+        self.forward_with(x, |attention, h| attention.forward(h, context))
     }
 
     /// The layer over `n` new tokens whose keys and values join `cache` at `start..start + n`.
     pub fn forward_cached(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<4>, Tensor<4>),
-        mask: &Tensor<4>,
+        step: &CachedStep,
         cache: &mut LayerCache,
-        start: usize,
     ) -> Tensor<3> {
-        self.forward_with(x, |attention, h| {
-            attention.forward_cached(h, rope, mask, cache, start)
-        })
+        self.forward_with(x, |attention, h| attention.forward_cached(h, step, cache))
     }
 
     /// The projections with their names in [`PROJECTIONS`] order.
@@ -300,9 +298,7 @@ impl Llama {
     pub fn hidden_states(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [_, s] = ids.dims();
         let context = self.layer_context(s, &ids.device());
-        let top = self.decoder_stack(ids, |_, layer, x| {
-            layer.forward(x, &context.rope, context.window)
-        });
+        let top = self.decoder_stack(ids, |_, layer, x| layer.forward(x, &context));
         self.norm.forward(top)
     }
 
@@ -407,8 +403,13 @@ impl Llama {
     ) -> Tensor<3> {
         let [b, _] = ids.dims();
         let rope = self.rope.tables_at(positions, b, &ids.device());
+        let step = CachedStep {
+            rope: &rope,
+            mask,
+            start,
+        };
         let top = self.decoder_stack(ids, |i, layer, x| {
-            layer.forward_cached(x, &rope, mask, &mut cache[i], start)
+            layer.forward_cached(x, &step, &mut cache[i])
         });
         self.norm.forward(top)
     }

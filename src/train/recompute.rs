@@ -49,7 +49,7 @@ pub fn accumulate_gradients(
     let context = model.layer_context(len, &batch.ids.device());
     for (layer, input) in model.layers.iter().zip(inputs).rev() {
         let input = input.autodiff().require_grad();
-        let output = layer.forward(input.clone(), &context.rope, context.window);
+        let output = layer.forward(input.clone(), &context);
         grad = backward_segment(model, (output * grad).sum(), &input, accumulator);
     }
 
@@ -70,7 +70,7 @@ fn layer_inputs(model: &Llama, batch: &Batch) -> (Vec<Tensor<3>>, Tensor<3>) {
     let mut inputs = Vec::with_capacity(frozen.layers.len());
     let top = frozen.decoder_stack(ids, |_, layer, x| {
         inputs.push(x.clone());
-        layer.forward(x, &context.rope, context.window)
+        layer.forward(x, &context)
     });
     (inputs, top)
 }
