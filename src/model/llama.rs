@@ -196,8 +196,9 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// The layer over `x: [batch, len, hidden]`, attending as `attend` does to the normed input:
-    /// `h = x + attend(norm(x))`, then `h + mlp(norm(h))`.
-    fn forward_with(
+    /// `h = x + attend(norm(x))`, then `h + mlp(norm(h))`. Whole sequences and cached decoding
+    /// differ only in `attend`.
+    pub fn forward_with(
         &self,
         x: Tensor<3>,
         attend: impl FnOnce(&Attention, Tensor<3>) -> Tensor<3>,
@@ -209,16 +210,6 @@ impl DecoderLayer {
     /// The layer over a whole sequence: causal attention within the `window`, if any.
     pub fn forward(&self, x: Tensor<3>, context: &LayerContext) -> Tensor<3> {
         self.forward_with(x, |attention, h| attention.forward(h, context))
-    }
-
-    /// The layer over `n` new tokens whose keys and values join `cache` at `start..start + n`.
-    pub fn forward_cached(
-        &self,
-        x: Tensor<3>,
-        step: &CachedStep,
-        cache: &mut LayerCache,
-    ) -> Tensor<3> {
-        self.forward_with(x, |attention, h| attention.forward_cached(h, step, cache))
     }
 
     /// The projections with their names in [`PROJECTIONS`] order.
@@ -409,7 +400,9 @@ impl Llama {
             start,
         };
         let top = self.decoder_stack(ids, |i, layer, x| {
-            layer.forward_cached(x, &step, &mut cache[i])
+            layer.forward_with(x, |attention, h| {
+                attention.forward_cached(h, &step, &mut cache[i])
+            })
         });
         self.norm.forward(top)
     }
