@@ -300,11 +300,17 @@ fn rate_limits_server_errors_and_timeouts_are_retried() {
     assert_eq!(read(&output)[0]["uncertainty"].as_f64().unwrap(), 1.0);
     assert_eq!(mock.requests(), 4);
 
-    // With the retries exhausted the line fails; the run still completes.
+    // With the retries exhausted the line fails; the run completes, its files are written, and
+    // since no line at all was scored it says so and exits non-zero.
     let mock = serve(|_, _| Reply::Status(503, None));
     let output = tmp.path().join("out2.jsonl");
     let out = annotate(&mock, &input, &output, &["--max-retries", "2"]);
-    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "every line failed: {stderr}");
+    assert!(
+        stderr.contains("no line of") && stderr.contains("was scored"),
+        "{stderr}"
+    );
     assert_eq!(mock.requests(), 3);
     let failed = read(&tmp.path().join("out2.jsonl.failed.jsonl"));
     assert!(
@@ -607,4 +613,126 @@ fn local_mode_follows_the_template() {
             .any(|(a, v)| (a - v).abs() > 1e-6),
         "alpaca {alpaca:?} vs vicuna {vicuna:?}"
     );
+}
+
+/// A hostile server's `Retry-After` (huge, negative, non-finite, a far date) neither panics nor
+/// hangs: huge values wait `--max-wait`, unreadable ones the ordinary backoff.
+#[test]
+fn hostile_retry_after_values_are_clamped_or_ignored() {
+    let values = [
+        "1e30",
+        "-5",
+        "NaN",
+        "inf",
+        "100000000",
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+    ];
+    let mock = serve(move |n, item| match values.get(n) {
+        Some(v) => Reply::Status(429, Some(*v)),
+        None => Reply::Score(expected_score(item).to_string()),
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, output) = (input(tmp.path(), 1), tmp.path().join("out.jsonl"));
+    let started = Instant::now();
+    let extra = [
+        "--max-wait",
+        "0.2",
+        "--retry-base-ms",
+        "1",
+        "--max-retries",
+        "8",
+    ];
+    let out = annotate(&mock, &input, &output, &extra);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(read(&output)[0]["uncertainty"].as_f64().unwrap(), 1.0);
+    assert_eq!(mock.requests(), values.len() + 1);
+}
+
+/// An endpoint that answers 200 with a web page is the wrong URL: the run stops at once.
+#[test]
+fn an_html_reply_is_fatal() {
+    let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+    let url = format!(
+        "http://127.0.0.1:{}",
+        server.server_addr().to_ip().unwrap().port()
+    );
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = request.respond(tiny_http::Response::from_string(
+                "<html><body>Sign in</body></html>",
+            ));
+        }
+    });
+    let mock = Mock {
+        url,
+        bodies: Default::default(),
+        auth: Default::default(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, output) = (input(tmp.path(), 5), tmp.path().join("out.jsonl"));
+    let out = annotate(&mock, &input, &output, &["--concurrency", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not JSON") && stderr.contains("--endpoint"),
+        "{stderr}"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "no retry, no other line asked"
+    );
+    assert!(!output.exists(), "no partial output");
+}
+
+/// Lines whose cached reply held no score are asked again with --retry-failed, and only then.
+#[test]
+fn retry_failed_asks_again_for_failed_lines_only() {
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = fixed.clone();
+    let mock = serve(move |_, item| match (item, f.load(Ordering::SeqCst)) {
+        (1, false) => Reply::Score("I cannot say.".into()),
+        _ => Reply::Score(expected_score(item).to_string()),
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, output) = (input(tmp.path(), 3), tmp.path().join("out.jsonl"));
+    let out = annotate(&mock, &input, &output, &["--concurrency", "1"]);
+    assert!(out.status.success());
+    assert_eq!(read(&output).len(), 2, "line 1 failed");
+    fixed.store(true, Ordering::SeqCst);
+    let asked = mock.requests();
+    let out = annotate(&mock, &input, &output, &["--concurrency", "1"]);
+    assert!(out.status.success());
+    assert_eq!(
+        mock.requests(),
+        asked,
+        "a plain re-run takes the cached failure"
+    );
+    let out = annotate(
+        &mock,
+        &input,
+        &output,
+        &["--concurrency", "1", "--retry-failed"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mock.requests(),
+        asked + 1,
+        "only the failed line is asked again"
+    );
+    assert_eq!(read(&output).len(), 3);
 }

@@ -4,7 +4,7 @@
 //!
 //! The API key is sent as a bearer token and appears in no error, log or file.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use serde_json::{Value, json};
@@ -26,13 +26,14 @@ pub struct Endpoint {
     api_key: Option<String>,
     max_retries: u32,
     retry_base: Duration,
+    /// The longest `Retry-After` honoured.
+    max_wait: Duration,
     /// Sampling fields sent with every request (temperature, top_p, max_tokens).
     params: serde_json::Map<String, Value>,
 }
 
-/// The longest `Retry-After` honoured; a server asking for more (or for a negative, infinite
-/// or unreadable delay) gets this.
-const MAX_RETRY_AFTER: f64 = 300.0;
+/// The longest `Retry-After` honoured unless [`Endpoint::with_max_wait`] says otherwise.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
 impl Endpoint {
     /// An endpoint at `base` serving `model`; fails on a malformed URL.
@@ -61,8 +62,15 @@ impl Endpoint {
             api_key,
             max_retries,
             retry_base,
+            max_wait: MAX_WAIT,
             params: serde_json::Map::from_iter([("temperature".to_string(), json!(0))]),
         })
+    }
+
+    /// Waits at most `max_wait` when a server asks for longer with `Retry-After`.
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
     }
 
     /// Sends `params` (e.g. temperature, top_p, max_tokens) with every request.
@@ -97,20 +105,28 @@ impl Endpoint {
                     let retry_after = response
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok());
-                    let text = response.text().unwrap_or_default();
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| retry_after(v, SystemTime::now(), self.max_wait));
+                    let text = match response.text() {
+                        Ok(text) => text,
+                        // The headers came, the body did not: as retryable as a timeout.
+                        Err(e) => {
+                            last = match e.is_timeout() {
+                                true => "the response body timed out".into(),
+                                false => "the response body was cut off".into(),
+                            };
+                            if attempt < self.max_retries {
+                                std::thread::sleep(self.backoff(attempt));
+                            }
+                            continue;
+                        }
+                    };
                     if status.is_success() {
-                        return reply_content(&text)
-                            .ok_or_else(|| Failure::GaveUp("malformed completion JSON".into()));
+                        return completion(&text);
                     }
                     last = format!("HTTP {}", status.as_u16());
                     if status.as_u16() == 429 {
-                        retry_after
-                            .map(|s| {
-                                let s = if s.is_finite() { s } else { MAX_RETRY_AFTER };
-                                Duration::from_secs_f64(s.clamp(0.0, MAX_RETRY_AFTER))
-                            })
-                            .unwrap_or_else(|| self.backoff(attempt))
+                        retry_after.unwrap_or_else(|| self.backoff(attempt))
                     } else if status.is_server_error() {
                         self.backoff(attempt)
                     } else {
@@ -139,9 +155,34 @@ impl Endpoint {
     }
 }
 
-fn reply_content(text: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(text).ok()?;
-    Some(v["choices"][0]["message"]["content"].as_str()?.to_string())
+/// The delay a `Retry-After` value asks for (RFC 9110 §10.2.3: delay-seconds, a run of digits,
+/// or an HTTP date), at most `max_wait`; a date in the past is no delay. `None` for anything
+/// else (negative, fractional, `inf`, `NaN`, garbage), which gets the ordinary backoff.
+pub fn retry_after(value: &str, now: SystemTime, max_wait: Duration) -> Option<Duration> {
+    let value = value.trim();
+    let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still a long wait.
+        Duration::from_secs(value.parse().unwrap_or(u64::MAX))
+    } else {
+        let date = httpdate::parse_http_date(value).ok()?;
+        date.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(max_wait))
+}
+
+/// The assistant's text of a 200 reply. A body that is not JSON at all (a web page, a proxy's
+/// login form) means the URL is not a chat-completions endpoint, which no retry fixes.
+fn completion(text: &str) -> Result<String, Failure> {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        let start: String = text.trim_start().chars().take(60).collect();
+        return Err(Failure::Fatal(format!(
+            "HTTP 200 with a body that is not JSON ({start:?}); check --endpoint"
+        )));
+    };
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Failure::GaveUp("a completion without choices[0].message.content".into()))
 }
 
 /// A one-line explanation of a 4xx, with the server's own message when it gives one.
@@ -162,5 +203,39 @@ fn client_error(status: u16, body: &str, model: &str) -> String {
         format!("HTTP {status}: {hint}")
     } else {
         format!("HTTP {status}: {hint} ({detail})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 9110's two forms, clamped; everything else is no `Retry-After` at all.
+    #[test]
+    fn retry_after_reads_seconds_or_a_date_and_clamps() {
+        let now = httpdate::parse_http_date("Wed, 02 Dec 2026 12:00:00 GMT").unwrap();
+        let max = Duration::from_secs(60);
+        let at = |v: &str| retry_after(v, now, max);
+        assert_eq!(at("7"), Some(Duration::from_secs(7)));
+        assert_eq!(at(" 0 "), Some(Duration::ZERO));
+        assert_eq!(at("100000000"), Some(max), "clamped");
+        assert_eq!(
+            at("99999999999999999999999"),
+            Some(max),
+            "beyond u64 is still long"
+        );
+        assert_eq!(
+            at("Wed, 02 Dec 2026 12:00:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            at("Wed, 02 Dec 2026 11:00:00 GMT"),
+            Some(Duration::ZERO),
+            "past"
+        );
+        assert_eq!(at("Thu, 03 Dec 2026 12:00:00 GMT"), Some(max));
+        for bad in ["-5", "1.5", "inf", "NaN", "1e30", "", "soon"] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
     }
 }

@@ -110,20 +110,14 @@ pub struct Line {
 
 /// Reads `path`; each line must be a training-schema object (errors name file, line and field).
 pub fn read_lines(path: &Path, limit: Option<usize>) -> Result<Vec<Line>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut lines = Vec::new();
-    for (i, raw) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        if limit.is_some_and(|n| lines.len() >= n) {
+    for (n, raw) in crate::data::formats::text_lines(path)? {
+        if limit.is_some_and(|limit| lines.len() >= limit) {
             break;
         }
-        let at = || format!("{}:{}", path.display(), i + 1);
-        let example = parse_line(raw, i + 1).with_context(at)?;
-        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(raw) else {
+        let at = || format!("{}:{n}", path.display());
+        let example = parse_line(&raw, n).with_context(at)?;
+        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(&raw) else {
             bail!("{}: expected a JSON object", at())
         };
         let plain = crate::data::formats::plain_text(&example.body);
@@ -205,6 +199,10 @@ pub struct ApiOptions {
     pub timeout: Duration,
     /// The first backoff delay; it doubles per retry.
     pub retry_base: Duration,
+    /// The longest wait a server's `Retry-After` gets.
+    pub max_wait: Duration,
+    /// Ask again for lines whose cached reply held no score.
+    pub retry_failed: bool,
 }
 
 /// What an annotation run did.
@@ -248,8 +246,16 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         .map(|p| cache::key(&options.model, p))
         .collect();
     let cache = Cache::open(&sibling(&options.output, "cache.jsonl"))?;
-    let mut outcomes: Vec<Option<Outcome>> =
-        keys.iter().map(|k| cache.get(k).map(outcome_of)).collect();
+    // A cached reply without a score is a failure; --retry-failed asks again.
+    let mut outcomes: Vec<Option<Outcome>> = keys
+        .iter()
+        .map(|k| {
+            cache
+                .get(k)
+                .filter(|a| a.score.is_some() || !options.retry_failed)
+        })
+        .map(|a| a.map(outcome_of))
+        .collect();
     let cached = outcomes.iter().filter(|o| o.is_some()).count();
     let work = Work {
         endpoint: &endpoint,
@@ -297,7 +303,8 @@ fn connect(options: &ApiOptions) -> Result<Endpoint> {
         options.max_retries,
         options.retry_base,
     )?
-    .with_params(options.preset.request_params(options.max_tokens)))
+    .with_params(options.preset.request_params(options.max_tokens))
+    .with_max_wait(options.max_wait))
 }
 
 /// What every worker reads: the endpoint, each line's prompt and cache key, the cache.

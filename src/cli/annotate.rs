@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use ual::annotate::{self, ApiOptions, PromptPreset};
 use ual::data::template::{Template, TemplateKind};
 use ual::model::Pretrained;
@@ -59,6 +59,13 @@ pub struct Args {
     /// Seconds before a request is abandoned (and retried).
     #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
     timeout: f64,
+    /// The longest wait, in seconds, that a server's `Retry-After` (seconds or an HTTP date) is
+    /// granted.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    max_wait: f64,
+    /// Ask again for the lines a previous run failed on (their cached replies held no score).
+    #[arg(long)]
+    retry_failed: bool,
     /// First backoff delay in milliseconds; it doubles per retry, with jitter.
     #[arg(long, default_value_t = 500, hide = true)]
     retry_base_ms: u64,
@@ -85,22 +92,30 @@ pub fn main(args: Args) -> Result<()> {
             let template = Template::load(args.template, dir)?;
             annotate::local::run_local(&args.input, &args.output, &model, &template, args.limit)?
         }
-        None => annotate::run_api(&api_options(args))?,
+        None => annotate::run_api(&api_options(&args))?,
     };
     eprint!("{}", annotate::describe(&summary));
     println!("{}", serde_json::to_string(&summary)?);
+    if summary.lines > 0 && summary.scored == 0 {
+        bail!(
+            "no line of {} was scored ({} failed; reasons in {}.failed.jsonl)",
+            args.input.display(),
+            summary.failed,
+            args.output.display()
+        );
+    }
     Ok(())
 }
 
-fn api_options(args: Args) -> ApiOptions {
+fn api_options(args: &Args) -> ApiOptions {
     ApiOptions {
-        input: args.input,
-        output: args.output,
-        endpoint: args.endpoint.expect("clap requires --endpoint"),
-        model: args.model.expect("clap requires --model"),
-        api_key_env: args.api_key_env,
+        input: args.input.clone(),
+        output: args.output.clone(),
+        endpoint: args.endpoint.clone().expect("clap requires --endpoint"),
+        model: args.model.clone().expect("clap requires --model"),
+        api_key_env: args.api_key_env.clone(),
         concurrency: args.concurrency,
-        prompt: args.prompt,
+        prompt: args.prompt.clone(),
         preset: args.prompt_preset,
         scale: args.scale.unwrap_or(args.prompt_preset.scale()),
         max_tokens: args.max_tokens,
@@ -108,6 +123,8 @@ fn api_options(args: Args) -> ApiOptions {
         max_retries: args.max_retries,
         timeout: Duration::from_secs_f64(args.timeout),
         retry_base: Duration::from_millis(args.retry_base_ms),
+        max_wait: Duration::from_secs_f64(args.max_wait),
+        retry_failed: args.retry_failed,
     }
 }
 

@@ -79,6 +79,18 @@ fn stream_one(
         )
     };
     let ids = pretrained.tokenizer.encode_with(&text, special)?;
+    let budget = ual::model::generate::new_token_budget(
+        &pretrained.model,
+        std::slice::from_ref(&ids),
+        config.max_new_tokens,
+    )?;
+    if budget < config.max_new_tokens {
+        eprintln!(
+            "note: at most {budget} new tokens: the prompt's {} and the model's {} positions leave no more",
+            ids.len(),
+            pretrained.config.max_position_embeddings
+        );
+    }
     let eos = pretrained.config.eos_token_ids.clone();
     let mut stdout = std::io::stdout();
     let out = generate(

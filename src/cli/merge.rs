@@ -17,15 +17,20 @@ pub struct Args {
     /// The PEFT adapter directory.
     #[arg(long)]
     adapter: PathBuf,
-    /// The new model directory (written whole, or not at all).
+    /// The new model directory (written whole, or not at all); never the model directory.
     #[arg(long)]
     output: PathBuf,
+    /// Write into an --output that exists and is not empty (its other files are kept).
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     device: DeviceArg,
 }
 
 /// Writes base + adapter as a Hugging Face directory in the base's dtype.
 pub fn main(args: Args) -> Result<()> {
+    // Refused before any work is done.
+    ual::model::save::check_output(&args.model, &args.output, args.force)?;
     let selected = args.device.select()?;
     let pretrained =
         Pretrained::load_with_adapter(&args.model, Some(&args.adapter), &selected.device)?;

@@ -73,12 +73,9 @@ impl Message {
 
 /// Reads every non-blank line of a JSONL file.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_line(l, i + 1).with_context(|| format!("{}:{}", path.display(), i + 1)))
+    text_lines(path)?
+        .into_iter()
+        .map(|(n, l)| parse_line(&l, n).with_context(|| format!("{}:{n}", path.display())))
         .collect()
 }
 
@@ -86,13 +83,32 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
 /// object with `instruction` (and `input`), `prompt`, `conversations` (its first turn, as in
 /// LIMA's test split) or `messages` (its first user turn).
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| prompt_of(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+    text_lines(path)?
+        .into_iter()
+        .map(|(n, l)| prompt_of(&l).with_context(|| format!("{}:{n}", path.display())))
         .collect()
+}
+
+/// The non-blank lines of a text file with their 1-based numbers. A UTF-8 byte-order mark is
+/// skipped; a line that is not UTF-8 is an error naming the line and the byte.
+pub fn text_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut lines = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let text = std::str::from_utf8(line).map_err(|e| {
+            anyhow!(
+                "{}:{}: invalid UTF-8 at byte {} of the line",
+                path.display(),
+                i + 1,
+                e.valid_up_to() + 1
+            )
+        })?;
+        if !text.trim().is_empty() {
+            lines.push((i + 1, text.trim_end_matches('\r').to_string()));
+        }
+    }
+    Ok(lines)
 }
 
 fn prompt_of(line: &str) -> Result<String> {

@@ -11,6 +11,10 @@ use serde::Deserialize;
 /// The `model_type` values whose decoder ual implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
+/// The `architectures` classes whose network ual implements: a causal LM head on the decoder.
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Llama3RopeScaling {
@@ -68,6 +72,7 @@ pub struct ModelConfig {
 #[derive(Deserialize)]
 struct RawConfig {
     model_type: Option<String>,
+    architectures: Option<Vec<String>>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -116,6 +121,17 @@ impl ModelConfig {
             bail!(
                 "field `model_type`: unsupported model type {model_type:?}; supported: {}",
                 SUPPORTED_MODEL_TYPES.join(", ")
+            );
+        }
+        if let Some(other) = raw
+            .architectures
+            .iter()
+            .flatten()
+            .find(|a| !SUPPORTED_ARCHITECTURES.contains(&a.as_str()))
+        {
+            bail!(
+                "field `architectures`: {other:?} is not a network ual implements; supported: {}",
+                SUPPORTED_ARCHITECTURES.join(", ")
             );
         }
         let require = |v: Option<usize>, name: &str| -> Result<usize> {
@@ -269,5 +285,19 @@ mod tests {
     fn missing_field_is_named() {
         let err = ModelConfig::from_json(&LLAMA.replace(r#""hidden_size":16,"#, "")).unwrap_err();
         assert!(format!("{err:#}").contains("hidden_size"));
+    }
+
+    #[test]
+    fn an_unsupported_architecture_is_refused_by_name() {
+        let gpt2 = LLAMA.replacen('{', r#"{"architectures":["GPT2LMHeadModel"],"#, 1);
+        let err = format!("{:#}", ModelConfig::from_json(&gpt2).unwrap_err());
+        assert!(
+            err.contains("architectures") && err.contains("GPT2LMHeadModel"),
+            "{err}"
+        );
+        let llama = LLAMA.replacen('{', r#"{"architectures":["LlamaForCausalLM"],"#, 1);
+        assert!(ModelConfig::from_json(&llama).is_ok());
+        let null = LLAMA.replacen('{', r#"{"architectures":null,"#, 1);
+        assert!(ModelConfig::from_json(&null).is_ok());
     }
 }

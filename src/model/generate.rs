@@ -72,6 +72,18 @@ pub struct Generation {
     pub finish: Finish,
 }
 
+/// `wanted` new tokens, capped so that the longest prompt and its continuation fit the model's
+/// `max_position_embeddings` (positions past it were never trained; a sequence capped so
+/// finishes with [`Finish::Length`]). A prompt that alone fills them is an error.
+pub fn new_token_budget(model: &Llama, prompts: &[Vec<u32>], wanted: usize) -> Result<usize> {
+    let positions = model.config.max_position_embeddings;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest >= positions {
+        bail!("the prompt has {longest} tokens; the model has {positions} positions");
+    }
+    Ok(wanted.min(positions - longest))
+}
+
 /// Decodes a continuation of each prompt. `on_text(i, delta)` receives each new piece of
 /// sequence `i`'s text as soon as it is known, for streaming.
 pub fn generate(
@@ -85,8 +97,9 @@ pub fn generate(
     if prompts.iter().any(|p| p.is_empty()) {
         bail!("cannot generate from an empty prompt");
     }
+    let max_new_tokens = new_token_budget(model, prompts, config.max_new_tokens)?;
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut decoder = Decoder::new(model, prompts, config.max_new_tokens);
+    let mut decoder = Decoder::new(model, prompts, max_new_tokens);
     let mut out: Vec<Generation> = prompts
         .iter()
         .map(|_| Generation {
@@ -101,7 +114,7 @@ pub fn generate(
     } else {
         decoder.recompute()
     };
-    for _ in 0..config.max_new_tokens {
+    for _ in 0..max_new_tokens {
         let mut next = Vec::with_capacity(prompts.len());
         for (i, row) in logits.iter().enumerate() {
             let token = choose(row, config, &mut rng);

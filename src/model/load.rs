@@ -81,6 +81,11 @@ impl SafetensorsFile {
         Self::open_files(vec![path.to_path_buf()])
     }
 
+    /// The names of every tensor, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)

@@ -304,8 +304,31 @@ pub fn save_peft(
     )
 }
 
-/// Loads a PEFT LoRA adapter directory onto `model` (frozen base, adapters attached).
+/// Loads a PEFT LoRA adapter directory onto `model` (frozen base, adapters attached). Every
+/// tensor of the file must land on a projection of this model, and every `target_modules`
+/// entry must name one, or the load fails naming what does not fit.
 pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, LoraConfig)> {
+    let config = read_adapter_config(dir)?;
+    let weights = dir.join("adapter_model.safetensors");
+    let checkpoint = SafetensorsFile::open_file(&weights)?;
+    let (model, used) = attach_from(model, &checkpoint, &config, device)?;
+    if used.is_empty() {
+        bail!(
+            "{}: no tensor matches this model's projections (expected keys like {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight)",
+            dir.display()
+        );
+    }
+    if let Some(stray) = checkpoint.names().find(|n| !used.contains(*n)) {
+        bail!(
+            "{}: tensor {stray:?} matches no projection of this model",
+            weights.display()
+        );
+    }
+    Ok((model, config))
+}
+
+/// `adapter_config.json`, checked for what ual supports.
+fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
@@ -330,7 +353,6 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
             config_path.display()
         );
     }
-    let checkpoint = SafetensorsFile::open_file(&dir.join("adapter_model.safetensors"))?;
     let config = LoraConfig {
         r: file.r,
         alpha: file.lora_alpha,
@@ -341,9 +363,32 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
             TargetModules::Pattern(_) => targets().into_iter().map(String::from).collect(),
         },
     };
+    let known = targets();
+    if let Some(unknown) = config.target_modules.iter().find(|t| {
+        !known
+            .iter()
+            .any(|k| t.as_str() == *k || t.ends_with(&format!(".{k}")))
+    }) {
+        bail!(
+            "{}: field `target_modules` names {unknown:?}, which is not a projection of LLaMA-family models ({})",
+            config_path.display(),
+            known.join(", ")
+        );
+    }
+    Ok(config)
+}
+
+/// Attaches the adapters `checkpoint` holds for `model`'s projections; returns the model and the
+/// tensor names used.
+fn attach_from(
+    model: Llama,
+    checkpoint: &SafetensorsFile,
+    config: &LoraConfig,
+    device: &Device,
+) -> Result<(Llama, std::collections::BTreeSet<String>)> {
     let mut model = model.no_grad();
     let mut result = Ok(());
-    let mut attached = 0;
+    let mut used = std::collections::BTreeSet::new();
     for_each_named(&mut model, |name, proj| {
         let a_key = format!("{PEFT_PREFIX}{name}.lora_A.weight");
         if result.is_err() || !checkpoint.contains(&a_key) {
@@ -354,26 +399,18 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
             let values = checkpoint.read(key, &shape)?;
             Ok(Tensor::<2>::from_data(TensorData::new(values, shape), device).transpose())
         };
+        let b_key = format!("{PEFT_PREFIX}{name}.lora_B.weight");
         match (
             read(&a_key, [config.r, d_in]),
-            read(
-                &format!("{PEFT_PREFIX}{name}.lora_B.weight"),
-                [d_out, config.r],
-            ),
+            read(&b_key, [d_out, config.r]),
         ) {
             (Ok(a), Ok(b)) => {
-                proj.lora = Some(adapter(name, a, b, &config));
-                attached += 1;
+                proj.lora = Some(adapter(name, a, b, config));
+                used.extend([a_key, b_key]);
             }
             (Err(e), _) | (_, Err(e)) => result = Err(e),
         }
     });
     result?;
-    if attached == 0 {
-        bail!(
-            "{}: no tensor matches this model's projections (expected keys like {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight)",
-            dir.display()
-        );
-    }
-    Ok((model, config))
+    Ok((model, used))
 }

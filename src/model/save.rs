@@ -4,7 +4,7 @@
 //! Tensors are written under their Hugging Face names in HF's `[out, in]` layout, in the dtype
 //! asked for, next to a copy of the source directory's config and tokenizer files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
@@ -50,17 +50,85 @@ fn torch_name(dtype: Dtype) -> &'static str {
 /// Writes `model` into `out` as a Hugging Face directory that `transformers` loads, with LoRA
 /// adapters (if any) folded into their base weights: W' = W + (α/r)·A·B.
 ///
-/// The directory is assembled under a temporary name and renamed into place, so `out` is either
-/// absent or complete.
+/// The files are assembled in a temporary directory of this process's own, then moved into
+/// `out`: a missing or empty `out` becomes that directory whole; an existing one gets each of
+/// the files replaced and keeps any others. Nothing but the temporary directory is ever
+/// deleted, and `out` may not be `source_dir` or lie inside it ([`check_output`]).
 pub fn save_pretrained(model: &Llama, source_dir: &Path, out: &Path, dtype: Dtype) -> Result<()> {
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    check_output(source_dir, out, true)?;
+    let tmp = private_sibling(out)?;
+    let result = write_directory(model, source_dir, &tmp, dtype).and_then(|()| install(&tmp, out));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
 
-    let weights = tmp.join("model.safetensors");
+/// Refuses an output that would write into the model directory `source_dir`, and, unless
+/// `force`, one that exists and is not empty.
+pub fn check_output(source_dir: &Path, out: &Path, force: bool) -> Result<()> {
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        // `out` may not exist yet: resolve its nearest existing ancestor.
+        let mut tail = Vec::new();
+        let mut dir = p.to_path_buf();
+        loop {
+            if let Ok(found) = dir.canonicalize() {
+                return Some(
+                    tail.iter()
+                        .rev()
+                        .fold(found, |acc: PathBuf, part| acc.join(part)),
+                );
+            }
+            tail.push(dir.file_name()?.to_owned());
+            dir = dir.parent()?.to_path_buf();
+            if dir.as_os_str().is_empty() {
+                dir = PathBuf::from(".");
+            }
+        }
+    };
+    if let (Some(source), Some(target)) = (resolved(source_dir), resolved(out))
+        && target.starts_with(&source)
+    {
+        bail!(
+            "{}: is (inside) the model directory {}; write the merged model elsewhere",
+            out.display(),
+            source_dir.display()
+        );
+    }
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some());
+    if non_empty && !force {
+        bail!(
+            "{}: exists and is not empty; pass --force to write the model's files into it (other files are kept)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// A new, empty directory beside `out` that no one else uses: `.<name>.ual-<pid>-<n>`.
+fn private_sibling(out: &Path) -> Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!(".{name}.ual-{}-{n}", std::process::id()));
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// The model's files in `dir`: weights, `config.json` (in `dtype`) and the tokenizer's files.
+fn write_directory(model: &Llama, source_dir: &Path, dir: &Path, dtype: Dtype) -> Result<()> {
+    let weights = dir.join("model.safetensors");
     write_safetensors(&named_tensors(model), dtype, &weights)
         .with_context(|| format!("cannot write {}", weights.display()))?;
-
     let config_path = source_dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
@@ -68,22 +136,34 @@ pub fn save_pretrained(model: &Llama, source_dir: &Path, out: &Path, dtype: Dtyp
         .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
     config["torch_dtype"] = torch_name(dtype).into();
     std::fs::write(
-        tmp.join("config.json"),
+        dir.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
     for file in COMPANION_FILES {
         let from = source_dir.join(file);
         if from.exists() {
-            std::fs::copy(&from, tmp.join(file))
+            std::fs::copy(&from, dir.join(file))
                 .with_context(|| format!("cannot copy {}", from.display()))?;
         }
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("cannot replace {}", out.display()))?;
+    Ok(())
+}
+
+/// Moves the finished `tmp` to `out`: whole when `out` is missing or empty, else file by file.
+fn install(tmp: &Path, out: &Path) -> Result<()> {
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to)
+            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
+    };
+    // An empty directory holds nothing to lose; `remove_dir` refuses any other.
+    if std::fs::remove_dir(out).is_ok() || !out.exists() {
+        return rename(tmp, out);
     }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))
+    for entry in std::fs::read_dir(tmp)? {
+        let entry = entry?;
+        rename(&entry.path(), &out.join(entry.file_name()))?;
+    }
+    std::fs::remove_dir(tmp).with_context(|| format!("cannot remove {}", tmp.display()))
 }
 
 /// Writes `tensors` as one safetensors file in `dtype`, a tensor at a time: the header first

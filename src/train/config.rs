@@ -143,6 +143,69 @@ impl Default for OptimConfig {
     }
 }
 
+impl OptimConfig {
+    /// Refuses settings AdamW cannot step with, naming the key: a positive finite `lr`,
+    /// `beta1, beta2` in [0, 1), `eps > 0`, `weight_decay ≥ 0`, `max_grad_norm ≥ 0`,
+    /// `min_lr_ratio` in [0, 1] and `warmup_ratio` in [0, 1).
+    pub fn validate(&self) -> Result<()> {
+        let finite = |v: f64| v.is_finite();
+        let checks: [(&str, f64, bool, &str); 8] = [
+            (
+                "lr",
+                self.lr,
+                finite(self.lr) && self.lr > 0.0,
+                "a positive number",
+            ),
+            (
+                "beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "in [0, 1)",
+            ),
+            (
+                "eps",
+                self.eps,
+                finite(self.eps) && self.eps > 0.0,
+                "a positive number",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay,
+                finite(self.weight_decay) && self.weight_decay >= 0.0,
+                "≥ 0",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                finite(self.max_grad_norm) && self.max_grad_norm >= 0.0,
+                "≥ 0 (0: no clipping)",
+            ),
+            (
+                "min_lr_ratio",
+                self.min_lr_ratio,
+                (0.0..=1.0).contains(&self.min_lr_ratio),
+                "in [0, 1]",
+            ),
+            (
+                "warmup_ratio",
+                self.warmup_ratio,
+                (0.0..1.0).contains(&self.warmup_ratio),
+                "in [0, 1)",
+            ),
+        ];
+        match checks.iter().find(|c| !c.2) {
+            Some((key, value, _, wanted)) => bail!("`optim.{key}` = {value} must be {wanted}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A training run: everything `ual train` reads from TOML and `--set`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -254,6 +317,22 @@ impl Default for TrainConfig {
     }
 }
 
+/// The keys `--resume` may override: the run's length, its evaluation and checkpoint cadence,
+/// and the device and memory levers, none of which changes what the checkpoint's weights and
+/// optimizer state mean.
+pub const RESUMABLE: [&str; 10] = [
+    "steps",
+    "epochs",
+    "eval_every",
+    "checkpoint_every",
+    "eval_data",
+    "device",
+    "fused_head",
+    "head_block_rows",
+    "head_vocab_splits",
+    "gradient_checkpointing",
+];
+
 impl TrainConfig {
     /// Defaults, then `file`, then each `key=value` override in order.
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
@@ -309,6 +388,15 @@ impl TrainConfig {
                 run_dir.display()
             );
         }
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            if !RESUMABLE.contains(&key) {
+                bail!(
+                    "--set {o}: `{key}` cannot change on --resume (the checkpoint was made with the run's value); keys that can: {}",
+                    RESUMABLE.join(", ")
+                );
+            }
+        }
         let mut config = Self::resolve(Some(&file), overrides)?;
         config.name = run_dir
             .file_name()
@@ -320,6 +408,15 @@ impl TrainConfig {
 
     /// Refuses settings that cannot train, naming the key.
     pub fn validate(&self) -> Result<()> {
+        let plain_name = !self.name.is_empty()
+            && !matches!(self.name.as_str(), "." | "..")
+            && !self.name.contains(['/', '\\']);
+        if !plain_name {
+            bail!(
+                "`name` = {:?} must be a plain directory name (no '/', '\\', \".\" or \"..\"): the run lives in output_dir/name",
+                self.name
+            );
+        }
         for (name, path) in [("model", &self.model), ("train_data", &self.train_data)] {
             if path.as_os_str().is_empty() {
                 bail!("`{name}` is not set: add --set {name}=PATH");
@@ -337,15 +434,7 @@ impl TrainConfig {
         if self.max_seq_len < 2 {
             bail!("`max_seq_len` must be at least 2");
         }
-        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
-            bail!("`optim.lr` must be positive");
-        }
-        if !(0.0..1.0).contains(&self.optim.warmup_ratio) {
-            bail!(
-                "`optim.warmup_ratio` = {} is outside [0, 1)",
-                self.optim.warmup_ratio
-            );
-        }
+        self.optim.validate()?;
         if !(self.epochs >= 0.0 && self.epochs.is_finite()) {
             bail!(
                 "`epochs` = {} must be 0 (use `steps`) or positive",

@@ -72,6 +72,14 @@ impl Session {
             .autodiff_device(&selected.device);
         device.seed(config.seed);
         let (pretrained, model) = load_model(config, &selected, &device, saved.is_some())?;
+        let positions = pretrained.config.max_position_embeddings;
+        if config.max_seq_len > positions {
+            bail!(
+                "`max_seq_len` = {} exceeds the {positions} positions of {}",
+                config.max_seq_len,
+                config.model.display()
+            );
+        }
         let template = Template::load(config.template, &config.model)?;
         let rules = config.sample_rules(pretrained.config.vocab_size);
         let eos = pretrained.config.eos_token_id()?;
@@ -181,6 +189,10 @@ impl Session {
             config.reduction,
         )?;
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
+        self.check_finite(
+            self.step + 1,
+            &[("loss", step.loss), ("gradient norm", grad_norm)],
+        )?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
         let mean_eps = mean_epsilon(&micro);
         self.model = self.optimizer.step(lr, self.model.clone(), step.grads);
@@ -190,6 +202,9 @@ impl Session {
             .then(|| self.evaluate())
             .transpose()?
             .flatten();
+        if let Some(e) = eval {
+            self.check_finite(self.step, &[("held-out loss", e.loss)])?;
+        }
         let metrics = StepMetrics {
             step: self.step,
             loss: step.loss,
@@ -271,6 +286,27 @@ impl Session {
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
         Ok(summary)
+    }
+
+    /// Stops the run at the first non-finite figure: nothing of the diverged state is stepped,
+    /// written or exported, and the last checkpoint stays as it was.
+    fn check_finite(&self, step: usize, figures: &[(&str, f64)]) -> Result<()> {
+        let Some((what, value)) = figures.iter().find(|(_, v)| !v.is_finite()) else {
+            return Ok(());
+        };
+        let every = self.config.checkpoint_every;
+        let kept = match every {
+            0 => "no checkpoint was written".to_string(),
+            _ if step <= every => "no checkpoint was written yet".to_string(),
+            _ => format!(
+                "the checkpoint of step {} is kept in {}",
+                (step - 1) / every * every,
+                self.config.run_dir().join("checkpoint").display()
+            ),
+        };
+        bail!(
+            "step {step}: the {what} is {value}; training diverged (try a lower optim.lr); nothing was exported and {kept}"
+        )
     }
 
     fn evaluate(&self) -> Result<Option<Evaluation>> {

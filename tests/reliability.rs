@@ -1,0 +1,310 @@
+//! Bad settings and diverging runs end with one clear error and leave nothing half-written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture_model;
+use ual::model::Pretrained;
+use ual::model::generate::{Finish, GenerationConfig, generate};
+use ual::train::TrainConfig;
+
+/// `ual train` with `sets` on the bundled model and data, into `dir`.
+fn train(dir: &Path, sets: &[&str]) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--device", "cpu", "--set"])
+        .arg(format!("output_dir={:?}", dir.display().to_string()));
+    for s in sets {
+        command.args(["--set", s]);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn optimizer_settings_outside_their_domain_are_refused_by_name() {
+    for (set, key) in [
+        ("optim.beta1=1.0", "optim.beta1"),
+        ("optim.beta2=-0.1", "optim.beta2"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.weight_decay=-1", "optim.weight_decay"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+    ] {
+        let err = format!(
+            "{:#}",
+            TrainConfig::resolve(None, &[set.to_string()]).unwrap_err()
+        );
+        assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+    }
+    assert!(TrainConfig::resolve(None, &["optim.max_grad_norm=0".into()]).is_ok());
+}
+
+#[test]
+fn a_name_cannot_leave_the_output_directory() {
+    for name in ["../../x", "a/b", "..", ""] {
+        let err = TrainConfig::resolve(None, &[format!("name={name:?}")]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("plain directory name"),
+            "{name}: {err:#}"
+        );
+    }
+}
+
+/// lr = 1e38 makes the second step's loss non-finite: the run stops there with an error naming
+/// the step, writes no adapter and no summary, and keeps no metrics line of the broken step.
+#[test]
+fn a_diverging_run_stops_at_the_first_non_finite_loss_and_exports_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(
+        tmp.path(),
+        &["optim.lr=1e38", "steps=6", "checkpoint_every=0"],
+    );
+    assert!(!ok, "a diverged run must fail");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("training diverged"), "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    assert!(
+        !run.join("adapter").exists(),
+        "nothing is exported from a diverged run"
+    );
+    assert!(!run.join("summary.json").exists());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+    }
+}
+
+#[test]
+fn max_seq_len_beyond_the_models_positions_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(tmp.path(), &["max_seq_len=4096"]);
+    assert!(!ok);
+    assert!(stderr.contains("exceeds the 1024 positions"), "{stderr}");
+}
+
+/// Overrides that would change what the checkpoint's tensors mean are refused on resume; the
+/// listed safe ones are taken.
+#[test]
+fn resume_refuses_overrides_that_change_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(
+        tmp.path(),
+        &["steps=2", "checkpoint_every=1", "eval_every=0"],
+    );
+    assert!(ok, "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    for set in [
+        "lora.r=4",
+        "lora.alpha=64",
+        "mode=\"full\"",
+        "smoothing.loss=\"sft\"",
+    ] {
+        let err = TrainConfig::for_resume(&run, &[set.into()]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("cannot change on --resume"), "{set}: {err}");
+        assert!(
+            err.contains("steps, epochs"),
+            "the safe keys are listed: {err}"
+        );
+    }
+    let resumed =
+        TrainConfig::for_resume(&run, &["steps=3".into(), "eval_every=1".into()]).unwrap();
+    assert_eq!((resumed.steps, resumed.eval_every), (3, 1));
+}
+
+/// Decoding stops at the model's last position: a 250-token prompt on a 256-position model
+/// gets at most 6 new tokens, however many are asked for.
+#[test]
+fn generation_is_capped_at_the_models_positions() {
+    let p = Pretrained::load(&fixture_model("llama-gqa"), &burn::tensor::Device::flex()).unwrap();
+    let positions = p.config.max_position_embeddings;
+    assert_eq!(positions, 256);
+    let prompt: Vec<u32> = (0..250).map(|i| 100 + i % 50).collect();
+    let config = GenerationConfig {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    // No EOS, so only the cap can stop it.
+    let out = generate(&p.model, &p.tokenizer, &[], &[prompt], &config, |_, _| {}).unwrap();
+    assert_eq!(out[0].ids.len(), positions - 250);
+    assert_eq!(out[0].finish, Finish::Length);
+    let too_long = vec![5u32; positions];
+    let err = generate(&p.model, &p.tokenizer, &[], &[too_long], &config, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("256 positions"), "{err}");
+}
+
+/// `ual merge` with the fixture model and its PEFT adapter into `output`.
+fn merge(model: &Path, output: &Path, extra: &[&str]) -> (bool, String) {
+    let adapter = common::fixtures().join("adapters/llama-gqa-peft");
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(["merge", "--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A copy of the fixture model that a test may lose.
+fn model_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture_model("llama-gqa")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    model
+}
+
+fn listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `merge` never writes into the model directory, refuses a non-empty output unless `--force`
+/// (and then keeps its other files), and deletes nothing of anyone else's: not a sibling named
+/// like its temporary directory, not the model.
+#[test]
+fn merge_protects_the_model_and_existing_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let before = listing(&model);
+    for output in [model.clone(), model.join("merged")] {
+        let (ok, stderr) = merge(&model, &output, &["--force"]);
+        assert!(!ok, "{}: {stderr}", output.display());
+        assert!(stderr.contains("model directory"), "{stderr}");
+    }
+    assert_eq!(listing(&model), before, "the model directory is untouched");
+
+    let output = tmp.path().join("run.v2");
+    let sibling = tmp.path().join("run.tmp");
+    std::fs::create_dir_all(&output).unwrap();
+    std::fs::create_dir_all(&sibling).unwrap();
+    std::fs::write(output.join("notes.txt"), "mine").unwrap();
+    std::fs::write(sibling.join("keep.txt"), "mine too").unwrap();
+    let (ok, stderr) = merge(&model, &output, &[]);
+    assert!(!ok && stderr.contains("--force"), "{stderr}");
+    assert_eq!(
+        listing(&output),
+        [("notes.txt".to_string(), 4)],
+        "nothing written"
+    );
+    let (ok, stderr) = merge(&model, &output, &["--force"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(output.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(output.join("model.safetensors").is_file());
+    assert_eq!(
+        std::fs::read_to_string(sibling.join("keep.txt")).unwrap(),
+        "mine too"
+    );
+    let strays: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".ual-"))
+        .collect();
+    assert!(strays.is_empty(), "temporary directories left: {strays:?}");
+}
+
+/// A copy of the PEFT fixture adapter, its config edited by `edit` and `extra` tensors (zeros
+/// of shape `[2, 2]`) added to its weights.
+fn adapter_copy(dir: &Path, edit: impl Fn(&mut serde_json::Value), extra: &[&str]) -> PathBuf {
+    let source = common::fixtures().join("adapters/llama-gqa-peft");
+    let target = dir.join("adapter");
+    std::fs::create_dir_all(&target).unwrap();
+    let text = std::fs::read_to_string(source.join("adapter_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut config);
+    std::fs::write(target.join("adapter_config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(source.join("adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros = vec![0u8; 16];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        file.tensors().into_iter().collect();
+    for name in extra {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &zeros)
+                .unwrap();
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize_to_file(views, None, &target.join("adapter_model.safetensors")).unwrap();
+    target
+}
+
+/// Every adapter tensor must land on a projection, and every target module must name one.
+#[test]
+fn partial_or_foreign_adapters_fail_naming_what_does_not_fit() {
+    let device = burn::tensor::Device::flex();
+    let load = |adapter: &Path| {
+        Pretrained::load_with_adapter(&fixture_model("llama-gqa"), Some(adapter), &device)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let same = adapter_copy(&tmp.path().join("same"), |_| {}, &[]);
+    assert_eq!(load(&same), Ok(()), "the unedited copy loads");
+    let stray = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight";
+    let extra = adapter_copy(&tmp.path().join("extra"), |_| {}, &[stray]);
+    let err = load(&extra).unwrap_err();
+    assert!(err.contains(stray), "{err}");
+    let gpt2 = adapter_copy(
+        &tmp.path().join("gpt2"),
+        |c| c["target_modules"] = serde_json::json!(["c_attn"]),
+        &[],
+    );
+    let err = load(&gpt2).unwrap_err();
+    assert!(
+        err.contains("c_attn") && err.contains("target_modules"),
+        "{err}"
+    );
+}
+
+/// A byte-order mark is skipped; bytes that are not UTF-8 are an error naming the line.
+#[test]
+fn jsonl_with_a_bom_reads_and_invalid_utf8_names_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("data.jsonl");
+    let line = br#"{"instruction": "Say hi.", "output": "Hi."}"#;
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(line);
+    bytes.extend_from_slice(b"\r\n");
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(ual::data::formats::read_jsonl(&path).unwrap().len(), 1);
+    bytes.extend_from_slice(b"{\"instruction\": \"caf\xE9\", \"output\": \"x\"}\n");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = format!("{:#}", ual::data::formats::read_jsonl(&path).unwrap_err());
+    assert!(
+        err.contains("data.jsonl:2") && err.contains("invalid UTF-8"),
+        "{err}"
+    );
+}
