@@ -634,14 +634,7 @@ fn hostile_retry_after_values_are_clamped_or_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 1), tmp.path().join("out.jsonl"));
     let started = Instant::now();
-    let extra = [
-        "--max-wait",
-        "0.2",
-        "--retry-base-ms",
-        "1",
-        "--max-retries",
-        "8",
-    ];
+    let extra = ["--max-wait", "0.2", "--max-retries", "8"];
     let out = annotate(&mock, &input, &output, &extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -308,3 +308,43 @@ fn jsonl_with_a_bom_reads_and_invalid_utf8_names_its_line() {
         "{err}"
     );
 }
+
+/// A huge line costs what its kept tokens cost: the text is cut before it is tokenised, and the
+/// kept tokens are those of the whole line.
+#[test]
+fn a_huge_line_is_cut_before_it_is_tokenised() {
+    use ual::data::batch::Prepare;
+    use ual::data::formats::parse_line;
+    use ual::data::template::Template;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tokenizer =
+        ual::data::tokenizer::Tokenizer::from_file(&root.join("models/tiny/tokenizer.json"), 32000)
+            .unwrap();
+    let line = |words: usize| {
+        let output = "the quick brown fox jumps over the lazy dog ".repeat(words / 9 + 1);
+        json_line(&output)
+    };
+    let prepare = Prepare::new(&tokenizer, &Template::Alpaca, 2, 64);
+    let started = std::time::Instant::now();
+    let (huge, summary) = prepare
+        .examples(&[parse_line(&line(1_000_000), 1).unwrap()])
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let (small, _) = prepare
+        .examples(&[parse_line(&line(500), 1).unwrap()])
+        .unwrap();
+    assert_eq!(summary.truncated, 1);
+    assert_eq!(huge[0].ids.len(), 64);
+    assert_eq!(
+        huge[0].ids, small[0].ids,
+        "the kept tokens do not depend on the cut"
+    );
+    assert!(
+        seconds < 5.0,
+        "a 4.4 MB line took {seconds:.1} s to prepare"
+    );
+}
+
+fn json_line(output: &str) -> String {
+    serde_json::json!({"instruction": "Write.", "output": output}).to_string()
+}

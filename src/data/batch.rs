@@ -211,8 +211,9 @@ pub fn prepare(
     let mut summary = DataSummary::default();
     let mut samples = Vec::with_capacity(examples.len());
     for example in examples {
-        let (mut ids, mut loss_mask) = encode_example(tokenizer, template, example, eos)
-            .with_context(|| format!("line {}", example.line))?;
+        let (mut ids, mut loss_mask) =
+            encode_example(tokenizer, template, example, eos, rules.max_seq_len)
+                .with_context(|| format!("line {}", example.line))?;
         if rules.loss_on == LossOn::All {
             loss_mask.fill(true);
         }
@@ -257,20 +258,52 @@ fn encode_example(
     template: &Template,
     example: &Example,
     eos: u32,
+    max_seq_len: usize,
 ) -> Result<(Vec<u32>, Vec<bool>)> {
+    let mut budget = max_seq_len.saturating_mul(BYTES_PER_TOKEN_AT_MOST);
     if let Some(turns) = template.turns(&example.body) {
         // Each turn as the tokenizer encodes it alone (its BOS first), then EOS.
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        for turn in turns {
+        for mut turn in turns {
+            if budget == 0 {
+                break;
+            }
+            cut_text(&mut turn, &mut budget);
             let (turn_ids, turn_mask) = encode_segments(tokenizer, &turn, Some(eos))?;
             ids.extend(turn_ids);
             mask.extend(turn_mask);
         }
         return Ok((ids, mask));
     }
-    let segments = template.segments(&example.body)?;
+    let mut segments = template.segments(&example.body)?;
+    cut_text(&mut segments, &mut budget);
     let eos = (!template.writes_special_tokens(&example.body)).then_some(eos);
     encode_segments(tokenizer, &segments, eos)
+}
+
+/// More bytes than any one token of a supported tokenizer covers (Llama's longest is 16), so
+/// text cut after `max_seq_len` times this many bytes still yields every token that is kept.
+const BYTES_PER_TOKEN_AT_MOST: usize = 128;
+
+/// Cuts `segments` after `budget` bytes of text (at a character boundary), spending the budget,
+/// so that a huge line costs what its kept tokens cost rather than its whole length.
+fn cut_text(segments: &mut Vec<Segment>, budget: &mut usize) {
+    let mut kept = 0;
+    for segment in segments.iter_mut() {
+        if *budget == 0 {
+            break;
+        }
+        if segment.text.len() > *budget {
+            let mut end = *budget;
+            while !segment.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            segment.text.truncate(end);
+        }
+        *budget -= segment.text.len();
+        kept += 1;
+    }
+    segments.truncate(kept);
 }
 
 /// Token ids of the segments' concatenated text, and which of them carry loss.
