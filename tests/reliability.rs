@@ -348,3 +348,89 @@ fn a_huge_line_is_cut_before_it_is_tokenised() {
 fn json_line(output: &str) -> String {
     serde_json::json!({"instruction": "Write.", "output": output}).to_string()
 }
+
+/// `ual train` as [`train`] does, with `UAL_TEST_ABORT_AT` set when `abort_at` is given.
+fn train_env(dir: &Path, sets: &[&str], abort_at: Option<&str>, resume: bool) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--device", "cpu"]);
+    if resume {
+        command.arg("--resume").arg(dir.join("tiny-ual"));
+    } else {
+        command
+            .arg("--set")
+            .arg(format!("output_dir={:?}", dir.display().to_string()));
+        for s in sets {
+            command.args(["--set", s]);
+        }
+    }
+    if let Some(point) = abort_at {
+        command.env("UAL_TEST_ABORT_AT", point);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A process killed between the two renames of the checkpoint swap (a real abort, with no
+/// clean-up, at a named point) leaves `checkpoint.old/` and `checkpoint.tmp/` and no
+/// `checkpoint/`; `--resume` takes the newer complete one and reproduces the uninterrupted run.
+#[test]
+fn a_kill_in_the_checkpoint_swap_loses_nothing() {
+    let sets = ["steps=4", "checkpoint_every=1", "eval_every=0"];
+    let whole = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train_env(whole.path(), &sets, None, false);
+    assert!(ok, "{stderr}");
+    let killed = tempfile::tempdir().unwrap();
+    let (ok, _) = train_env(killed.path(), &sets, Some("checkpoint-swap:2"), false);
+    assert!(!ok, "the process was aborted");
+    let run = killed.path().join("tiny-ual");
+    assert!(!run.join("checkpoint").exists());
+    assert!(run.join("checkpoint.old").is_dir() && run.join("checkpoint.tmp").is_dir());
+    let (ok, stderr) = train_env(killed.path(), &[], None, true);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        losses(&run),
+        losses(&whole.path().join("tiny-ual")),
+        "bit-identical losses"
+    );
+    let adapter =
+        |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&run), adapter(&whole.path().join("tiny-ual")));
+    assert!(!run.join("checkpoint.old").exists() && !run.join("checkpoint.tmp").exists());
+}
+
+/// A checkpoint whose file was damaged after the fact fails its manifest and is not resumed
+/// from; the error says why.
+#[test]
+fn a_damaged_checkpoint_is_not_resumed_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train_env(
+        tmp.path(),
+        &["steps=2", "checkpoint_every=1", "eval_every=0"],
+        None,
+        false,
+    );
+    assert!(ok, "{stderr}");
+    let state = tmp.path().join("tiny-ual/checkpoint/state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replace("\"step\": 1", "\"step\": 9")).unwrap();
+    let (ok, stderr) = train_env(tmp.path(), &[], None, true);
+    assert!(!ok);
+    assert!(stderr.contains("no complete checkpoint"), "{stderr}");
+}

@@ -6,9 +6,11 @@
 //! The directory is written under a temporary name and renamed, so a crash at any moment
 //! leaves either the previous checkpoint or the new one, never a mixture.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,7 @@ use crate::model::{Llama, lora, save};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
+const MANIFEST_FILE: &str = "manifest.json";
 
 /// Where the run stood when the checkpoint was taken (`state.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,7 +53,9 @@ impl RunCheckpoint {
     }
 }
 
-/// Writes `checkpoint/` under a temporary name, then swaps it in.
+/// Writes `checkpoint/` under a temporary name, with a manifest of every file's size and
+/// CRC-32, fsyncs it, then swaps it in. A crash at any moment leaves at least one complete
+/// checkpoint among `checkpoint/`, `checkpoint.tmp/` and `checkpoint.old/` ([`locate`]).
 pub fn save(
     model: &mut Llama,
     optimizer: &ModuleOptimizer,
@@ -59,35 +64,166 @@ pub fn save(
 ) -> Result<()> {
     let dir = config.run_dir();
     let tmp = dir.join("checkpoint.tmp");
+    // A stale one is from a save that never finished: never the newest complete checkpoint,
+    // which `open` has promoted to `checkpoint/` before training resumed.
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    match config.mode {
-        Mode::Lora => lora::save_peft(
-            model,
-            &config.lora,
-            &config.model.display().to_string(),
-            &tmp,
-        )?,
-        Mode::Full => save::save_pretrained(
-            model,
-            &config.model,
-            &tmp.join("model"),
-            safetensors::Dtype::F32,
-        )?,
-    }
-    optimizer.save(tmp.join(OPTIMIZER_FILE)).map_err(|e| {
-        anyhow::anyhow!("cannot write {}: {e:?}", tmp.join(OPTIMIZER_FILE).display())
-    })?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    write_contents(model, optimizer, config, state, &tmp)?;
+    write_manifest(&tmp)?;
     let final_dir = dir.join("checkpoint");
     let old = dir.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
     if final_dir.exists() {
         std::fs::rename(&final_dir, &old)?;
     }
+    crash_point("checkpoint-swap");
     std::fs::rename(&tmp, &final_dir)?;
+    sync_dir(&dir);
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// The adapter (or model), the optimizer's moments and `state.json`, into `dir`.
+fn write_contents(
+    model: &mut Llama,
+    optimizer: &ModuleOptimizer,
+    config: &TrainConfig,
+    state: &RunCheckpoint,
+    dir: &Path,
+) -> Result<()> {
+    match config.mode {
+        Mode::Lora => {
+            let base = config.model.display().to_string();
+            lora::save_peft(model, &config.lora, &base, dir)?
+        }
+        Mode::Full => save::save_pretrained(
+            model,
+            &config.model,
+            &dir.join("model"),
+            safetensors::Dtype::F32,
+        )?,
+    }
+    let optimizer_file = dir.join(OPTIMIZER_FILE);
+    optimizer
+        .save(&optimizer_file)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e:?}", optimizer_file.display()))?;
+    std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    Ok(())
+}
+
+/// The newest complete checkpoint of the run in `run_dir`, moved to `checkpoint/` if a crash
+/// left it under its temporary or its old name. Complete means its manifest's files are all
+/// there with their sizes and checksums (a checkpoint from before manifests: its state reads).
+pub fn locate(run_dir: &Path) -> Result<PathBuf> {
+    let final_dir = run_dir.join("checkpoint");
+    let newest = ["checkpoint", "checkpoint.tmp", "checkpoint.old"]
+        .iter()
+        .map(|name| run_dir.join(name))
+        .filter(|dir| is_complete(dir))
+        .filter_map(|dir| Some((read_state(&dir).ok()?.step, dir)))
+        .max_by_key(|(step, _)| *step);
+    let Some((_, found)) = newest else {
+        bail!(
+            "cannot resume {}: no complete checkpoint (none was written yet, or it was cut short)",
+            run_dir.display()
+        );
+    };
+    if found != final_dir {
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&found, &final_dir).with_context(|| {
+            format!("cannot move {} to {}", found.display(), final_dir.display())
+        })?;
+        sync_dir(run_dir);
+    }
+    Ok(final_dir)
+}
+
+/// `manifest.json`: every file under `dir` (but itself) with its size and CRC-32, written last
+/// and fsynced with the files, so that its presence vouches for them.
+fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for path in files_under(dir)? {
+        sync_file(&path)?;
+        let name = path
+            .strip_prefix(dir)
+            .expect("under dir")
+            .to_string_lossy()
+            .into_owned();
+        files.insert(name, record_of(&path)?);
+    }
+    let manifest = dir.join(MANIFEST_FILE);
+    std::fs::write(&manifest, serde_json::to_string_pretty(&files)?)?;
+    sync_file(&manifest)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn is_complete(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) else {
+        // Checkpoints written before manifests existed were only ever renamed into place whole.
+        return dir.ends_with("checkpoint") && dir.join(STATE_FILE).is_file();
+    };
+    let Ok(files) = serde_json::from_str::<BTreeMap<String, FileRecord>>(&text) else {
+        return false;
+    };
+    files
+        .iter()
+        .all(|(name, record)| record_of(&dir.join(name)).is_ok_and(|r| &r == record))
+}
+
+/// One file's size and CRC-32.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FileRecord {
+    bytes: u64,
+    crc32: u32,
+}
+
+fn record_of(path: &Path) -> Result<FileRecord> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(FileRecord {
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+    })
+}
+
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(files_under(&path)?);
+        } else if !path.ends_with(MANIFEST_FILE) {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Makes a directory's entries (new files, renames) durable. Best effort: not every platform
+/// opens a directory as a file.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Test hook: `UAL_TEST_ABORT_AT=NAME[:N]` aborts the process (as `kill -9` would, with no
+/// clean-up) the N-th time (default 1st) it reaches the point `name`.
+fn crash_point(name: &str) {
+    static REACHED: AtomicUsize = AtomicUsize::new(0);
+    let Ok(target) = std::env::var("UAL_TEST_ABORT_AT") else {
+        return;
+    };
+    let (point, nth) = target.split_once(':').unwrap_or((&target, "1"));
+    if point == name && REACHED.fetch_add(1, Ordering::SeqCst) + 1 == nth.parse().unwrap_or(1) {
+        std::process::abort();
+    }
 }
 
 fn read_state(checkpoint_dir: &Path) -> Result<RunCheckpoint> {

@@ -63,7 +63,10 @@ impl Session {
     /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
     pub fn open(config: &TrainConfig, resume: bool) -> Result<Self> {
         let selected = device::select(config.device)?;
-        let checkpoint_dir = config.run_dir().join("checkpoint");
+        let checkpoint_dir = match resume {
+            true => checkpoint::locate(&config.run_dir())?,
+            false => config.run_dir().join("checkpoint"),
+        };
         let saved = resume
             .then(|| RunCheckpoint::read(&checkpoint_dir))
             .transpose()?;
