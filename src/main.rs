@@ -62,6 +62,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // 128 + SIGINT, as a shell reports a run stopped by Ctrl-C.
+        Err(err) if err.is::<ual::train::Interrupted>() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

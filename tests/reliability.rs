@@ -434,3 +434,124 @@ fn a_damaged_checkpoint_is_not_resumed_from() {
     assert!(!ok);
     assert!(stderr.contains("no complete checkpoint"), "{stderr}");
 }
+
+/// A fresh run into a directory that holds one is refused; `--overwrite` starts it again; a
+/// second `ual train` into a directory in use is refused while the first holds its lock.
+#[test]
+fn a_run_directory_is_claimed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = ["steps=2", "eval_every=0", "checkpoint_every=0"];
+    let (ok, stderr) = train(tmp.path(), &sets);
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = train(tmp.path(), &sets);
+    assert!(!ok && stderr.contains("holds a run already"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--device", "cpu", "--overwrite", "--set"])
+        .arg(format!("output_dir={:?}", tmp.path().display().to_string()))
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Two processes at once: the second finds the directory locked.
+    let busy = tempfile::tempdir().unwrap();
+    let mut first = long_run(busy.path());
+    wait_for_steps(&busy.path().join("tiny-ual"), 1, &mut first);
+    let (ok, stderr) = train(busy.path(), &["steps=2"]);
+    assert!(!ok && stderr.contains("in use by another"), "{stderr}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+/// A run long enough to be interrupted, its stderr kept.
+fn long_run(dir: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--device", "cpu", "--set"])
+        .arg(format!("output_dir={:?}", dir.display().to_string()))
+        .args([
+            "--set",
+            "steps=100000",
+            "--set",
+            "eval_every=0",
+            "--set",
+            "checkpoint_every=0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (at most 60 s) until `run` has logged `n` steps.
+fn wait_for_steps(run: &Path, n: usize, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let logged =
+            std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |m| m.lines().count());
+        if logged >= n {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no step logged in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The first SIGINT finishes the step, checkpoints it and exits 130 saying how to resume; the
+/// checkpoint resumes. A second SIGINT exits at once.
+#[test]
+fn ctrl_c_checkpoints_then_a_second_stops_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("tiny-ual");
+    let mut child = long_run(tmp.path());
+    wait_for_steps(&run, 2, &mut child);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("resume with `ual train --resume"),
+        "{stderr}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    let step = state["step"].as_u64().unwrap() as usize;
+    assert_eq!(
+        losses(&run).len(),
+        step,
+        "the checkpoint is of the last logged step"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(["train", "--device", "cpu", "--resume"])
+        .arg(&run)
+        .args(["--set", &format!("steps={}", step + 1)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(losses(&run).len(), step + 1);
+
+    let again = tempfile::tempdir().unwrap();
+    let mut child = long_run(again.path());
+    wait_for_steps(&again.path().join("tiny-ual"), 1, &mut child);
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use ual::device::DeviceSpec;
-use ual::train::{Mode, Reporter, RunSummary, Session, StepMetrics, TrainConfig};
+
+use ual::train::{Mode, Reporter, RunSummary, Session, Start, StepMetrics, TrainConfig};
 
 /// `ual train`.
 #[derive(clap::Args)]
@@ -22,6 +24,9 @@ pub struct Args {
     /// Continue the run in this directory from its last checkpoint, with its config.toml.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
+    /// Start the run again in a directory that already holds one (its checkpoints are removed).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
 }
 
 /// Trains, then prints the run's summary as JSON on stdout.
@@ -33,9 +38,30 @@ pub fn main(mut args: Args) -> Result<()> {
         Some(dir) => TrainConfig::for_resume(dir, &args.overrides)?,
         None => TrainConfig::resolve(args.config.as_deref(), &args.overrides)?,
     };
+    let start = match (&args.resume, args.overwrite) {
+        (Some(_), _) => Start::Resume,
+        (None, true) => Start::Overwrite,
+        (None, false) => Start::Fresh,
+    };
+    stop_on_ctrl_c()?;
     let mut progress = Progress::new(&config);
-    let summary = ual::train::run_with(&config, args.resume.is_some(), &mut progress)?;
+    let summary = ual::train::run_with(&config, start, &mut progress)?;
     super::print_json(&summary)
+}
+
+/// Ctrl-C presses so far.
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+/// The first Ctrl-C lets the step finish and be checkpointed; the second stops at once.
+fn stop_on_ctrl_c() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) == 0 {
+            eprintln!("\nstopping after this step to checkpoint it (Ctrl-C again to stop at once)");
+        } else {
+            std::process::exit(130);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("cannot handle Ctrl-C: {e}"))
 }
 
 /// A progress bar over the steps, and the run told in words at both ends.
@@ -91,6 +117,14 @@ impl Reporter for Progress {
             m.nll, m.tokens_per_s
         ));
         self.bar.inc(1);
+    }
+
+    fn should_stop(&mut self) -> bool {
+        let stop = INTERRUPTS.load(Ordering::SeqCst) > 0;
+        if stop {
+            self.bar.finish_and_clear();
+        }
+        stop
     }
 
     fn finished(&mut self, s: &RunSummary) {

@@ -105,12 +105,50 @@ impl RunSummary {
     }
 }
 
+/// How a run begins in its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; a directory that already holds one is refused.
+    Fresh,
+    /// A new run in place of the one the directory holds (its checkpoints are removed).
+    Overwrite,
+    /// The directory's run, from its newest complete checkpoint.
+    Resume,
+}
+
+/// The run stopped between steps because its reporter asked it to (Ctrl-C), after writing a
+/// checkpoint of the step it had finished.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// Optimizer steps completed and checkpointed.
+    pub step: usize,
+    /// The run directory, for `--resume`.
+    pub run_dir: std::path::PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted after step {}, which is checkpointed; resume with `ual train --resume {}`",
+            self.step,
+            self.run_dir.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// What a caller sees of a run as it goes: the CLI's progress bar, or nothing.
 pub trait Reporter {
     /// The session is ready; no step has been taken in this process yet.
     fn opened(&mut self, _session: &Session) {}
     /// One optimizer step is done.
     fn stepped(&mut self, _metrics: &StepMetrics) {}
+    /// Whether to stop after the step just taken (checkpointed, then [`Interrupted`]).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
     /// The run is finished and exported.
     fn finished(&mut self, _summary: &RunSummary) {}
 }
@@ -122,22 +160,28 @@ impl Reporter for Quiet {}
 
 /// Trains as `config` says and writes `runs/<name>/`, silently. See [`run_with`].
 pub fn run(config: &TrainConfig, resume: bool) -> Result<RunSummary> {
-    run_with(config, resume, &mut Quiet)
+    let start = if resume { Start::Resume } else { Start::Fresh };
+    run_with(config, start, &mut Quiet)
 }
 
-/// Trains as `config` says and writes `runs/<name>/`, telling `reporter` as it goes. With
-/// `resume`, it continues from the run's last checkpoint and reproduces the losses an
-/// uninterrupted run would have had.
+/// Trains as `config` says and writes `runs/<name>/`, telling `reporter` as it goes. A resumed
+/// run continues from the run's last checkpoint and reproduces the losses an uninterrupted run
+/// would have had.
 pub fn run_with(
     config: &TrainConfig,
-    resume: bool,
+    start: Start,
     reporter: &mut dyn Reporter,
 ) -> Result<RunSummary> {
-    let mut session = Session::open(config, resume)?;
+    let mut session = Session::open(config, start)?;
     reporter.opened(&session);
     while !session.is_done() {
         let metrics = session.step()?;
         reporter.stepped(&metrics);
+        if reporter.should_stop() && !session.is_done() {
+            session.checkpoint()?;
+            let (step, run_dir) = (session.steps_done(), config.run_dir());
+            return Err(Interrupted { step, run_dir }.into());
+        }
     }
     let summary = session.finish()?;
     reporter.finished(&summary);

@@ -14,7 +14,7 @@ use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
 use super::step::{Evaluation, evaluate, step_gradients_reduced};
 use super::stream::BatchStream;
-use super::{RunSummary, StepMetrics, optim, report};
+use super::{RunSummary, Start, StepMetrics, optim, report};
 use crate::data::batch::{DataSummary, Sample, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
@@ -43,6 +43,8 @@ pub struct Session {
     /// `metrics.jsonl`, appended to after every step; `None` for a session without a run
     /// directory (benches).
     metrics: Option<File>,
+    /// The run directory's lock, held while the session lives.
+    lock: Option<File>,
     started: Instant,
 }
 
@@ -61,7 +63,9 @@ pub struct Parts {
 impl Session {
     /// Prepares the run `config` describes in `runs/<name>/`; with `resume`, continues it from
     /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
-    pub fn open(config: &TrainConfig, resume: bool) -> Result<Self> {
+    pub fn open(config: &TrainConfig, start: Start) -> Result<Self> {
+        let resume = start == Start::Resume;
+        let lock = claim_run_dir(&config.run_dir(), start)?;
         let selected = device::select(config.device)?;
         let checkpoint_dir = match resume {
             true => checkpoint::locate(&config.run_dir())?,
@@ -114,6 +118,7 @@ impl Session {
             None => session.initial_eval = session.evaluate()?,
         }
         session.open_metrics()?;
+        session.lock = Some(lock);
         Ok(session)
     }
 
@@ -160,6 +165,7 @@ impl Session {
             initial_eval: None,
             history: Vec::new(),
             metrics: None,
+            lock: None,
             started: Instant::now(),
             config: config.clone(),
         })
@@ -339,16 +345,24 @@ impl Session {
         file.flush()?;
         let every = self.config.checkpoint_every;
         if every > 0 && self.step.is_multiple_of(every) && self.step < self.steps {
-            let saved = RunCheckpoint {
-                step: self.step,
-                epoch: self.stream.epoch,
-                position: self.stream.position,
-                initial_eval_loss: self.initial_eval.map(|e| e.loss),
-                initial_eval_nll: self.initial_eval.map(|e| e.nll),
-            };
-            checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)?;
+            self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Writes a checkpoint of the steps taken so far, for `--resume`.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if self.metrics.is_none() {
+            bail!("a session without a run directory has nowhere to checkpoint");
+        }
+        let saved = RunCheckpoint {
+            step: self.step,
+            epoch: self.stream.epoch,
+            position: self.stream.position,
+            initial_eval_loss: self.initial_eval.map(|e| e.loss),
+            initial_eval_nll: self.initial_eval.map(|e| e.nll),
+        };
+        checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)
     }
 
     /// Continues from `saved`: the optimizer's moments, the data position and the metrics.
@@ -383,6 +397,46 @@ impl Session {
         self.metrics = Some(file);
         Ok(())
     }
+}
+
+/// Takes the run directory's lock (so that no other `ual train` writes into it) and, for a
+/// fresh run, makes sure it holds no earlier run unless that is to be overwritten.
+fn claim_run_dir(run_dir: &Path, start: Start) -> Result<File> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let path = run_dir.join(".lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another `ual train` (it holds {})",
+            run_dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    let holds_a_run = run_dir.join("config.toml").exists();
+    match start {
+        Start::Fresh if holds_a_run => bail!(
+            "{} holds a run already: --resume it, or pass --overwrite to start it again",
+            run_dir.display()
+        ),
+        Start::Overwrite => {
+            // The old run's checkpoints must not be resumed with the new run's settings.
+            for name in ["checkpoint", "checkpoint.tmp", "checkpoint.old"] {
+                let _ = std::fs::remove_dir_all(run_dir.join(name));
+            }
+        }
+        _ => {}
+    }
+    Ok(lock)
 }
 
 /// The model to train: LoRA on the base (a resumed run's adapter from its checkpoint), or the
