@@ -555,3 +555,51 @@ fn ctrl_c_checkpoints_then_a_second_stops_at_once() {
     assert!(!status.success());
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// Empty work is an error, not a success with made-up figures; a non-finite temperature is
+/// refused by the argument parser.
+#[test]
+fn empty_or_impossible_work_does_not_report_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "eval",
+            "loss",
+            "--model",
+            "models/tiny",
+            "--device",
+            "cpu",
+            "--data",
+        ])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no samples"),
+        "{stderr}"
+    );
+    for value in ["NaN", "inf", "-1"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "generate",
+                "--model",
+                "models/tiny",
+                "--prompt",
+                "x",
+                "--temperature",
+                value,
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--temperature"),
+            "{value}: {stderr}"
+        );
+    }
+}
