@@ -740,22 +740,25 @@ fn a_stalled_body_is_a_timeout_and_is_retried() {
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let mut stream = stream.unwrap();
-            let mut buf = [0u8; 65536];
-            let _ = stream.read(&mut buf);
-            if n == 0 {
-                let _ =
-                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\"");
-                std::thread::sleep(Duration::from_secs(3));
-                continue;
-            }
-            let body = json!({"choices": [{"message": {"role": "assistant", "content": "3"}}]})
-                .to_string();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(body.as_bytes());
+            // One thread per connection, so the stalled one holds up no other.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let _ = stream.read(&mut buf);
+                if n == 0 {
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\"";
+                    let _ = stream.write_all(head);
+                    std::thread::sleep(Duration::from_secs(3));
+                    return;
+                }
+                let body = json!({"choices": [{"message": {"role": "assistant", "content": "3"}}]})
+                    .to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body.as_bytes());
+            });
         }
     });
     let mock = Mock {
@@ -765,12 +768,8 @@ fn a_stalled_body_is_a_timeout_and_is_retried() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 1), tmp.path().join("out.jsonl"));
-    let out = annotate(
-        &mock,
-        &input,
-        &output,
-        &["--timeout", "0.5", "--concurrency", "1"],
-    );
+    let extra = ["--timeout", "0.5", "--concurrency", "1"];
+    let out = annotate(&mock, &input, &output, &extra);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(read(&output)[0]["uncertainty"].as_f64().unwrap(), 3.0);
