@@ -268,11 +268,12 @@ fn train_recipe(config: &str, dir: &Path, extra: &[&str]) -> Value {
 
 #[test]
 fn both_shipped_configs_and_their_baselines_train_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
     for config in [
         "configs/ual-paper-llama2-7b.toml",
         "configs/ual-paper-mistral-7b.toml",
     ] {
+        // A directory per config: its three runs are named by their loss.
+        let dir = tempfile::tempdir().unwrap();
         let mut losses = Vec::new();
         for (loss, name) in [("ual", "u"), ("sft", "s"), ("ls", "l")] {
             let set_loss = format!("smoothing.loss=\"{loss}\"");

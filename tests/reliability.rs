@@ -585,15 +585,9 @@ fn empty_or_impossible_work_does_not_report_success() {
     for value in ["NaN", "inf", "-1"] {
         let out = Command::new(env!("CARGO_BIN_EXE_ual"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "generate",
-                "--model",
-                "models/tiny",
-                "--prompt",
-                "x",
-                "--temperature",
-                value,
-            ])
+            .args(["generate", "--model", "models/tiny", "--prompt", "x"])
+            // `=` so that clap reads "-1" as the value, not as a flag.
+            .arg(format!("--temperature={value}"))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
