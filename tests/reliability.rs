@@ -12,19 +12,7 @@ use ual::train::TrainConfig;
 
 /// `ual train` with `sets` on the bundled model and data, into `dir`.
 fn train(dir: &Path, sets: &[&str]) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
-    command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["train", "--device", "cpu", "--set"])
-        .arg(format!("output_dir={:?}", dir.display().to_string()));
-    for s in sets {
-        command.args(["--set", s]);
-    }
-    let out = command.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    train_env(dir, sets, None, false)
 }
 
 #[test]
@@ -349,7 +337,8 @@ fn json_line(output: &str) -> String {
     serde_json::json!({"instruction": "Write.", "output": output}).to_string()
 }
 
-/// `ual train` as [`train`] does, with `UAL_TEST_ABORT_AT` set when `abort_at` is given.
+/// `ual train` into `dir` with `sets` (or `--resume` of its run), with `UAL_TEST_ABORT_AT` set
+/// when `abort_at` is given.
 fn train_env(dir: &Path, sets: &[&str], abort_at: Option<&str>, resume: bool) -> (bool, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
     command
