@@ -16,6 +16,8 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod judge;
+pub mod study;
 pub mod loss;
 pub mod model;
 pub mod ops;

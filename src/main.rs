@@ -35,6 +35,8 @@ enum Command {
     /// Evaluate a model; writes JSON.
     #[command(subcommand)]
     Eval(cli::eval::Command),
+    /// UAL vs SFT vs fixed smoothing: every arm × seed trained and measured, then REPORT.md.
+    Study(cli::study::Args),
     /// Analyses of what training changed in the model.
     #[command(subcommand)]
     Analyze(cli::analyze::Command),
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::main(args),
         Command::Annotate(args) => cli::annotate::main(args),
         Command::Eval(command) => cli::eval::main(command),
+        Command::Study(args) => cli::study::main(args),
         Command::Analyze(command) => cli::analyze::main(command),
         Command::Bench(command) => cli::bench::main(command),
     };

@@ -92,7 +92,7 @@ fn follow_up([min, max]: [f64; 2]) -> String {
 }
 
 /// Stricter follow-ups after a reply without a valid score, before the line counts as failed.
-const FOLLOW_UPS: usize = 2;
+pub(crate) const FOLLOW_UPS: usize = 2;
 
 /// One line's fields for the prompt, and the line itself to copy to the output.
 pub struct Line {
@@ -169,12 +169,9 @@ pub fn render_prompt(template: &str, line: &Line) -> String {
         .replace("{example}", &line.example)
 }
 
-/// What the command was asked to do against an endpoint.
-pub struct ApiOptions {
-    /// The JSONL file to score.
-    pub input: PathBuf,
-    /// The scored file, written whole at the end.
-    pub output: PathBuf,
+/// An OpenAI-compatible endpoint and how to ask it: what annotation and the judge share.
+#[derive(Debug, Clone)]
+pub struct Connection {
     /// The server's base URL.
     pub endpoint: String,
     /// The model name the server serves.
@@ -183,6 +180,24 @@ pub struct ApiOptions {
     pub api_key_env: String,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// Retries per request on connection errors, timeouts, 429 and 5xx.
+    pub max_retries: u32,
+    /// How long one request may take.
+    pub timeout: Duration,
+    /// The first backoff delay; it doubles per retry.
+    pub retry_base: Duration,
+    /// The longest wait a server's `Retry-After` gets.
+    pub max_wait: Duration,
+}
+
+/// What the command was asked to do against an endpoint.
+pub struct ApiOptions {
+    /// The JSONL file to score.
+    pub input: PathBuf,
+    /// The scored file, written whole at the end.
+    pub output: PathBuf,
+    /// The endpoint and the client's settings.
+    pub connection: Connection,
     /// A prompt file; without one, the preset's prompt.
     pub prompt: Option<PathBuf>,
     /// The built-in prompt and sampling settings.
@@ -193,14 +208,6 @@ pub struct ApiOptions {
     pub max_tokens: Option<u32>,
     /// Only the first N lines.
     pub limit: Option<usize>,
-    /// Retries per request on connection errors, timeouts, 429 and 5xx.
-    pub max_retries: u32,
-    /// How long one request may take.
-    pub timeout: Duration,
-    /// The first backoff delay; it doubles per retry.
-    pub retry_base: Duration,
-    /// The longest wait a server's `Retry-After` gets.
-    pub max_wait: Duration,
     /// Ask again for lines whose cached reply held no score.
     pub retry_failed: bool,
 }
@@ -225,15 +232,19 @@ pub struct Summary {
     pub histogram: Vec<(f64, usize)>,
 }
 
-enum Outcome {
+/// What became of one request: a score (or verdict), or the reason there is none.
+pub(crate) enum Outcome {
+    /// The reply held one.
     Scored(f64),
+    /// Every follow-up failed, or the request gave up.
     Failed(String),
 }
 
 /// Annotates `options.input` through the endpoint.
 pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let started = Instant::now();
-    let endpoint = connect(options)?;
+    let connection = &options.connection;
+    let endpoint = connect(connection, options.preset.request_params(options.max_tokens))?;
     let template = match &options.prompt {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,
@@ -243,7 +254,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let prompts: Vec<String> = lines.iter().map(|l| render_prompt(&template, l)).collect();
     let keys: Vec<String> = prompts
         .iter()
-        .map(|p| cache::key(&options.model, p))
+        .map(|p| cache::key(&connection.model, p))
         .collect();
     let cache = Cache::open(&sibling(&options.output, "cache.jsonl"))?;
     // A cached reply without a score is a failure; --retry-failed asks again.
@@ -257,21 +268,23 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
         .map(|a| a.map(outcome_of))
         .collect();
     let cached = outcomes.iter().filter(|o| o.is_some()).count();
+    let scale = options.scale;
     let work = Work {
         endpoint: &endpoint,
         prompts: &prompts,
         keys: &keys,
         cache: &cache,
-        scale: options.scale,
+        parse: &|reply: &str| parse::parse_score(reply, scale),
+        follow_up: &follow_up(scale),
     };
-    let (requested, fatal) = ask_all(&work, options.concurrency, &mut outcomes, started);
+    let (requested, fatal) = ask_all(&work, connection.concurrency, &mut outcomes, started);
     if let Some(message) = fatal {
         bail!(
             "{}: {message}; answers so far are kept in the cache, re-run to resume",
-            options.endpoint
+            connection.endpoint
         );
     }
-    let source = format!("model:{}", options.model);
+    let source = format!("model:{}", connection.model);
     let counts = (started, cached, requested);
     write_outputs(
         &options.output,
@@ -283,43 +296,52 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     )
 }
 
-/// The endpoint `options` name, with the API key from the environment when there is one.
-fn connect(options: &ApiOptions) -> Result<Endpoint> {
-    warn_if_plain_http(&options.endpoint);
-    let api_key = std::env::var(&options.api_key_env)
+/// The endpoint `connection` names, with the API key from the environment when there is one,
+/// sending `params` besides the messages.
+pub(crate) fn connect(connection: &Connection, params: Map<String, Value>) -> Result<Endpoint> {
+    warn_if_plain_http(&connection.endpoint);
+    let api_key = std::env::var(&connection.api_key_env)
         .ok()
         .filter(|k| !k.is_empty());
     if api_key.is_none() {
         eprintln!(
             "note: ${} is not set; requests carry no API key",
-            options.api_key_env
+            connection.api_key_env
         );
     }
     Ok(Endpoint::new(
-        &options.endpoint,
-        &options.model,
+        &connection.endpoint,
+        &connection.model,
         api_key,
-        options.timeout,
-        options.max_retries,
-        options.retry_base,
+        connection.timeout,
+        connection.max_retries,
+        connection.retry_base,
     )?
-    .with_params(options.preset.request_params(options.max_tokens))
-    .with_max_wait(options.max_wait))
+    .with_params(params)
+    .with_max_wait(connection.max_wait))
 }
 
-/// What every worker reads: the endpoint, each line's prompt and cache key, the cache.
-struct Work<'a> {
-    endpoint: &'a Endpoint,
-    prompts: &'a [String],
-    keys: &'a [String],
-    cache: &'a Cache,
-    scale: [f64; 2],
+/// What every worker reads: the endpoint, each request's prompt and cache key, the cache, and
+/// how a reply is read.
+pub(crate) struct Work<'a> {
+    /// Where requests go.
+    pub endpoint: &'a Endpoint,
+    /// Each request's prompt.
+    pub prompts: &'a [String],
+    /// Each request's cache key.
+    pub keys: &'a [String],
+    /// Answers already received.
+    pub cache: &'a Cache,
+    /// The score (or verdict) in a reply, if it holds one.
+    pub parse: &'a (dyn Fn(&str) -> Option<f64> + Sync),
+    /// What is asked after a reply without one.
+    pub follow_up: &'a str,
 }
 
 /// Asks for every line without an outcome, `concurrency` requests at a time, filling in
 /// `outcomes`; returns the requests made and the first fatal error, after which no new request
 /// is sent.
-fn ask_all(
+pub(crate) fn ask_all(
     work: &Work,
     concurrency: usize,
     outcomes: &mut [Option<Outcome>],
@@ -347,7 +369,7 @@ fn ask_all(
                     let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let result = ask(work.endpoint, &work.prompts[i], &work.keys[i], work.scale);
+                    let result = ask(work, i);
                     match &result {
                         // Stop the other workers before they send another doomed request.
                         Err(Failure::Fatal(_)) => stop.store(true, Ordering::SeqCst),
@@ -385,30 +407,31 @@ fn ask_all(
     (requested, fatal)
 }
 
-/// Asks for a score, following up on replies without one.
-fn ask(endpoint: &Endpoint, prompt: &str, key: &str, scale: [f64; 2]) -> Result<Answer, Failure> {
-    let mut messages = vec![json!({ "role": "user", "content": prompt })];
+/// Asks request `i`, following up on replies without a score.
+fn ask(work: &Work, i: usize) -> Result<Answer, Failure> {
+    let mut messages = vec![json!({ "role": "user", "content": work.prompts[i] })];
     let mut reply = String::new();
     for _ in 0..=FOLLOW_UPS {
-        reply = endpoint.chat(&messages)?;
-        if let Some(score) = parse::parse_score(&reply, scale) {
+        reply = work.endpoint.chat(&messages)?;
+        if let Some(score) = (work.parse)(&reply) {
             return Ok(Answer {
-                key: key.to_string(),
+                key: work.keys[i].clone(),
                 score: Some(score),
                 reply,
             });
         }
         messages.push(json!({ "role": "assistant", "content": reply }));
-        messages.push(json!({ "role": "user", "content": follow_up(scale) }));
+        messages.push(json!({ "role": "user", "content": work.follow_up }));
     }
     Ok(Answer {
-        key: key.to_string(),
+        key: work.keys[i].clone(),
         score: None,
         reply,
     })
 }
 
-fn outcome_of(answer: &Answer) -> Outcome {
+/// A cached or fresh answer as an outcome.
+pub(crate) fn outcome_of(answer: &Answer) -> Outcome {
     match answer.score {
         Some(score) => Outcome::Scored(score),
         None => {

@@ -2,14 +2,13 @@
 //! local model.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Result, bail};
 use ual::annotate::{self, ApiOptions, PromptPreset};
 use ual::data::template::{Template, TemplateKind};
 use ual::model::Pretrained;
 
-use super::DeviceArg;
+use super::{ConnectionArgs, DeviceArg};
 
 /// `ual annotate`.
 #[derive(clap::Args)]
@@ -20,22 +19,8 @@ pub struct Args {
     /// Written whole at the end; OUT.cache.jsonl and OUT.failed.jsonl sit beside it.
     #[arg(long)]
     output: PathBuf,
-    /// An OpenAI-compatible server; requests go to {URL}/v1/chat/completions.
-    #[arg(
-        long,
-        required_unless_present = "from_model",
-        conflicts_with = "from_model"
-    )]
-    endpoint: Option<String>,
-    /// The model name the endpoint serves.
-    #[arg(long, required_unless_present = "from_model")]
-    model: Option<String>,
-    /// The environment variable holding the API key (never a flag, so it stays out of shell history).
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    api_key_env: String,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     /// A prompt template with {instruction}, {input}, {response} and {example} (the turns
     /// joined with newlines); default: the preset's.
     #[arg(long)]
@@ -53,24 +38,11 @@ pub struct Args {
     /// Only the first N lines.
     #[arg(long)]
     limit: Option<usize>,
-    /// Retries per request on connection errors, timeouts, 429 and 5xx.
-    #[arg(long, default_value_t = 6)]
-    max_retries: u32,
-    /// Seconds before a request is abandoned (and retried).
-    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
-    timeout: f64,
-    /// The longest wait, in seconds, that a server's `Retry-After` (seconds or an HTTP date) is
-    /// granted.
-    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
-    max_wait: f64,
     /// Ask again for the lines a previous run failed on (their cached replies held no score).
     #[arg(long)]
     retry_failed: bool,
-    /// First backoff delay in milliseconds; it doubles per retry, with jitter.
-    #[arg(long, default_value_t = 500, hide = true)]
-    retry_base_ms: u64,
     /// Score with a local model's predictive entropy instead of an endpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "endpoint")]
     from_model: Option<PathBuf>,
     /// A PEFT adapter for --from-model.
     #[arg(long, requires = "from_model")]
@@ -92,7 +64,7 @@ pub fn main(args: Args) -> Result<()> {
             let template = Template::load(args.template, dir)?;
             annotate::local::run_local(&args.input, &args.output, &model, &template, args.limit)?
         }
-        None => annotate::run_api(&api_options(&args))?,
+        None => annotate::run_api(&api_options(&args)?)?,
     };
     eprint!("{}", annotate::describe(&summary));
     println!("{}", serde_json::to_string(&summary)?);
@@ -107,25 +79,21 @@ pub fn main(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn api_options(args: &Args) -> ApiOptions {
-    ApiOptions {
+fn api_options(args: &Args) -> Result<ApiOptions> {
+    let connection = args
+        .connection
+        .connection("give --endpoint URL --model NAME, or --from-model DIR")?;
+    Ok(ApiOptions {
         input: args.input.clone(),
         output: args.output.clone(),
-        endpoint: args.endpoint.clone().expect("clap requires --endpoint"),
-        model: args.model.clone().expect("clap requires --model"),
-        api_key_env: args.api_key_env.clone(),
-        concurrency: args.concurrency,
+        connection,
         prompt: args.prompt.clone(),
         preset: args.prompt_preset,
         scale: args.scale.unwrap_or(args.prompt_preset.scale()),
         max_tokens: args.max_tokens,
         limit: args.limit,
-        max_retries: args.max_retries,
-        timeout: Duration::from_secs_f64(args.timeout),
-        retry_base: Duration::from_millis(args.retry_base_ms),
-        max_wait: Duration::from_secs_f64(args.max_wait),
         retry_failed: args.retry_failed,
-    }
+    })
 }
 
 /// `MIN,MAX` with MIN < MAX.
@@ -143,12 +111,4 @@ fn parse_scale(text: &str) -> Result<[f64; 2], String> {
         return Err(format!("{text:?}: expected MIN < MAX"));
     }
     Ok([min, max])
-}
-
-/// A finite number of seconds above 0 and at most a day.
-fn positive_seconds(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
-        _ => Err(format!("{text:?} is not a number of seconds in (0, 86400]")),
-    }
 }

@@ -1,4 +1,5 @@
-//! `ual eval`: maths accuracy (ual's protocol or the authors'), and held-out loss.
+//! `ual eval`: maths accuracy (ual's protocol or the authors'), held-out loss, and a judged
+//! comparison of two answer sets.
 
 use std::path::{Path, PathBuf};
 
@@ -6,7 +7,7 @@ use anyhow::{Result, bail};
 use ual::data::batch::Prepare;
 use ual::eval::{gsm8k, heldout, paper};
 
-use super::ModelArgs;
+use super::{ConnectionArgs, ModelArgs};
 
 /// How a maths benchmark is run.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,6 +28,10 @@ pub enum Command {
     Metamath(MetamathArgs),
     /// Mean response NLL, perplexity and UAL loss, overall and by uncertainty bucket.
     Loss(LossArgs),
+    /// Which of two answer sets an OpenAI-compatible judge prefers: each prompt judged in both
+    /// orders (a preference must survive the swap), win/tie/loss rates with 95% bootstrap
+    /// intervals, resumable through its cache.
+    Judge(JudgeArgs),
 }
 
 /// What every maths evaluation takes besides its data.
@@ -95,6 +100,43 @@ pub struct LossArgs {
     max_seq_len: usize,
 }
 
+/// `ual eval judge`.
+#[derive(clap::Args)]
+pub struct JudgeArgs {
+    /// The answers under test: `ual generate --input --output` lines.
+    #[arg(long)]
+    a: PathBuf,
+    /// What they are compared with: another model's answers, or a training-schema file whose
+    /// responses are the references.
+    #[arg(long)]
+    b: PathBuf,
+    /// Directory of summary.json, judgments.jsonl, winrate.svg and judge.cache.jsonl.
+    #[arg(long, default_value = "runs/judge")]
+    output: PathBuf,
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    /// A judge prompt with {question}, {primary} and {secondary}, whose reply ends in 1 (the
+    /// first answer is better), 2 (neither) or 3 (the first is worse); default: the authors'
+    /// LIMA comparison prompt.
+    #[arg(long)]
+    prompt: Option<PathBuf>,
+    /// The longest reply asked for (default: the authors' 4096).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Bootstrap draws for the 95% intervals.
+    #[arg(long, default_value_t = 2000)]
+    resamples: usize,
+    /// The bootstrap's seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Ask again for the orders whose cached reply held no verdict.
+    #[arg(long)]
+    retry_failed: bool,
+}
+
 /// Runs one evaluation and prints its JSON report.
 pub fn main(command: Command) -> Result<()> {
     match command {
@@ -102,6 +144,7 @@ pub fn main(command: Command) -> Result<()> {
         Command::Gsm8k(args) => gsm8k_ual(args),
         Command::Metamath(args) => metamath(args),
         Command::Loss(args) => loss(args),
+        Command::Judge(args) => judge(args),
     }
 }
 
@@ -175,6 +218,35 @@ fn loss(args: LossArgs) -> Result<()> {
     let report = heldout::evaluate_loss(&pretrained.model, &samples, &name, || progress.inc(1))?;
     progress.finish_and_clear();
     super::print_json(&report)
+}
+
+fn judge(args: JudgeArgs) -> Result<()> {
+    let options = ual::judge::JudgeOptions {
+        connection: args
+            .connection
+            .connection("eval judge needs a judge: --endpoint URL --model NAME")?,
+        a: args.a,
+        b: args.b,
+        output: args.output,
+        prompt: args.prompt,
+        max_tokens: args.max_tokens,
+        limit: args.limit,
+        resamples: args.resamples,
+        seed: args.seed,
+        retry_failed: args.retry_failed,
+    };
+    let summary = ual::judge::run(&options)?;
+    eprint!("{}", ual::judge::describe(&summary));
+    eprintln!("wrote {}", options.output.display());
+    println!("{}", serde_json::to_string(&summary)?);
+    if summary.prompts > 0 && summary.judged == 0 {
+        bail!(
+            "no prompt was judged ({} failed; the replies are in {})",
+            summary.failed,
+            options.output.join("judgments.jsonl").display()
+        );
+    }
+    Ok(())
 }
 
 /// Prints a JSON report (and writes it to `output` atomically) and its accuracy.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use ual::data::formats::{Message, read_jsonl};
 use ual::data::template::Template;
-use ual::eval::answers::{self, Answer};
+use ual::eval::answers::{self, Answer, Provenance};
 use ual::model::Pretrained;
 use ual::model::generate::{GenerationConfig, generate};
 
@@ -15,7 +15,8 @@ use super::{DecodingArgs, ModelArgs};
 /// How `generate --input` writes its answers.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
-    /// One JSON line per input line: `{index, prompt, generation, finish}`.
+    /// One JSON line per input line: `{index, instruction, prompt, generation, finish}` with
+    /// the model, adapter, template and decoding settings (what `ual eval judge` reads).
     Jsonl,
     /// The JSON array of `{"instruction", "output", "generator"}` the `alpaca_eval` package reads.
     AlpacaEval,
@@ -118,6 +119,13 @@ fn answer_file(
     config: &GenerationConfig,
 ) -> Result<()> {
     let examples = read_jsonl(input)?;
+    let provenance = Provenance {
+        model: args.model.model.display().to_string(),
+        adapter: args.model.adapter.as_ref().map(|a| a.display().to_string()),
+        template: args.model.template,
+        decoding: config.clone(),
+    };
+    let jsonl_line = |a: &Answer| answers::answer_line(a, &provenance);
     let progress = indicatif::ProgressBar::new(examples.len() as u64);
     let streaming = args.output.is_none() && args.format == OutputFormat::Jsonl;
     let answers = answers::answer_all(pretrained, template, &examples, config, |answer| {
@@ -147,10 +155,6 @@ fn answer_file(
         None => {}
     }
     Ok(())
-}
-
-fn jsonl_line(answer: &Answer) -> String {
-    serde_json::to_string(answer).expect("an answer serialises")
 }
 
 /// The adapter's directory name, else the model's.

@@ -10,11 +10,14 @@ pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod score;
+pub mod study;
 pub mod train;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
+use ual::annotate::Connection;
 use ual::data::template::{Template, TemplateKind};
 use ual::device::{self, DeviceSpec, Selected};
 use ual::model::Pretrained;
@@ -62,6 +65,55 @@ impl ModelArgs {
             Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
         let template = Template::load(self.template, &self.model)?;
         Ok((pretrained, template))
+    }
+}
+
+/// An OpenAI-compatible endpoint and the client's settings (`annotate`, `eval judge`).
+#[derive(clap::Args, Clone)]
+pub struct ConnectionArgs {
+    /// An OpenAI-compatible server; requests go to {URL}/v1/chat/completions.
+    #[arg(long, requires = "model")]
+    pub endpoint: Option<String>,
+    /// The model name the endpoint serves.
+    #[arg(long, requires = "endpoint")]
+    pub model: Option<String>,
+    /// The environment variable holding the API key (never a flag, so it stays out of shell history).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Retries per request on connection errors, timeouts, 429 and 5xx.
+    #[arg(long, default_value_t = 6)]
+    pub max_retries: u32,
+    /// Seconds before a request is abandoned (and retried).
+    #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
+    pub timeout: f64,
+    /// The longest wait, in seconds, that a server's `Retry-After` (seconds or an HTTP date) is
+    /// granted.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    pub max_wait: f64,
+    /// First backoff delay in milliseconds; it doubles per retry, with jitter.
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub retry_base_ms: u64,
+}
+
+impl ConnectionArgs {
+    /// The library's connection; `missing` is the error when no endpoint was given.
+    pub fn connection(&self, missing: &str) -> Result<Connection> {
+        let (Some(endpoint), Some(model)) = (&self.endpoint, &self.model) else {
+            anyhow::bail!("{missing}");
+        };
+        Ok(Connection {
+            endpoint: endpoint.clone(),
+            model: model.clone(),
+            api_key_env: self.api_key_env.clone(),
+            concurrency: self.concurrency,
+            max_retries: self.max_retries,
+            timeout: Duration::from_secs_f64(self.timeout),
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            max_wait: Duration::from_secs_f64(self.max_wait),
+        })
     }
 }
 
@@ -125,6 +177,14 @@ fn probability(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
         _ => Err(format!("{text:?} is not a probability in (0, 1]")),
+    }
+}
+
+/// A finite number of seconds above 0 and at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a number of seconds in (0, 86400]")),
     }
 }
 

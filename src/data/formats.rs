@@ -304,6 +304,20 @@ pub fn plain_text(body: &Body) -> String {
     }
 }
 
+/// The response a line teaches: an Alpaca output, a completion, or the last assistant turn
+/// (`None` for a conversation without one).
+pub fn response_text(body: &Body) -> Option<&str> {
+    match body {
+        Body::Alpaca { output, .. } => Some(output),
+        Body::Completion { completion, .. } => Some(completion),
+        Body::Chat { messages } => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "assistant")
+            .map(|m| m.content.as_str()),
+    }
+}
+
 /// An Alpaca instruction and its optional input as one user turn.
 pub fn user_text(instruction: &str, input: &str) -> String {
     if input.trim().is_empty() {

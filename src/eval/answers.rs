@@ -14,7 +14,6 @@ pub struct Answer {
     /// 0-based position of the example in its file.
     pub index: usize,
     /// The question in words: the user's last turn, or a completion line's prompt.
-    #[serde(skip)]
     pub instruction: String,
     /// The rendered prompt the model continued.
     pub prompt: String,
@@ -51,6 +50,30 @@ pub fn answer_all(
     Ok(answers)
 }
 
+/// What produced a set of answers, recorded in each of its lines so that a file of answers
+/// says how it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    /// The model directory.
+    pub model: String,
+    /// The adapter directory, if one was applied.
+    pub adapter: Option<String>,
+    /// The prompt template.
+    pub template: crate::data::template::TemplateKind,
+    /// The decoding settings.
+    pub decoding: GenerationConfig,
+}
+
+/// One line of an answers file (what `ual eval judge` reads): the answer and its provenance.
+pub fn answer_line(answer: &Answer, provenance: &Provenance) -> String {
+    let mut line = serde_json::to_value(answer).expect("an answer serialises");
+    let extra = serde_json::to_value(provenance).expect("provenance serialises");
+    if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+        line.extend(extra);
+    }
+    line.to_string()
+}
+
 /// AlpacaEval's model outputs: a JSON array of `{"instruction", "output", "generator"}`.
 pub fn alpaca_eval(answers: &[Answer], generator: &str) -> serde_json::Value {
     answers
@@ -63,8 +86,8 @@ pub fn alpaca_eval(answers: &[Answer], generator: &str) -> serde_json::Value {
         .collect()
 }
 
-/// The question of an example in words.
-fn instruction(body: &Body) -> String {
+/// The question of an example in words: the user's last turn, or the prompt.
+pub fn instruction(body: &Body) -> String {
     match body {
         Body::Completion { prompt, .. } => prompt.clone(),
         Body::Alpaca {

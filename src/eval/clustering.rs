@@ -333,39 +333,23 @@ pub struct Request<'a> {
 /// The analysis of the base model and of each adapter, in order. Labels are counted from the
 /// token ids (the same for every model), so only the top labels' features are kept.
 pub fn analyse_models(request: &Request, device: &burn::tensor::Device) -> Result<Vec<Clustering>> {
-    use crate::data::formats::Message;
     use crate::model::Pretrained;
     let mut results = Vec::new();
     for adapter in &request.adapters {
         let pretrained = Pretrained::load_with_adapter(request.model_dir, *adapter, device)?;
-        let mut sequences = Vec::with_capacity(request.prompts.len());
-        for prompt in request.prompts {
-            let text = if request.raw {
-                prompt.clone()
-            } else {
-                request.template.prompt(&[Message::new("user", prompt)])?
-            };
-            let special = request.raw || !request.template.prompt_has_special_tokens();
-            let mut ids = pretrained.tokenizer.encode_with(&text, special)?;
-            ids.truncate(request.max_seq_len);
-            sequences.push(ids);
-        }
-        let next: Vec<u32> = sequences
-            .iter()
-            .flat_map(|s| s.iter().skip(1).copied())
-            .collect();
-        let top = top_labels(&next, TOP_LABELS);
-        let mut keep: Vec<u32> = top.iter().map(|l| l.id).collect();
-        if let Some(((a, b), _)) = request.plot {
-            keep.extend([a, b]);
-        }
         let name = adapter.map_or("base".to_string(), |a| a.display().to_string());
+        let prompts = Prompts {
+            template: request.template,
+            raw: request.raw,
+            prompts: request.prompts,
+            max_seq_len: request.max_seq_len,
+        };
+        let sequences = prompts.sequences(&pretrained.tokenizer)?;
         let progress =
             indicatif::ProgressBar::new(sequences.len() as u64).with_message(name.clone());
-        let (points, labels) =
-            next_token_features(&pretrained.model, &sequences, Some(&keep), || {
-                progress.inc(1)
-            })?;
+        let plot = request.plot.map(|(pair, _)| pair);
+        let (top, points, labels) =
+            top_features(&pretrained.model, &sequences, plot, || progress.inc(1))?;
         progress.finish_and_clear();
         if let Some(((a, b), dir)) = request.plot {
             let token = |id: u32| pretrained.tokenizer.token_text(id);
@@ -373,19 +357,90 @@ pub fn analyse_models(request: &Request, device: &burn::tensor::Device) -> Resul
             plot_pair(&points, &labels, (a, b), (&token(a), &token(b)), &file)?;
             eprintln!("{name}: wrote {}", file.display());
         }
-        let top_ids: Vec<u32> = top.iter().map(|l| l.id).collect();
-        let kept: Vec<usize> = (0..labels.len())
-            .filter(|&i| top_ids.contains(&labels[i]))
-            .collect();
-        let points: Vec<Vec<f32>> = kept.iter().map(|&i| points[i].clone()).collect();
-        let labels: Vec<u32> = kept.iter().map(|&i| labels[i]).collect();
-        results.push(Clustering {
-            model: name,
-            labels: top.clone(),
-            ..analyse("", &points, &labels, TOP_LABELS)
-        });
+        results.push(analyse_top(name, &top, &points, &labels));
     }
     Ok(results)
+}
+
+/// Prompts as the analysis feeds them to a model.
+pub struct Prompts<'a> {
+    /// How prompts are written.
+    pub template: &'a crate::data::template::Template,
+    /// Prompts as they are (BOS + text), without the template.
+    pub raw: bool,
+    /// The prompts.
+    pub prompts: &'a [String],
+    /// Prompts are cut to this many tokens.
+    pub max_seq_len: usize,
+}
+
+impl Prompts<'_> {
+    /// Each prompt's token ids.
+    fn sequences(&self, tokenizer: &crate::model::Tokenizer) -> Result<Vec<Vec<u32>>> {
+        use crate::data::formats::Message;
+        self.prompts
+            .iter()
+            .map(|prompt| {
+                let text = if self.raw {
+                    prompt.clone()
+                } else {
+                    self.template.prompt(&[Message::new("user", prompt)])?
+                };
+                let special = self.raw || !self.template.prompt_has_special_tokens();
+                let mut ids = tokenizer.encode_with(&text, special)?;
+                ids.truncate(self.max_seq_len);
+                Ok(ids)
+            })
+            .collect()
+    }
+}
+
+/// One loaded model's analysis, calling `progress` after each prompt.
+pub fn analyse_pretrained(
+    pretrained: &crate::model::Pretrained,
+    name: &str,
+    prompts: &Prompts,
+    progress: impl FnMut(),
+) -> Result<Clustering> {
+    let sequences = prompts.sequences(&pretrained.tokenizer)?;
+    let (top, points, labels) = top_features(&pretrained.model, &sequences, None, progress)?;
+    Ok(analyse_top(name.to_string(), &top, &points, &labels))
+}
+
+/// The top labels of `sequences` and the features of the positions that carry them (and the
+/// `extra` pair's, for a plot).
+fn top_features(
+    model: &crate::model::Llama,
+    sequences: &[Vec<u32>],
+    extra: Option<(u32, u32)>,
+    progress: impl FnMut(),
+) -> Result<(Vec<LabelCount>, Vec<Vec<f32>>, Vec<u32>)> {
+    let next: Vec<u32> = sequences
+        .iter()
+        .flat_map(|s| s.iter().skip(1).copied())
+        .collect();
+    let top = top_labels(&next, TOP_LABELS);
+    let mut keep: Vec<u32> = top.iter().map(|l| l.id).collect();
+    if let Some((a, b)) = extra {
+        keep.extend([a, b]);
+    }
+    let (points, labels) = next_token_features(model, sequences, Some(&keep), progress)?;
+    Ok((top, points, labels))
+}
+
+/// The analysis of the points whose label is among `top`.
+fn analyse_top(name: String, top: &[LabelCount], points: &[Vec<f32>], labels: &[u32]) -> Clustering {
+    let top_ids: Vec<u32> = top.iter().map(|l| l.id).collect();
+    let kept: Vec<usize> = (0..labels.len())
+        .filter(|&i| top_ids.contains(&labels[i]))
+        .collect();
+    let points: Vec<Vec<f32>> = kept.iter().map(|&i| points[i].clone()).collect();
+    let labels: Vec<u32> = kept.iter().map(|&i| labels[i]).collect();
+    Clustering {
+        model: name,
+        labels: top.to_vec(),
+        ..analyse("", &points, &labels, TOP_LABELS)
+    }
 }
 
 #[cfg(test)]

@@ -336,15 +336,30 @@ pub const RESUMABLE: [&str; 10] = [
 impl TrainConfig {
     /// Defaults, then `file`, then each `key=value` override in order.
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let user = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let user: toml::Value = toml::from_str(&text)
+                    .with_context(|| format!("{}: invalid TOML", path.display()))?;
+                Some((user, path.display().to_string()))
+            }
+            None => None,
+        };
+        Self::from_table(user, overrides)
+    }
+
+    /// Defaults, then `user` (a parsed configuration and where it came from, for errors), then
+    /// each `key=value` override in order.
+    pub fn from_table(user: Option<(toml::Value, String)>, overrides: &[String]) -> Result<Self> {
         let mut tree = toml::Value::try_from(Self::default())?;
         let mut eval_data_given = overrides
             .iter()
             .any(|o| o.trim_start().starts_with("eval_data"));
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let user: toml::Value = toml::from_str(&text)
-                .with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let source = user
+            .as_ref()
+            .map_or_else(|| "--set".to_string(), |(_, s)| s.clone());
+        if let Some((user, _)) = user {
             eval_data_given |= user.get("eval_data").is_some();
             merge(&mut tree, user);
         }
@@ -355,9 +370,6 @@ impl TrainConfig {
             set(&mut tree, key.trim(), parse_value(value.trim()))
                 .with_context(|| format!("--set {o}"))?;
         }
-        let source = file
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "--set".into());
         let mut config: Self = tree
             .try_into()
             .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;

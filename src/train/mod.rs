@@ -187,3 +187,8 @@ pub fn run_with(
     reporter.finished(&summary);
     Ok(summary)
 }
+
+/// Whether `run_dir` holds a complete checkpoint that [`Start::Resume`] can continue from.
+pub fn resumable(run_dir: &std::path::Path) -> bool {
+    checkpoint::locate(run_dir).is_ok()
+}
