@@ -77,7 +77,8 @@ pub fn run(study: &StudyConfig, source: &str, progress: &ProgressBar) -> Result<
     }
     progress.set_message("writing the report");
     let device = crate::device::select(runs[0].2.device)?.description;
-    let results = report::Results::new(study, &records, device);
+    let origin = report::Origin::read(&dir.join("origin.json"))?;
+    let results = report::Results::new(study, &records, device, origin);
     report::write(&dir, study, source, &results)?;
     progress.finish_with_message("done");
     Ok(results)
@@ -95,7 +96,13 @@ fn claim(dir: &Path, source: &str) -> Result<()> {
             recorded.display()
         ),
         Ok(_) => Ok(()),
-        Err(_) => crate::util::write_atomic(&recorded, source.as_bytes()),
+        Err(_) => {
+            // Where the runs were made, recorded before the first of them.
+            let origin = report::Origin::here();
+            let json = serde_json::to_string_pretty(&origin)? + "\n";
+            crate::util::write_atomic(&dir.join("origin.json"), json.as_bytes())?;
+            crate::util::write_atomic(&recorded, source.as_bytes())
+        }
     }
 }
 

@@ -149,6 +149,31 @@ pub struct MetricSummary {
     pub arms: Vec<ArmSummary>,
 }
 
+/// Where and with what a study's runs were made, recorded when it began.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Origin {
+    /// The machine, in words.
+    pub machine: String,
+    /// The commit of ual that began the study (`-dirty` with uncommitted changes).
+    pub commit: String,
+}
+
+impl Origin {
+    /// This machine and the working directory's commit.
+    pub fn here() -> Self {
+        Self {
+            origin,
+        }
+    }
+
+    /// The recorded origin.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
+}
+
 /// `results.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
@@ -160,10 +185,8 @@ pub struct Results {
     pub seeds: Vec<u64>,
     /// The device the runs used.
     pub device: String,
-    /// The machine, in words.
-    pub machine: String,
-    /// The commit of ual that ran it.
-    pub commit: String,
+    /// Where the runs were made.
+    pub origin: Origin,
     /// Every metric summarised.
     pub metrics: Vec<MetricSummary>,
     /// Every run.
@@ -172,14 +195,13 @@ pub struct Results {
 
 impl Results {
     /// Summarises `records`.
-    pub fn new(study: &StudyConfig, records: &[RunRecord], device: String) -> Self {
+    pub fn new(study: &StudyConfig, records: &[RunRecord], device: String, origin: Origin) -> Self {
         Self {
             study: study.name.clone(),
             arms: study.arms.iter().map(|a| arm_name(*a).to_string()).collect(),
             seeds: study.seeds.clone(),
             device,
-            machine: machine(),
-            commit: commit(),
+            origin,
             metrics: METRICS.iter().map(|m| summarise(m, study, records)).collect(),
             runs: records.to_vec(),
         }
@@ -257,8 +279,8 @@ pub fn markdown(study: &StudyConfig, source: &str, results: &Results) -> String 
     let _ = writeln!(md, "# Study `{}`: {}\n", results.study, results.arms.join(" vs "));
     let _ = writeln!(
         md,
-        "Ran with `ual study` at commit `{}` on {} ({}). Seeds: {:?}. Every arm trained from the same base on the same data with the same settings; only `smoothing.loss` differs.\n",
-        results.commit, results.machine, results.device, results.seeds
+        "Ran with `ual study`, begun at commit `{}` on {} (device: {}). Seeds: {:?}. Every arm trained from the same base on the same data with the same settings; only `smoothing.loss` differs.\n",
+        results.origin.commit, results.origin.machine, results.device, results.seeds
     );
     md.push_str(&table(results));
     md.push_str(
