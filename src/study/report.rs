@@ -162,7 +162,8 @@ impl Origin {
     /// This machine and the working directory's commit.
     pub fn here() -> Self {
         Self {
-            origin,
+            machine: machine(),
+            commit: commit(),
         }
     }
 
