@@ -10,20 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::mock::{self, Mock, Reply};
+
 const KEY: &str = "sk-test-never-print-me-4242";
-
-enum Reply {
-    Score(String),
-    Status(u16, Option<&'static str>),
-    Slow(Duration, String),
-}
-
-struct Mock {
-    url: String,
-    /// Every request body received, in arrival order.
-    bodies: Arc<Mutex<Vec<Value>>>,
-    auth: Arc<Mutex<Vec<String>>>,
-}
 
 /// Serves `reply(n, instruction_number)` to the n-th request (0-based).
 fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock {
@@ -32,76 +22,15 @@ fn serve(reply: impl Fn(usize, usize) -> Reply + Send + Sync + 'static) -> Mock 
 
 /// Serves `reply(n, instruction_number, first_message)` to the n-th request (0-based).
 fn serve_with_prompt(reply: impl Fn(usize, usize, &str) -> Reply + Send + Sync + 'static) -> Mock {
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!(
-        "http://127.0.0.1:{}",
-        server.server_addr().to_ip().unwrap().port()
-    );
-    let (bodies, auth) = (
-        Arc::new(Mutex::new(Vec::new())),
-        Arc::new(Mutex::new(Vec::new())),
-    );
-    let (b, a, reply) = (bodies.clone(), auth.clone(), Arc::new(reply));
-    let count = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let (b, a, reply, count) = (b.clone(), a.clone(), reply.clone(), count.clone());
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                request.as_reader().read_to_string(&mut text).unwrap();
-                let body: Value = serde_json::from_str(&text).unwrap();
-                let header = request
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Authorization"));
-                a.lock()
-                    .unwrap()
-                    .push(header.map(|h| h.value.to_string()).unwrap_or_default());
-                let prompt = body["messages"][0]["content"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let item: usize = prompt
-                    .split("item ")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next()?.parse().ok())
-                    .unwrap_or(0);
-                b.lock().unwrap().push(body);
-                let n = count.fetch_add(1, Ordering::SeqCst);
-                let completion = |content: String| {
-                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                        .to_string()
-                };
-                let response = match reply(n, item, &prompt) {
-                    Reply::Score(content) => tiny_http::Response::from_string(completion(content)),
-                    Reply::Slow(delay, content) => {
-                        std::thread::sleep(delay);
-                        tiny_http::Response::from_string(completion(content))
-                    }
-                    Reply::Status(code, retry_after) => {
-                        let mut r = tiny_http::Response::from_string(
-                            r#"{"error":{"message":"mock says no"}}"#,
-                        )
-                        .with_status_code(code);
-                        if let Some(seconds) = retry_after {
-                            r.add_header(
-                                tiny_http::Header::from_bytes("Retry-After", seconds).unwrap(),
-                            );
-                        }
-                        r
-                    }
-                };
-                let _ = request.respond(response);
-            });
-        }
-    });
-    Mock { url, bodies, auth }
-}
-
-impl Mock {
-    fn requests(&self) -> usize {
-        self.bodies.lock().unwrap().len()
-    }
+    mock::serve(move |n, body| {
+        let prompt = body["messages"][0]["content"].as_str().unwrap_or_default();
+        let item: usize = prompt
+            .split("item ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        reply(n, item, prompt)
+    })
 }
 
 /// `n` Alpaca lines; line i asks about "item i".

@@ -150,6 +150,17 @@ fn generate_file_mode_writes_one_line_per_input() {
             .contains("### Instruction:\nAdd 2 and 2.")
     );
     assert_eq!(lines[1]["prompt"], "Once upon");
+    // Each line says what made it, in the shape `eval judge` reads.
+    for line in &lines {
+        assert_eq!(line["model"], "models/tiny");
+        assert!(line["adapter"].is_null());
+        assert_eq!(line["template"], "alpaca");
+        assert_eq!(line["decoding"]["max_new_tokens"], 6);
+        assert_eq!(line["decoding"]["temperature"], 0.0);
+        assert!(line["generation"].is_string());
+    }
+    assert_eq!(lines[0]["instruction"], "Add 2 and 2.");
+    assert_eq!(lines[1]["instruction"], "Once upon");
 }
 
 #[test]

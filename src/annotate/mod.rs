@@ -244,7 +244,10 @@ pub(crate) enum Outcome {
 pub fn run_api(options: &ApiOptions) -> Result<Summary> {
     let started = Instant::now();
     let connection = &options.connection;
-    let endpoint = connect(connection, options.preset.request_params(options.max_tokens))?;
+    let endpoint = connect(
+        connection,
+        options.preset.request_params(options.max_tokens),
+    )?;
     let template = match &options.prompt {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,

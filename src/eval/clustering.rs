@@ -429,7 +429,12 @@ fn top_features(
 }
 
 /// The analysis of the points whose label is among `top`.
-fn analyse_top(name: String, top: &[LabelCount], points: &[Vec<f32>], labels: &[u32]) -> Clustering {
+fn analyse_top(
+    name: String,
+    top: &[LabelCount],
+    points: &[Vec<f32>],
+    labels: &[u32],
+) -> Clustering {
     let top_ids: Vec<u32> = top.iter().map(|l| l.id).collect();
     let kept: Vec<usize> = (0..labels.len())
         .filter(|&i| top_ids.contains(&labels[i]))

@@ -58,7 +58,11 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[(&str, Rate, RGBColor)]) ->
             .map_err(|e| err(&e))?;
         for (i, (_, rate, color)) in bars.iter().enumerate() {
             let x = i as f64;
-            let value = if rate.value.is_finite() { rate.value } else { 0.0 };
+            let value = if rate.value.is_finite() {
+                rate.value
+            } else {
+                0.0
+            };
             chart
                 .draw_series([Rectangle::new(
                     [(x + 0.2, 0.0), (x + 0.8, value)],

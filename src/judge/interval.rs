@@ -96,7 +96,13 @@ mod tests {
     #[test]
     fn a_unanimous_comparison_has_no_spread() {
         let r = rates(&[Win; 20], 500, 1);
-        assert_eq!(r.win, Rate { value: 1.0, ci95: [1.0, 1.0] });
+        assert_eq!(
+            r.win,
+            Rate {
+                value: 1.0,
+                ci95: [1.0, 1.0]
+            }
+        );
         assert_eq!(r.loss.ci95, [0.0, 0.0]);
         assert_eq!(r.preference.value, 1.0);
     }

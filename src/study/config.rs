@@ -191,7 +191,10 @@ impl StudyConfig {
     pub fn run_config(&self, arm: LossKind, seed: u64) -> Result<TrainConfig> {
         let overrides = [
             format!("name={}", Self::run_name(arm, seed)),
-            format!("output_dir={:?}", self.dir().join("runs").display().to_string()),
+            format!(
+                "output_dir={:?}",
+                self.dir().join("runs").display().to_string()
+            ),
             format!("seed={seed}"),
             format!("smoothing.loss={:?}", arm_name(arm)),
         ];
@@ -206,5 +209,62 @@ pub fn arm_name(arm: LossKind) -> &'static str {
         LossKind::Sft => "sft",
         LossKind::Ls => "ls",
         LossKind::Ual => "ual",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bundled_miniature_loads_with_every_run_resolved() {
+        let study = StudyConfig::load(Path::new("studies/mixed-tiny.toml")).unwrap();
+        assert_eq!(study.arms, [LossKind::Sft, LossKind::Ls, LossKind::Ual]);
+        assert!(study.seeds.len() >= 3);
+        assert!(
+            study.judge.endpoint.is_empty(),
+            "the miniature is not judged"
+        );
+        let ls = study.run_config(LossKind::Ls, 2).unwrap();
+        assert_eq!((ls.name.as_str(), ls.seed), ("ls-seed2", 2));
+        assert_eq!(ls.smoothing.eps_fixed, 0.1);
+        assert_eq!(
+            ls.run_dir(),
+            Path::new("studies/results/mixed-tiny/runs/ls-seed2")
+        );
+    }
+
+    #[test]
+    fn the_7b_study_names_only_keys_ual_train_knows() {
+        let text = std::fs::read_to_string("studies/mixed-7b.toml").unwrap();
+        let study: StudyConfig = toml::from_str(&text).unwrap();
+        study.validate().unwrap();
+        assert!(!study.judge.endpoint.is_empty());
+        // Its model and data are the user's; with stand-ins every other key must resolve.
+        let stand_ins = [
+            "model=models/tiny".to_string(),
+            "train_data=studies/data/mixed-tiny/train.jsonl".to_string(),
+            "smoothing.loss=ual".to_string(),
+        ];
+        let train =
+            TrainConfig::from_table(Some((study.train.clone(), "7b".into())), &stand_ins).unwrap();
+        assert_eq!((train.lora.r, train.max_seq_len), (8, 1024));
+    }
+
+    #[test]
+    fn a_study_without_its_baseline_or_with_run_keys_is_refused() {
+        let base = std::fs::read_to_string("studies/mixed-tiny.toml").unwrap();
+        let no_sft = base.replace(r#"arms = ["sft", "ls", "ual"]"#, r#"arms = ["ls", "ual"]"#);
+        let study: StudyConfig = toml::from_str(&no_sft).unwrap();
+        assert!(study.validate().unwrap_err().to_string().contains("sft"));
+        let seeded = base.replace("[train]\n", "[train]\nseed = 3\n");
+        let study: StudyConfig = toml::from_str(&seeded).unwrap();
+        assert!(
+            study
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("train.seed")
+        );
     }
 }

@@ -64,7 +64,10 @@ impl Splits {
                 .and_then(|r| serde_json::from_value(r.clone()).ok())
                 .filter(|r: &Vec<String>| !r.is_empty())
                 .ok_or_else(|| {
-                    anyhow!("{}: field `references` must be a non-empty array of strings", at())
+                    anyhow!(
+                        "{}: field `references` must be a non-empty array of strings",
+                        at()
+                    )
                 })?;
             references.push(refs);
         }
@@ -159,7 +162,11 @@ pub fn evaluate_run(
         decoding: decoding.clone(),
     };
     let (low_accuracy, low_answers) = exact_match(pretrained, &template, run, &greedy, tick)?;
-    write_answers(&run.out_dir.join("low-answers.jsonl"), &low_answers, &provenance(&greedy))?;
+    write_answers(
+        &run.out_dir.join("low-answers.jsonl"),
+        &low_answers,
+        &provenance(&greedy),
+    )?;
 
     let eos = pretrained.config.eos_token_id()?;
     let rules = run.train.sample_rules(pretrained.config.vocab_size);
@@ -175,11 +182,16 @@ pub fn evaluate_run(
         .overall
         .nll;
 
-    let high_answers = answers::answer_all(pretrained, &template, &run.splits.high, &greedy, |_| {
-        tick();
-        Ok(())
-    })?;
-    write_answers(&run.out_dir.join("high-answers.jsonl"), &high_answers, &provenance(&greedy))?;
+    let high_answers =
+        answers::answer_all(pretrained, &template, &run.splits.high, &greedy, |_| {
+            tick();
+            Ok(())
+        })?;
+    write_answers(
+        &run.out_dir.join("high-answers.jsonl"),
+        &high_answers,
+        &provenance(&greedy),
+    )?;
     let sampled = sample_answers(pretrained, &template, run, tick)?;
     let texts: Vec<String> = sampled.iter().map(|(_, a)| a.generation.clone()).collect();
     let silhouette = match run.eval.clustering {
@@ -267,8 +279,8 @@ fn sample_answers(
                 ..Default::default()
             };
             let one = std::slice::from_ref(example);
-            let mut answer = answers::answer_all(pretrained, template, one, &config, |_| Ok(()))?
-                .remove(0);
+            let mut answer =
+                answers::answer_all(pretrained, template, one, &config, |_| Ok(()))?.remove(0);
             answer.index = i;
             out.push((config, answer));
         }

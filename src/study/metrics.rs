@@ -118,7 +118,10 @@ mod tests {
             p(0.6, true),
         ];
         let ece = expected_calibration_error(&predictions, 2);
-        assert!((ece - (2.0 / 6.0 * 0.2 + 4.0 / 6.0 * 0.1)).abs() < 1e-12, "{ece}");
+        assert!(
+            (ece - (2.0 / 6.0 * 0.2 + 4.0 / 6.0 * 0.1)).abs() < 1e-12,
+            "{ece}"
+        );
         // A perfectly calibrated set: confidence 1 and always right.
         assert_eq!(expected_calibration_error(&[p(1.0, true); 3], 10), 0.0);
         assert_eq!(expected_calibration_error(&[], 10), 0.0);

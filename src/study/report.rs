@@ -199,11 +199,18 @@ impl Results {
     pub fn new(study: &StudyConfig, records: &[RunRecord], device: String, origin: Origin) -> Self {
         Self {
             study: study.name.clone(),
-            arms: study.arms.iter().map(|a| arm_name(*a).to_string()).collect(),
+            arms: study
+                .arms
+                .iter()
+                .map(|a| arm_name(*a).to_string())
+                .collect(),
             seeds: study.seeds.clone(),
             device,
             origin,
-            metrics: METRICS.iter().map(|m| summarise(m, study, records)).collect(),
+            metrics: METRICS
+                .iter()
+                .map(|m| summarise(m, study, records))
+                .collect(),
             runs: records.to_vec(),
         }
     }
@@ -269,7 +276,10 @@ pub fn write(dir: &Path, study: &StudyConfig, source: &str, results: &Results) -
     let json = serde_json::to_string_pretty(results)? + "\n";
     crate::util::write_atomic(&dir.join("results.json"), json.as_bytes())?;
     crate::util::write_atomic(&dir.join("loss.svg"), loss_plot(results)?.as_bytes())?;
-    crate::util::write_atomic(&dir.join("accuracy.svg"), accuracy_plot(results)?.as_bytes())?;
+    crate::util::write_atomic(
+        &dir.join("accuracy.svg"),
+        accuracy_plot(results)?.as_bytes(),
+    )?;
     let report = markdown(study, source, results);
     crate::util::write_atomic(&dir.join("REPORT.md"), report.as_bytes())
 }
@@ -277,7 +287,12 @@ pub fn write(dir: &Path, study: &StudyConfig, source: &str, results: &Results) -
 /// `REPORT.md`.
 pub fn markdown(study: &StudyConfig, source: &str, results: &Results) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "# Study `{}`: {}\n", results.study, results.arms.join(" vs "));
+    let _ = writeln!(
+        md,
+        "# Study `{}`: {}\n",
+        results.study,
+        results.arms.join(" vs ")
+    );
     let _ = writeln!(
         md,
         "Ran with `ual study`, begun at commit `{}` on {} (device: {}). Seeds: {:?}. Every arm trained from the same base on the same data with the same settings; only `smoothing.loss` differs.\n",
@@ -293,9 +308,13 @@ pub fn markdown(study: &StudyConfig, source: &str, results: &Results) -> String 
         }
     }
     if study.judge.endpoint.is_empty() {
-        md.push_str("\nThe open-ended answers were **not judged**: the study has no `judge.endpoint`.\n");
+        md.push_str(
+            "\nThe open-ended answers were **not judged**: the study has no `judge.endpoint`.\n",
+        );
     }
-    md.push_str("\n## Plots\n\n![held-out NLL per arm](loss.svg)\n\n![exact match per arm](accuracy.svg)\n");
+    md.push_str(
+        "\n## Plots\n\n![held-out NLL per arm](loss.svg)\n\n![exact match per arm](accuracy.svg)\n",
+    );
     let _ = write!(
         md,
         "\n## Settings (fixed before any result)\n\n```toml\n{}\n```\n",
@@ -325,7 +344,12 @@ fn table(results: &Results) -> String {
         };
         md.push_str(&format!("| {} | {better} |", metric.title));
         for arm in &metric.arms {
-            md.push_str(&format!(" {} |", cell(metric, &arm.spread)));
+            let text = match (metric.key.as_str(), arm.arm.as_str()) {
+                // SFT is what every preference is measured against.
+                ("judged_preference", "sft") => "baseline".to_string(),
+                _ => cell(metric, &arm.spread),
+            };
+            md.push_str(&format!(" {text} |"));
         }
         for arm in metric.arms.iter().filter(|a| a.arm != "sft") {
             md.push_str(&format!(" {} |", cell(metric, &arm.vs_sft)));
@@ -413,7 +437,10 @@ fn loss_plot(results: &Results) -> Result<String> {
         for (i, (arm, curve)) in curves.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(curve.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    curve.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| err(&e))?
                 .label(arm.as_str())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
@@ -447,7 +474,8 @@ fn mean_curve(results: &Results, arm: &str) -> Vec<(usize, f64)> {
                 .iter()
                 .filter_map(|r| r.curve.iter().find(|p| p.0 == step).map(|p| p.1))
                 .collect();
-            (values.len() == runs.len()).then(|| (step, values.iter().sum::<f64>() / values.len() as f64))
+            (values.len() == runs.len())
+                .then(|| (step, values.iter().sum::<f64>() / values.len() as f64))
         })
         .collect()
 }

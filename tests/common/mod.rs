@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths and the devices every numeric test runs on.
 #![allow(dead_code)]
 
+pub mod mock;
+
 use std::path::PathBuf;
 
 use burn::tensor::Device;
