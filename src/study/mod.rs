@@ -89,21 +89,23 @@ pub fn run(study: &StudyConfig, source: &str, progress: &ProgressBar) -> Result<
 fn claim(dir: &Path, source: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let recorded = dir.join("study.toml");
-    match std::fs::read_to_string(&recorded) {
-        Ok(before) if before != source => bail!(
+    if let Ok(before) = std::fs::read_to_string(&recorded)
+        && before != source
+    {
+        bail!(
             "{} holds a study made with other settings ({}): a study's settings are fixed before its results exist; give the new one another `name`, or delete the directory",
             dir.display(),
             recorded.display()
-        ),
-        Ok(_) => Ok(()),
-        Err(_) => {
-            // Where the runs were made, recorded before the first of them.
-            let origin = report::Origin::here();
-            let json = serde_json::to_string_pretty(&origin)? + "\n";
-            crate::util::write_atomic(&dir.join("origin.json"), json.as_bytes())?;
-            crate::util::write_atomic(&recorded, source.as_bytes())
-        }
+        );
     }
+    // Where the runs are made, recorded before the first of them (a committed report without
+    // its runs, as a fresh clone has it, is made again here).
+    if !dir.join("runs").exists() || !dir.join("origin.json").exists() {
+        let origin = report::Origin::here();
+        let json = serde_json::to_string_pretty(&origin)? + "\n";
+        crate::util::write_atomic(&dir.join("origin.json"), json.as_bytes())?;
+    }
+    crate::util::write_atomic(&recorded, source.as_bytes())
 }
 
 /// The optimizer steps a run will take (its `steps`, else an estimate from `epochs` that only
