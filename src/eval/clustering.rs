@@ -407,6 +407,9 @@ pub fn analyse_pretrained(
     Ok(analyse_top(name.to_string(), &top, &points, &labels))
 }
 
+/// The most frequent labels and the labelled points kept for them.
+type TopFeatures = (Vec<LabelCount>, Vec<Vec<f32>>, Vec<u32>);
+
 /// The top labels of `sequences` and the features of the positions that carry them (and the
 /// `extra` pair's, for a plot).
 fn top_features(
@@ -414,7 +417,7 @@ fn top_features(
     sequences: &[Vec<u32>],
     extra: Option<(u32, u32)>,
     progress: impl FnMut(),
-) -> Result<(Vec<LabelCount>, Vec<Vec<f32>>, Vec<u32>)> {
+) -> Result<TopFeatures> {
     let next: Vec<u32> = sequences
         .iter()
         .flat_map(|s| s.iter().skip(1).copied())

@@ -369,10 +369,11 @@ fn cell(metric: &MetricSummary, spread: &Option<Spread>) -> String {
 /// One plain sentence: the difference, its direction, and whether it exceeds the spread.
 fn sentence(metric: &MetricSummary, arm: &ArmSummary) -> String {
     let Some(diff) = arm.vs_sft else {
-        return match metric.key.as_str() {
-            "judged_preference" => format!("**{}**: not judged.", metric.title),
-            _ => format!("**{}**: not measured.", metric.title),
+        let missing = match metric.key.as_str() {
+            "judged_preference" => "not judged",
+            _ => "not measured",
         };
+        return format!("**{}, {}**: {missing}.", metric.title, arm.arm);
     };
     let size = Some(Spread {
         mean: diff.mean.abs(),
