@@ -104,11 +104,9 @@ fn a_study_finishes_and_its_report_says_what_results_json_says() {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         for (i, arm) in metric["arms"].as_array().unwrap().iter().enumerate() {
             let want = match arm["spread"]["mean"].as_f64() {
-                _ if metric["key"] == "judged_preference" && arm["arm"] == "sft" => {
-                    "baseline".into()
-                }
+                _ if metric["key"] == "judged_win_rate" && arm["arm"] == "sft" => "baseline".into(),
                 Some(mean) => format!("{mean:.4}"),
-                None if metric["key"] == "judged_preference" => "not judged".into(),
+                None if metric["key"] == "judged_win_rate" => "not judged".into(),
                 None => "not measured".into(),
             };
             assert_eq!(cells[3 + i], want, "{title}, {}", arm["arm"]);
@@ -244,13 +242,13 @@ fn a_judged_study_reports_the_judges_preference() {
     let results = read_results(&out);
     let ual = &results["runs"][1];
     assert_eq!(ual["arm"], "ual");
-    assert_eq!(ual["judged_preference"].as_f64(), Some(0.5));
+    assert_eq!(ual["judged_win_rate"].as_f64(), Some(0.5));
     let summary = out.join("small/judge/ual-seed5/summary.json");
     assert!(summary.exists());
     let report = std::fs::read_to_string(out.join("small/REPORT.md")).unwrap();
     let row = report
         .lines()
-        .find(|l| l.starts_with("| judged preference"))
+        .find(|l| l.starts_with("| judged win rate"))
         .unwrap();
     assert!(row.contains("0.5000"), "{row}");
     assert!(!report.contains("**not judged**"));

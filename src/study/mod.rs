@@ -36,7 +36,7 @@ pub struct RunRecord {
     pub metrics: RunMetrics,
     /// The judge's preference for this run's open-ended answers over SFT's with the same seed
     /// (wins + ties / 2 over judged prompts); `None` when not judged.
-    pub judged_preference: Option<f64>,
+    pub judged_win_rate: Option<f64>,
     /// Held-out NLL against the step, from step 0.
     pub curve: Vec<(usize, f64)>,
 }
@@ -67,7 +67,7 @@ pub fn run(study: &StudyConfig, source: &str, progress: &ProgressBar) -> Result<
             arm: *arm,
             seed: *seed,
             metrics,
-            judged_preference: None,
+            judged_win_rate: None,
             curve: curve(&config.run_dir())?,
         });
     }
@@ -251,7 +251,7 @@ fn judge_all(study: &StudyConfig, records: &mut [RunRecord]) -> Result<()> {
             retry_failed: false,
         };
         let summary = crate::judge::run(&options)?;
-        record.judged_preference = Some(summary.rates.preference.value);
+        record.judged_win_rate = Some(summary.rates.preference.value);
     }
     Ok(())
 }

@@ -89,10 +89,10 @@ pub const METRICS: [Metric; 8] = [
         value: |r| r.metrics.silhouette,
     },
     Metric {
-        key: "judged_preference",
-        title: "judged preference over SFT (wins + ties/2)",
+        key: "judged_win_rate",
+        title: "judged win rate over SFT (ties count half)",
         better: Better::Higher,
-        value: |r| r.judged_preference,
+        value: |r| r.judged_win_rate,
     },
 ];
 
@@ -346,7 +346,7 @@ fn table(results: &Results) -> String {
         for arm in &metric.arms {
             let text = match (metric.key.as_str(), arm.arm.as_str()) {
                 // SFT is what every preference is measured against.
-                ("judged_preference", "sft") => "baseline".to_string(),
+                ("judged_win_rate", "sft") => "baseline".to_string(),
                 _ => cell(metric, &arm.spread),
             };
             md.push_str(&format!(" {text} |"));
@@ -361,7 +361,7 @@ fn table(results: &Results) -> String {
 
 fn cell(metric: &MetricSummary, spread: &Option<Spread>) -> String {
     match (metric.key.as_str(), spread) {
-        ("judged_preference", None) => "not judged".into(),
+        ("judged_win_rate", None) => "not judged".into(),
         _ => number(spread),
     }
 }
@@ -370,7 +370,7 @@ fn cell(metric: &MetricSummary, spread: &Option<Spread>) -> String {
 fn sentence(metric: &MetricSummary, arm: &ArmSummary) -> String {
     let Some(diff) = arm.vs_sft else {
         let missing = match metric.key.as_str() {
-            "judged_preference" => "not judged",
+            "judged_win_rate" => "not judged",
             _ => "not measured",
         };
         return format!("**{}, {}**: {missing}.", metric.title, arm.arm);
