@@ -23,7 +23,7 @@ pub struct Answer {
 
 /// Answers already received, kept on disk so that a re-run asks only for the rest.
 pub struct Cache {
-    answers: HashMap<String, Answer>,
+    answers: Mutex<HashMap<String, Answer>>,
     file: Mutex<File>,
 }
 
@@ -54,32 +54,36 @@ impl Cache {
             file.write_all(b"\n")?;
         }
         Ok(Self {
-            answers,
+            answers: Mutex::new(answers),
             file: Mutex::new(file),
         })
     }
 
-    /// The cached answer to the request with `key`.
-    pub fn get(&self, key: &str) -> Option<&Answer> {
-        self.answers.get(key)
+    /// The cached answer to the request with `key`, loaded or recorded since.
+    pub fn get(&self, key: &str) -> Option<Answer> {
+        self.answers.lock().expect("cache lock").get(key).cloned()
     }
 
     /// Answers in the cache.
     pub fn len(&self) -> usize {
-        self.answers.len()
+        self.answers.lock().expect("cache lock").len()
     }
 
     /// Whether the cache holds no answer.
     pub fn is_empty(&self) -> bool {
-        self.answers.is_empty()
+        self.len() == 0
     }
 
-    /// Appends one answer and flushes it to disk before returning.
+    /// Appends one answer and flushes it to disk before returning; [`Cache::get`] sees it.
     pub fn record(&self, answer: &Answer) -> Result<()> {
         let line = serde_json::to_string(answer)? + "\n";
         let mut file = self.file.lock().expect("cache lock");
         file.write_all(line.as_bytes())?;
         file.flush()?;
+        self.answers
+            .lock()
+            .expect("cache lock")
+            .insert(answer.key.clone(), answer.clone());
         Ok(())
     }
 }

@@ -92,7 +92,7 @@ fn follow_up([min, max]: [f64; 2]) -> String {
 }
 
 /// Stricter follow-ups after a reply without a valid score, before the line counts as failed.
-pub(crate) const FOLLOW_UPS: usize = 2;
+const FOLLOW_UPS: usize = 2;
 
 /// One line's fields for the prompt, and the line itself to copy to the output.
 pub struct Line {
@@ -268,7 +268,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
                 .get(k)
                 .filter(|a| a.score.is_some() || !options.retry_failed)
         })
-        .map(|a| a.map(outcome_of))
+        .map(|a| a.as_ref().map(outcome_of))
         .collect();
     let cached = outcomes.iter().filter(|o| o.is_some()).count();
     let scale = options.scale;

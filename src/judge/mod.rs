@@ -177,7 +177,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
             cache
                 .get(k)
                 .filter(|a| a.score.is_some() || !options.retry_failed)
-                .map(annotate::outcome_of)
+                .map(|a| annotate::outcome_of(&a))
         })
         .collect();
     let cached = asked.iter().filter(|o| o.is_some()).count();
@@ -197,9 +197,6 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
             connection.endpoint
         );
     }
-    // Fresh answers went to the cache's file; reading it again sees every one.
-    drop(cache);
-    let cache = Cache::open(&options.output.join("judge.cache.jsonl"))?;
     let judgments = judgments(&pairs, &keys, &cache);
     let outcomes: Vec<Outcome> = judgments.iter().filter_map(|j| j.outcome).collect();
     let count = |o: Outcome| outcomes.iter().filter(|&&x| x == o).count();
@@ -264,7 +261,7 @@ fn render(template: &str, first: &Response, second: &Response) -> String {
 fn judgments(pairs: &[(Response, Response)], keys: &[String], cache: &Cache) -> Vec<Judgment> {
     let read = |k: &String| {
         cache.get(k).map_or((None, String::new()), |a| {
-            (a.score.and_then(Verdict::from_score), a.reply.clone())
+            (a.score.and_then(Verdict::from_score), a.reply)
         })
     };
     pairs

@@ -108,8 +108,8 @@ fn claim(dir: &Path, source: &str) -> Result<()> {
     crate::util::write_atomic(&recorded, source.as_bytes())
 }
 
-/// The optimizer steps a run will take (its `steps`, else an estimate from `epochs` that only
-/// sizes the progress bar).
+/// The optimizer steps the progress bar plans for a run: its `steps`, or one for a run sized
+/// by `epochs` (whose session corrects the plan once it knows its data).
 fn planned_steps(config: &TrainConfig) -> usize {
     match config.steps {
         0 => 1,
@@ -131,7 +131,10 @@ fn train_run(config: &TrainConfig, progress: &ProgressBar) -> Result<()> {
     } else {
         Start::Fresh
     };
-    let mut reporter = StudyReporter { progress };
+    let mut reporter = StudyReporter {
+        progress,
+        planned: planned_steps(config),
+    };
     train::run_with(config, start, &mut reporter)
         .with_context(|| format!("training {}", run_dir.display()))?;
     Ok(())
@@ -140,10 +143,13 @@ fn train_run(config: &TrainConfig, progress: &ProgressBar) -> Result<()> {
 /// Advances the study's bar by each step taken (a resumed run first by the steps it had).
 struct StudyReporter<'a> {
     progress: &'a ProgressBar,
+    planned: usize,
 }
 
 impl Reporter for StudyReporter<'_> {
     fn opened(&mut self, session: &train::Session) {
+        let unplanned = session.steps().saturating_sub(self.planned);
+        self.progress.inc_length(unplanned as u64);
         self.progress.inc(session.steps_done() as u64);
     }
 
