@@ -171,6 +171,30 @@ fn adapters_on(backend: wgpu::Backend) -> Vec<AdapterReport> {
 
 /// Resolves `--device` to a burn device, saying which one was chosen.
 pub fn select(spec: DeviceSpec) -> Result<Selected> {
+    select_for_rank(spec, 0)
+}
+
+/// [`select`] for the rank that is `local_rank`-th on its machine in an `mpirun` job, one
+/// process per device as torchrun runs them. `auto` gives it the `local_rank`-th hardware GPU
+/// (the order of `ual devices`), or the CPU where the machine has none; a machine with some GPUs
+/// but fewer than its ranks is refused. `cpu` and `wgpu:N` mean the same on every rank.
+pub fn select_for_rank(spec: DeviceSpec, local_rank: usize) -> Result<Selected> {
+    if spec == DeviceSpec::Auto && local_rank > 0 {
+        let gpus: Vec<AdapterReport> = adapters().into_iter().filter(|a| !a.software).collect();
+        return match gpus.get(local_rank).and_then(wgpu_device) {
+            Some(selected) => Ok(selected),
+            None if gpus.is_empty() => select_for_rank(DeviceSpec::Cpu, 0),
+            None => bail!(
+                "local rank {local_rank} has no GPU of its own: this machine has {} hardware adapter(s) (`ual devices`); start at most that many ranks per machine (mpirun --map-by ppr:{}:node), or pass --device cpu",
+                gpus.len(),
+                gpus.len()
+            ),
+        };
+    }
+    select_one(spec)
+}
+
+fn select_one(spec: DeviceSpec) -> Result<Selected> {
     let cpu = || {
         // flex's tensors live on the heap: reuse freed buffers instead of re-faulting pages.
         // Only here, so GPU drivers keep glibc's defaults for their own host memory.

@@ -4,8 +4,8 @@
 //! value comes from that sample's uncertainty (Wang et al., "Uncertainty Aware Learning for
 //! Language Model Alignment", ACL 2024), on any wgpu adapter or on the CPU.
 //!
-//! Each module depends only on those before it here: `ops` (the hand-written kernels) and
-//! `device` at the bottom; then `uncertainty` (a score becomes ε), `data` (examples become
+//! Each module depends only on those before it here: `ops` (the hand-written kernels),
+//! `device` and `cluster` (the ranks of an `mpirun` job) at the bottom; then `uncertainty` (a score becomes ε), `data` (examples become
 //! samples), `model`, `loss` (the UAL loss and the training objective), `train`; and the
 //! commands' libraries on top: `eval`, `annotate`, `bench`.
 #![warn(missing_docs)]
@@ -13,6 +13,7 @@
 pub mod alloc;
 pub mod annotate;
 pub mod bench;
+pub mod cluster;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -51,7 +51,17 @@ static ALLOCATOR: ual::alloc::CountingAlloc = ual::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
     cli::quiet_window_system_probes();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    // Kept to the end: leaving an MPI job (`MPI_Finalize`) when it drops.
+    let _job = match ual::cluster::init() {
+        Ok(job) => job,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cluster = ual::cluster::world();
+    let result = match cli.command {
         Command::Devices(args) => cli::devices::main(args),
         Command::Score(args) => cli::score::main(args),
         Command::Train(args) => cli::train::main(args),
@@ -67,11 +77,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // 128 + SIGINT, as a shell reports a run stopped by Ctrl-C.
         Err(err) if err.is::<ual::train::Interrupted>() => {
-            eprintln!("{err}");
+            if cluster.is_root() {
+                eprintln!("{err}");
+            }
             ExitCode::from(130)
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cluster.label(&format!("{err:#}")));
+            // A rank of a job in trouble does not wait in MPI_Finalize for ranks that may be
+            // dead; mpirun ends the others.
+            cluster.exit_after_error(1);
             ExitCode::FAILURE
         }
     }

@@ -160,6 +160,41 @@ pub struct StepBench {
     pub peak_heap_bytes: Option<u64>,
     /// The last step's loss.
     pub final_loss: f64,
+    /// Ranks of the job (`mpirun -np`), each with a whole batch of the preset's shape.
+    pub ranks: usize,
+    /// Milliseconds per timed step spent summing the gradients over the ranks: read-back,
+    /// all-reduce (waiting for the slowest rank included) and upload. 0 on one rank.
+    pub allreduce_ms_per_step: f64,
+    /// Bytes each rank sends into one step's all-reduce.
+    pub allreduce_bytes: u64,
+}
+
+/// `ual bench step --ranks`: the same step on 1, 2, … ranks, side by side.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Scaling {
+    /// One measurement per rank count.
+    pub ranks: Vec<ScalingPoint>,
+}
+
+/// One rank count's step.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ScalingPoint {
+    /// Ranks.
+    pub ranks: usize,
+    /// Tokens per second over all ranks.
+    pub tokens_per_s: f64,
+    /// `tokens_per_s` over the one-rank figure, when one rank was measured.
+    pub speedup: Option<f64>,
+    /// Seconds per step.
+    pub seconds_per_step: f64,
+    /// Milliseconds per step summing the gradients.
+    pub allreduce_ms_per_step: f64,
+    /// The all-reduce's share of the step.
+    pub allreduce_share: f64,
+    /// Bytes each rank sends per step.
+    pub allreduce_bytes: u64,
+    /// The devices, in words (rank 0's).
+    pub device: String,
 }
 
 /// Runs `warmup_steps + steps` LoRA steps of `preset` through a training [`Session`] (the
@@ -189,6 +224,8 @@ pub fn run(
     for _ in 0..options.warmup_steps {
         loss = step(&mut session)?;
     }
+    let cluster = crate::cluster::world();
+    let before = cluster.exchanges();
     let (mut peak_device, mut seconds) = (None::<u64>, 0.0);
     for _ in 0..options.steps {
         let started = Instant::now();
@@ -199,7 +236,8 @@ pub fn run(
         }
     }
     let steps = options.steps.max(1) as f64;
-    let tokens_per_step = shape.batch_size * shape.seq_len;
+    let exchanged = cluster.exchanges();
+    let tokens_per_step = shape.batch_size * shape.seq_len * cluster.size();
     Ok(StepBench {
         engine: format!("ual {}", env!("CARGO_PKG_VERSION")),
         preset,
@@ -213,6 +251,9 @@ pub fn run(
         peak_rss_bytes: proc_status_kib("VmHWM:") * 1024,
         peak_heap_bytes: CountingAlloc::active().then(|| CountingAlloc::peak() as u64),
         final_loss: loss,
+        ranks: cluster.size(),
+        allreduce_ms_per_step: 1e3 * (exchanged.seconds - before.seconds) / steps,
+        allreduce_bytes: (exchanged.bytes - before.bytes) / (exchanged.count - before.count).max(1),
         shape,
         options,
     })
@@ -226,6 +267,7 @@ fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
         train_data: "(random tokens)".into(),
         eval_data: None,
         steps: options.warmup_steps + options.steps,
+        // Per rank: every rank of an `mpirun` job takes a whole batch of the preset's shape.
         batch_size: shape.batch_size,
         grad_accum: 1,
         max_seq_len: shape.seq_len,
@@ -266,7 +308,8 @@ fn parts(
     if base != DType::F32 {
         model = lora::store_frozen_in(model, base);
     }
-    let samples = random_samples(shape, model_config.vocab_size);
+    let ranks = crate::cluster::world().size();
+    let samples = random_samples(shape, model_config.vocab_size, ranks);
     Ok(Parts {
         model,
         data: DataSummary {
@@ -291,10 +334,10 @@ fn trainable_params(model: &crate::model::Llama) -> usize {
 
 /// Seeded random tokens: each sequence's first half is prompt, its second half response, with
 /// smoothing alternating between 0.05 and 0.2 (the UAL loss, not plain cross-entropy).
-fn random_samples(shape: &PresetShape, vocab: usize) -> Vec<Sample> {
+fn random_samples(shape: &PresetShape, vocab: usize, ranks: usize) -> Vec<Sample> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    (0..shape.batch_size)
+    (0..shape.batch_size * ranks)
         .map(|b| Sample {
             ids: (0..shape.seq_len)
                 .map(|_| rng.random_range(3..vocab as u32))
@@ -306,4 +349,37 @@ fn random_samples(shape: &PresetShape, vocab: usize) -> Vec<Sample> {
             uncertainty: None,
         })
         .collect()
+}
+
+impl Scaling {
+    /// Collects one `ual bench step` report per rank count (as each job printed it) into the
+    /// side-by-side table.
+    pub fn from_reports(reports: &[serde_json::Value]) -> Result<Self> {
+        let number = |r: &serde_json::Value, key: &str| -> Result<f64> {
+            r[key]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("a bench step report without `{key}`: {r}"))
+        };
+        let mut ranks = Vec::new();
+        for r in reports {
+            let (tokens_per_s, seconds_per_step) =
+                (number(r, "tokens_per_s")?, number(r, "seconds_per_step")?);
+            let allreduce_ms_per_step = number(r, "allreduce_ms_per_step")?;
+            ranks.push(ScalingPoint {
+                ranks: number(r, "ranks")? as usize,
+                tokens_per_s,
+                speedup: None,
+                seconds_per_step,
+                allreduce_ms_per_step,
+                allreduce_share: allreduce_ms_per_step / 1e3 / seconds_per_step.max(1e-12),
+                allreduce_bytes: number(r, "allreduce_bytes")? as u64,
+                device: r["device"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        let one = ranks.iter().find(|p| p.ranks == 1).map(|p| p.tokens_per_s);
+        for p in &mut ranks {
+            p.speedup = one.map(|t| p.tokens_per_s / t);
+        }
+        Ok(Self { ranks })
+    }
 }

@@ -80,6 +80,11 @@ pub struct StepArgs {
     /// Overrides the preset's sequence length.
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Measure the step on each of these rank counts, one `mpirun -np N` job each (e.g.
+    /// `1,2,4`): tokens/s over all ranks and the all-reduce's time. Needs the `mpi` build and
+    /// `mpirun` (`UAL_MPIRUN` replaces the launcher command).
+    #[arg(long, value_delimiter = ',')]
+    ranks: Vec<usize>,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -155,6 +160,9 @@ pub fn main(command: Command) -> Result<()> {
 }
 
 fn step(a: StepArgs) -> Result<()> {
+    if !a.ranks.is_empty() {
+        return scaling(&a.ranks);
+    }
     let selected = a.device.select()?;
     let base = a.base_dtype.dtype(selected.shader_f16, selected.is_wgpu)?;
     let options = StepOptions {
@@ -170,8 +178,85 @@ fn step(a: StepArgs) -> Result<()> {
         seq_len: a.seq_len,
     };
     let report = ual::bench::step::run(a.preset, options, &selected, base)?;
-    println!("{}", serde_json::to_string(&report)?);
+    if ual::cluster::world().is_root() {
+        println!("{}", serde_json::to_string(&report)?);
+    }
     Ok(())
+}
+
+/// `bench step --ranks`: this same command without `--ranks`, once under `mpirun -np N` for
+/// each N, one after the other on the same machine, then their figures side by side.
+fn scaling(ranks: &[usize]) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        anyhow::bail!(
+            "bench step --ranks needs ual built with MPI: cargo build --release --features mpi"
+        );
+    }
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    strip_ranks(&mut args);
+    let exe = std::env::current_exe()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut reports = Vec::new();
+    for &n in ranks {
+        let mut command = launcher(n)?;
+        // The ranks share the machine's cores, as one rank's threads would.
+        command.env("RAYON_NUM_THREADS", (cores / n.max(1)).max(1).to_string());
+        let out = command
+            .arg(&exe)
+            .args(&args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot start the MPI launcher: {e}"))?;
+        if !out.status.success() {
+            anyhow::bail!("bench step on {n} rank(s) failed ({})", out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_default();
+        reports.push(
+            serde_json::from_str::<serde_json::Value>(line).map_err(|e| {
+                anyhow::anyhow!("bench step on {n} rank(s) printed no report ({e}): {text}")
+            })?,
+        );
+    }
+    super::print_json(&ual::bench::step::Scaling::from_reports(&reports)?)
+}
+
+/// Removes `--ranks N,…` (or `--ranks=N,…`) from a command line.
+fn strip_ranks(args: &mut Vec<String>) {
+    if let Some(i) = args.iter().position(|a| a == "--ranks") {
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    args.retain(|a| !a.starts_with("--ranks="));
+}
+
+/// `mpirun -np n`: `UAL_MPIRUN` split on spaces, else `mpirun`, with Open MPI's permission to
+/// oversubscribe the cores (and to run as root, where this runs as root).
+fn launcher(n: usize) -> Result<std::process::Command> {
+    let spec = std::env::var("UAL_MPIRUN").unwrap_or_else(|_| "mpirun".into());
+    let mut words = spec.split_whitespace();
+    let program = words.next().unwrap_or("mpirun");
+    let mut command = std::process::Command::new(program);
+    command.args(words);
+    let version = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run `{program}` ({e}): install OpenMPI or MPICH, or set UAL_MPIRUN"
+            )
+        })?;
+    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
+        command.arg("--oversubscribe");
+        // SAFETY: geteuid only reads the process's user id.
+        if unsafe { libc::geteuid() } == 0 {
+            command.arg("--allow-run-as-root");
+        }
+    }
+    command.args(["-np", &n.to_string()]);
+    Ok(command)
 }
 
 fn head(a: HeadArgs) -> Result<()> {

@@ -213,7 +213,12 @@ fn loss(args: LossArgs) -> Result<()> {
     let eos = pretrained.config.eos_token_id()?;
     let prepare = Prepare::new(&pretrained.tokenizer, &template, eos, args.max_seq_len);
     let (_, samples, _) = prepare.file(&args.data)?;
-    let progress = indicatif::ProgressBar::new(samples.len() as u64);
+    let cluster = ual::cluster::world();
+    let mine = ual::cluster::shard::slice(samples.len(), cluster.rank(), cluster.size());
+    let progress = match cluster.is_root() {
+        true => indicatif::ProgressBar::new(mine.len() as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
     let name = args.data.display().to_string();
     let report = heldout::evaluate_loss(&pretrained.model, &samples, &name, || progress.inc(1))?;
     progress.finish_and_clear();
@@ -256,6 +261,9 @@ fn write_report(
     correct: usize,
     total: usize,
 ) -> Result<()> {
+    if !ual::cluster::world().is_root() {
+        return Ok(());
+    }
     let json = serde_json::to_string_pretty(report)?;
     if let Some(path) = output {
         ual::util::write_atomic(path, json.as_bytes())?;

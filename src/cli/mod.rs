@@ -34,8 +34,12 @@ pub struct DeviceArg {
 impl DeviceArg {
     /// The device asked for, said on stderr.
     pub fn select(self) -> Result<Selected> {
-        let selected = device::select(self.device)?;
-        eprintln!("device: {}", selected.description);
+        let cluster = ual::cluster::world();
+        let selected = device::select_for_rank(self.device, cluster.local_rank())?;
+        eprintln!(
+            "{}",
+            cluster.label(&format!("device: {}", selected.description))
+        );
         Ok(selected)
     }
 }
@@ -160,6 +164,10 @@ impl DecodingArgs {
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    // In an `mpirun` job every rank holds the result; rank 0 tells it once.
+    if !ual::cluster::world().is_root() {
+        return Ok(());
+    }
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -87,8 +87,21 @@ impl Progress {
 
 impl Reporter for Progress {
     fn opened(&mut self, session: &Session) {
+        let cluster = ual::cluster::world();
+        eprintln!(
+            "{}",
+            cluster.label(&format!("device: {}", session.device_description()))
+        );
+        if !cluster.is_root() {
+            return;
+        }
+        if cluster.is_parallel() {
+            eprintln!(
+                "ranks: {}, each a slice of every micro-batch",
+                cluster.size()
+            );
+        }
         let d = session.data();
-        eprintln!("device: {}", session.device_description());
         eprintln!(
             "data: {} samples ({} truncated, {} dropped, {} without uncertainty), {} response tokens; held out: {}",
             d.samples,
@@ -129,6 +142,9 @@ impl Reporter for Progress {
 
     fn finished(&mut self, s: &RunSummary) {
         self.bar.finish_and_clear();
+        if !ual::cluster::world().is_root() {
+            return;
+        }
         let held_out = match (s.initial_eval_nll, s.final_eval_nll) {
             (Some(a), Some(b)) if a.is_finite() => format!("held-out NLL {a:.2} → {b:.2}"),
             (_, Some(b)) => format!("held-out NLL {b:.2}"),

@@ -23,7 +23,7 @@ pub struct Item {
 }
 
 /// One evaluated item.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// The problem.
     pub question: String,

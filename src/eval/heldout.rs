@@ -84,15 +84,20 @@ pub fn evaluate_loss(
     let mut buckets: Vec<(&str, Sums)> = ["low", "mid", "high", "none"]
         .map(|b| (b, Sums::default()))
         .into();
-    for (i, sample) in samples.iter().enumerate() {
-        let s = score_sample(model, sample, i)?;
-        overall.add(s.response_tokens, s.nll, s.loss);
+    // Under `mpirun` each rank scores a slice; every rank sums all of them, in order.
+    let scores =
+        crate::cluster::world().share_work(samples, "scoring the samples", |i, sample| {
+            let s = score_sample(model, sample, i)?;
+            progress();
+            Ok((s.response_tokens, s.nll, s.loss))
+        })?;
+    for (sample, (tokens, nll, loss)) in samples.iter().zip(scores) {
+        overall.add(tokens, nll, loss);
         let slot = buckets
             .iter_mut()
             .find(|(b, _)| *b == bucket(sample.uncertainty))
             .expect("known bucket");
-        slot.1.add(s.response_tokens, s.nll, s.loss);
-        progress();
+        slot.1.add(tokens, nll, loss);
     }
     Ok(LossReport {
         data: data.to_string(),

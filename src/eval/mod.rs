@@ -23,25 +23,36 @@ pub struct Graded<R> {
 
 /// Grades every item in turn with a progress bar that shows the running accuracy; `grade`
 /// returns an item's record and whether it was answered correctly.
-pub(crate) fn grade_all<I, R>(
+///
+/// Under `mpirun` the ranks grade slices of the items and every rank gets all the records, in
+/// item order; rank 0's bar shows its own slice.
+pub(crate) fn grade_all<I, R: serde::Serialize + serde::de::DeserializeOwned>(
     items: &[I],
     mut grade: impl FnMut(usize, &I) -> anyhow::Result<(R, bool)>,
 ) -> anyhow::Result<Graded<R>> {
-    let progress = indicatif::ProgressBar::new(items.len() as u64);
+    let cluster = crate::cluster::world();
+    let mine = crate::cluster::shard::slice(items.len(), cluster.rank(), cluster.size());
+    let progress = match cluster.is_root() {
+        true => indicatif::ProgressBar::new(mine.len() as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .expect("static template"),
     );
-    let (mut records, mut correct) = (Vec::with_capacity(items.len()), 0);
-    for (i, item) in items.iter().enumerate() {
+    let (mut seen, mut right_so_far) = (0usize, 0usize);
+    let graded = cluster.share_work(items, "grading the items", |i, item| {
         let (record, right) = grade(i, item)?;
-        records.push(record);
-        correct += usize::from(right);
-        let accuracy = 100.0 * correct as f64 / records.len() as f64;
+        seen += 1;
+        right_so_far += usize::from(right);
+        let accuracy = 100.0 * right_so_far as f64 / seen as f64;
         progress.set_message(format!("accuracy {accuracy:.1}%"));
         progress.inc(1);
-    }
+        Ok((record, right))
+    })?;
     progress.finish();
+    let correct = graded.iter().filter(|(_, right)| *right).count();
+    let records: Vec<R> = graded.into_iter().map(|(record, _)| record).collect();
     Ok(Graded {
         total: records.len(),
         correct,

@@ -135,7 +135,7 @@ fn field(record: &Value, name: &str, path: &Path, line: usize) -> Result<String>
 }
 
 /// One evaluated question.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Record {
     /// The question.
     pub question: String,

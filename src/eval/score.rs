@@ -68,7 +68,7 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
 }
 
 /// One scored data line: the mean response-token NLL and the UAL loss with the line's ε.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SampleScore {
     /// 0-based index of the line among the file's non-blank lines.
     pub index: usize,
@@ -109,7 +109,7 @@ fn summed_losses(model: &Llama, sample: &Sample) -> Result<(f64, f64, usize)> {
 
 /// One data line scored under a training configuration (`ual score --data --config`): what the
 /// trainer would see of it and its loss, in the configuration's own conventions.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RecipeScore {
     /// 0-based index of the line among the file's non-blank lines.
     pub index: usize,
@@ -187,8 +187,10 @@ pub fn score_data(
     score_lines(&prepare, data, score, emit)
 }
 
-/// Prepares `data`, then emits `score(sample, its line's index)` for each sample in order.
-fn score_lines<T>(
+/// Prepares `data`, then emits `score(sample, its line's index)` for each sample in order,
+/// as it goes. Under `mpirun` the ranks score slices of the file and rank 0 alone emits them
+/// all, in order, at the end.
+fn score_lines<T: serde::Serialize + serde::de::DeserializeOwned>(
     prepare: &Prepare,
     data: &Path,
     mut score: impl FnMut(&Sample, usize) -> Result<T>,
@@ -196,8 +198,18 @@ fn score_lines<T>(
 ) -> Result<()> {
     let (examples, samples, _) = prepare.file(data)?;
     let index = line_index(&examples);
-    for sample in &samples {
-        emit(score(sample, index[&sample.line])?)?;
+    let cluster = crate::cluster::world();
+    if !cluster.is_parallel() {
+        for sample in &samples {
+            emit(score(sample, index[&sample.line])?)?;
+        }
+        return Ok(());
+    }
+    let scored = cluster.share_work(&samples, "scoring the lines", |_, sample| {
+        score(sample, index[&sample.line])
+    })?;
+    if cluster.is_root() {
+        scored.into_iter().try_for_each(emit)?;
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::StepMetrics;
 use super::config::{Mode, TrainConfig};
 use super::step::Evaluation;
+use crate::cluster::Cluster;
 use crate::model::{Llama, lora, save};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
@@ -36,6 +37,12 @@ pub struct RunCheckpoint {
     /// The held-out NLL before the first step.
     #[serde(default)]
     pub initial_eval_nll: Option<f64>,
+    /// Ranks of the job that wrote it (unset: one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
+    /// Each rank's micro-batch (unset: the run's `batch_size` as its config.toml says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 impl RunCheckpoint {
@@ -51,6 +58,115 @@ impl RunCheckpoint {
             nll: self.initial_eval_nll.unwrap_or(f64::NAN),
         })
     }
+}
+
+/// The newest complete checkpoint of the run in `run_dir`, on every rank of the job. Rank 0
+/// finds it ([`locate`]) and sends its manifest; a rank that sees the same checkpoint (one
+/// machine, or a shared filesystem) reads it in place, and the others receive its files into
+/// a private temporary directory, removed when the returned value drops.
+pub fn share(run_dir: &Path, cluster: &Cluster) -> Result<Shared> {
+    let found = cluster.is_root().then(|| locate(run_dir)).transpose();
+    let found = cluster.agree(found, "finding the checkpoint to resume")?;
+    let dir = found.unwrap_or_else(|| run_dir.join("checkpoint"));
+    if !cluster.is_parallel() {
+        return Ok(Shared {
+            dir,
+            temporary: false,
+        });
+    }
+    let mut manifest = match cluster.is_root() {
+        true => std::fs::read(dir.join(MANIFEST_FILE)).unwrap_or_default(),
+        false => Vec::new(),
+    };
+    cluster.broadcast(&mut manifest, "sending the checkpoint's manifest");
+    let mine = std::fs::read(dir.join(MANIFEST_FILE)).unwrap_or_default();
+    let lacking = !manifest.is_empty() && (mine != manifest || !is_complete(&dir));
+    let mut wanted = [f64::from(u8::from(lacking))];
+    cluster.sum_f64(&mut wanted, "asking for the checkpoint's files");
+    if wanted[0] == 0.0 {
+        return Ok(Shared {
+            dir,
+            temporary: false,
+        });
+    }
+    let mut packed = match cluster.is_root() {
+        true => pack(&dir)?,
+        false => Vec::new(),
+    };
+    cluster.broadcast(&mut packed, "sending the checkpoint's files");
+    if !lacking {
+        return Ok(Shared {
+            dir,
+            temporary: false,
+        });
+    }
+    let private = std::env::temp_dir().join(format!(
+        "ual-rank{}-{}-checkpoint",
+        cluster.rank(),
+        std::process::id()
+    ));
+    unpack(&packed, &private)?;
+    Ok(Shared {
+        dir: private,
+        temporary: true,
+    })
+}
+
+/// A checkpoint directory on this rank; a received copy is removed on drop.
+pub struct Shared {
+    /// Where its files are.
+    pub dir: PathBuf,
+    temporary: bool,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Every file of `dir` as (relative name, bytes) frames: u64 name length, name, u64 length,
+/// bytes.
+fn pack(dir: &Path) -> Result<Vec<u8>> {
+    let mut packed = Vec::new();
+    let mut files = files_under(dir)?;
+    files.push(dir.join(MANIFEST_FILE));
+    for path in files {
+        let name = path.strip_prefix(dir).expect("under dir").to_string_lossy();
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        for part in [name.as_bytes(), &bytes[..]] {
+            packed.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            packed.extend_from_slice(part);
+        }
+    }
+    Ok(packed)
+}
+
+/// Writes [`pack`]'s frames under `dir`.
+fn unpack(mut packed: &[u8], dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    let take = |packed: &mut &[u8]| -> Result<Vec<u8>> {
+        let short = || anyhow::anyhow!("the checkpoint received from rank 0 is cut short");
+        let (len, rest) = packed.split_at_checked(8).ok_or_else(short)?;
+        let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+        let (part, rest) = rest.split_at_checked(len).ok_or_else(short)?;
+        *packed = rest;
+        Ok(part.to_vec())
+    };
+    while !packed.is_empty() {
+        let name = String::from_utf8(take(&mut packed)?)?;
+        let bytes = take(&mut packed)?;
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes `checkpoint/` under a temporary name, with a manifest of every file's size and

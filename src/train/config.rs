@@ -320,8 +320,11 @@ impl Default for TrainConfig {
 /// The keys `--resume` may override: the run's length, its evaluation and checkpoint cadence,
 /// and the device and memory levers, none of which changes what the checkpoint's weights and
 /// optimizer state mean.
-pub const RESUMABLE: [&str; 10] = [
+pub const RESUMABLE: [&str; 11] = [
     "steps",
+    // Only so that the same global batch can resume on another number of ranks: the session
+    // refuses a batch size that changes it.
+    "batch_size",
     "epochs",
     "eval_every",
     "checkpoint_every",
@@ -394,12 +397,6 @@ impl TrainConfig {
     /// pointed at `run_dir` even if the run was moved.
     pub fn for_resume(run_dir: &Path, overrides: &[String]) -> Result<Self> {
         let file = run_dir.join("config.toml");
-        if !file.exists() {
-            bail!(
-                "{}: not a ual run directory (no config.toml)",
-                run_dir.display()
-            );
-        }
         for o in overrides {
             let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
             if !RESUMABLE.contains(&key) {
@@ -409,7 +406,8 @@ impl TrainConfig {
                 );
             }
         }
-        let mut config = Self::resolve(Some(&file), overrides)?;
+        let user = (read_run_config(&file)?, file.display().to_string());
+        let mut config = Self::from_table(Some(user), overrides)?;
         config.name = run_dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -501,12 +499,18 @@ impl TrainConfig {
         }
     }
 
-    /// Optimizer steps for `samples` training samples: `steps`, or `epochs` passes.
+    /// Optimizer steps for `samples` training samples on one rank: `steps`, or `epochs` passes.
     pub fn total_steps(&self, samples: usize) -> usize {
+        self.total_steps_on(samples, 1)
+    }
+
+    /// [`TrainConfig::total_steps`] for `ranks` ranks, each taking `batch_size` samples per
+    /// micro-batch.
+    pub fn total_steps_on(&self, samples: usize, ranks: usize) -> usize {
         if self.epochs <= 0.0 {
             return self.steps;
         }
-        let per_step = (self.batch_size * self.grad_accum) as f64;
+        let per_step = (self.batch_size * self.grad_accum * ranks.max(1)) as f64;
         ((self.epochs * samples as f64 / per_step).ceil() as usize).max(1)
     }
 
@@ -518,6 +522,31 @@ impl TrainConfig {
             self.optim.warmup_steps
         }
     }
+}
+
+/// A run's `config.toml`, read by rank 0 and sent to the others, which need not see the run
+/// directory (two machines without a shared filesystem).
+fn read_run_config(file: &Path) -> Result<toml::Value> {
+    let cluster = crate::cluster::world();
+    let read = || -> Result<String> {
+        let dir = file.parent().unwrap_or(Path::new("."));
+        if !file.exists() {
+            bail!(
+                "{}: not a ual run directory (no config.toml)",
+                dir.display()
+            );
+        }
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+    };
+    let text = cluster.is_root().then(read).transpose();
+    let mut bytes = cluster
+        .agree(text, "reading the run's config.toml")?
+        .unwrap_or_default()
+        .into_bytes();
+    cluster.broadcast(&mut bytes, "sending the run's config.toml");
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", file.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}: invalid TOML", file.display()))
 }
 
 fn merge(base: &mut toml::Value, user: toml::Value) {

@@ -7,6 +7,7 @@ mod checkpoint;
 pub mod config;
 pub mod optim;
 pub mod recompute;
+pub mod replicas;
 mod report;
 mod session;
 mod step;
@@ -20,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::data::batch::DataSummary;
 pub use config::{Mode, Recompute, Sampling, TrainConfig};
 pub use session::{Parts, Session};
-pub use step::{Evaluation, StepGradients, evaluate, step_gradients, step_gradients_reduced};
+pub use step::{
+    Evaluation, EvaluationSums, StepGradients, evaluate, evaluation_sums, step_gradients,
+    step_gradients_divided, step_gradients_reduced,
+};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,7 +181,10 @@ pub fn run_with(
     while !session.is_done() {
         let metrics = session.step()?;
         reporter.stepped(&metrics);
-        if reporter.should_stop() && !session.is_done() {
+        // Every rank stops after the same step, if any rank was asked to.
+        let mut stop = [f64::from(u8::from(reporter.should_stop()))];
+        crate::cluster::world().sum_f64(&mut stop, "agreeing whether to stop");
+        if stop[0] > 0.0 && !session.is_done() {
             session.checkpoint()?;
             let (step, run_dir) = (session.steps_done(), config.run_dir());
             return Err(Interrupted { step, run_dir }.into());

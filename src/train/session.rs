@@ -12,9 +12,11 @@ use burn::tensor::{DType, Device};
 
 use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
-use super::step::{Evaluation, evaluate, step_gradients_reduced};
+use super::replicas::{StepTotals, sum_gradients};
+use super::step::{Evaluation, evaluation_sums, step_gradients_divided};
 use super::stream::BatchStream;
 use super::{RunSummary, Start, StepMetrics, optim, report};
+use crate::cluster::{self, Cluster, shard};
 use crate::data::batch::{DataSummary, Sample, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
@@ -45,6 +47,8 @@ pub struct Session {
     metrics: Option<File>,
     /// The run directory's lock, held while the session lives.
     lock: Option<File>,
+    /// The job's ranks: each takes a slice of every micro-batch; rank 0 alone writes.
+    cluster: &'static Cluster,
     started: Instant,
 }
 
@@ -65,20 +69,33 @@ impl Session {
     /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
     pub fn open(config: &TrainConfig, start: Start) -> Result<Self> {
         let resume = start == Start::Resume;
-        let lock = claim_run_dir(&config.run_dir(), start)?;
-        let selected = device::select(config.device)?;
-        let checkpoint_dir = match resume {
-            true => checkpoint::locate(&config.run_dir())?,
-            false => config.run_dir().join("checkpoint"),
-        };
-        let saved = resume
-            .then(|| RunCheckpoint::read(&checkpoint_dir))
+        let cluster = cluster::world();
+        // Rank 0 alone owns the run directory; every rank fails alike if it cannot.
+        let claimed = cluster
+            .is_root()
+            .then(|| claim_run_dir(&config.run_dir(), start))
+            .transpose();
+        let lock = cluster.agree(claimed, "claiming the run directory")?;
+        let selected = cluster.agree(
+            device::select_for_rank(config.device, cluster.local_rank()),
+            "choosing each rank's device",
+        )?;
+        let shared = resume
+            .then(|| checkpoint::share(&config.run_dir(), cluster))
             .transpose()?;
+        let saved = shared
+            .as_ref()
+            .map(|c| RunCheckpoint::read(&c.dir))
+            .transpose()?;
+        if let Some(saved) = &saved {
+            same_global_batch(config, saved, cluster)?;
+        }
         let device = config
             .gradient_checkpointing
             .autodiff_device(&selected.device);
         device.seed(config.seed);
-        let (pretrained, model) = load_model(config, &selected, &device, saved.is_some())?;
+        let checkpoint_dir = shared.as_ref().map(|c| c.dir.as_path());
+        let (pretrained, model) = load_model(config, &selected, &device, checkpoint_dir)?;
         let positions = pretrained.config.max_position_embeddings;
         if config.max_seq_len > positions {
             bail!(
@@ -105,7 +122,9 @@ impl Session {
             Some(path) => read(path)?.0,
             None => Vec::new(),
         };
-        write_config(config)?;
+        if cluster.is_root() {
+            write_config(config)?;
+        }
         let parts = Parts {
             model,
             samples,
@@ -113,12 +132,14 @@ impl Session {
             data,
         };
         let mut session = Self::new(config, parts, &selected)?;
-        match saved {
-            Some(saved) => session.restore(&checkpoint_dir, &saved)?,
-            None => session.initial_eval = session.evaluate()?,
+        match (saved, &shared) {
+            (Some(saved), Some(shared)) => session.restore(&shared.dir, &saved)?,
+            _ => session.initial_eval = session.evaluate()?,
         }
-        session.open_metrics()?;
-        session.lock = Some(lock);
+        if cluster.is_root() {
+            session.open_metrics()?;
+        }
+        session.lock = lock;
         Ok(session)
     }
 
@@ -141,7 +162,8 @@ impl Session {
             vocab,
             selected.hardware_gpu,
         );
-        let steps = config.total_steps(parts.samples.len());
+        let cluster = cluster::world();
+        let steps = config.total_steps_on(parts.samples.len(), cluster.size());
         Ok(Self {
             device: config
                 .gradient_checkpointing
@@ -150,9 +172,11 @@ impl Session {
             model: head.arrange(parts.model),
             optimizer: adamw(config),
             head,
+            // One global micro-batch of every rank's samples, which each rank slices: the order
+            // one device with `ranks × batch_size` would draw.
             stream: BatchStream::new(
                 &parts.samples,
-                config.batch_size,
+                config.batch_size * cluster.size(),
                 config.sampling,
                 config.seed,
             ),
@@ -166,6 +190,7 @@ impl Session {
             history: Vec::new(),
             metrics: None,
             lock: None,
+            cluster,
             started: Instant::now(),
             config: config.clone(),
         })
@@ -175,35 +200,49 @@ impl Session {
     /// checkpoint when one is due).
     pub fn step(&mut self) -> Result<StepMetrics> {
         let config = &self.config;
-        // The random state is a function of the step, so a resumed run draws what an
-        // uninterrupted one would have drawn (LoRA dropout).
-        self.device
-            .seed(config.seed.wrapping_add(self.step as u64 + 1));
+        let cluster = self.cluster;
+        failure_point(cluster, self.step + 1);
+        // The random state is a function of the step (and the rank), so a resumed run draws
+        // what an uninterrupted one would have drawn (LoRA dropout).
+        let rank_stream = (cluster.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.device.seed(
+            config
+                .seed
+                .wrapping_add(self.step as u64 + 1)
+                .wrapping_add(rank_stream),
+        );
         let started = Instant::now();
         let micro: Vec<Vec<&Sample>> = (0..config.grad_accum)
             .map(|_| {
-                self.stream
-                    .next_batch()
-                    .iter()
-                    .map(|&i| &self.samples[i])
-                    .collect()
+                let batch = self.stream.next_batch();
+                let mine = shard::slice(batch.len(), cluster.rank(), cluster.size());
+                batch[mine].iter().map(|&i| &self.samples[i]).collect()
             })
             .collect();
-        let mut step = step_gradients_reduced(
+        let totals =
+            StepTotals::local(micro.iter().flatten().copied(), config.reduction).global(cluster);
+        let mut step = step_gradients_divided(
             &self.model,
             &micro,
             &self.device,
             self.head,
             config.gradient_checkpointing,
             config.reduction,
+            totals.divisor,
         )?;
+        let mut figures = [step.loss as f32, step.nll as f32, step.tokens as f32];
+        sum_gradients(&self.model, &mut step.grads, &mut figures, cluster);
+        if cluster.is_parallel() {
+            (step.loss, step.nll) = (figures[0] as f64, figures[1] as f64);
+            step.tokens = figures[2].round() as usize;
+        }
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
         self.check_finite(
             self.step + 1,
             &[("loss", step.loss), ("gradient norm", grad_norm)],
         )?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
-        let mean_eps = mean_epsilon(&micro);
+        let mean_eps = totals.mean_eps();
         self.model = self.optimizer.step(lr, self.model.clone(), step.grads);
         self.step += 1;
         let eval = self
@@ -277,10 +316,14 @@ impl Session {
     }
 
     /// Exports the adapter (LoRA) or model (full), draws `loss.svg` and writes `summary.json`.
+    /// Only rank 0 writes; the other ranks return the same summary.
     pub fn finish(mut self) -> Result<RunSummary> {
         let run_dir = self.config.run_dir();
-        export(&mut self.model, &self.config, &run_dir)?;
-        report::plot_losses(&self.history, self.initial_eval, &run_dir.join("loss.svg"))?;
+        let root = self.cluster.is_root();
+        if root {
+            export(&mut self.model, &self.config, &run_dir)?;
+            report::plot_losses(&self.history, self.initial_eval, &run_dir.join("loss.svg"))?;
+        }
         let summary = RunSummary::new(
             &run_dir,
             self.description,
@@ -290,10 +333,12 @@ impl Session {
             &self.history,
             self.started.elapsed().as_secs_f64(),
         );
-        crate::util::write_atomic(
-            &run_dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        if root {
+            crate::util::write_atomic(
+                &run_dir.join("summary.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+        }
         Ok(summary)
     }
 
@@ -318,15 +363,24 @@ impl Session {
         )
     }
 
+    /// The held-out loss, each rank evaluating its slice of the set.
     fn evaluate(&self) -> Result<Option<Evaluation>> {
-        let c = &self.config;
-        evaluate(
+        if self.eval_samples.is_empty() {
+            return Ok(None);
+        }
+        let (c, cluster) = (&self.config, self.cluster);
+        let mine = shard::slice(self.eval_samples.len(), cluster.rank(), cluster.size());
+        let mut sums = evaluation_sums(
             &self.model,
-            &self.eval_samples,
+            &self.eval_samples[mine],
             c.batch_size,
             self.head,
             c.reduction,
-        )
+        )?;
+        let mut v = [sums.loss, sums.nll, sums.divisor];
+        cluster.sum_f64(&mut v, "the held-out evaluation");
+        (sums.loss, sums.nll, sums.divisor) = (v[0], v[1], v[2]);
+        Ok(Some(sums.mean()))
     }
 
     /// Every `eval_every` steps, and always after the last one.
@@ -352,6 +406,9 @@ impl Session {
 
     /// Writes a checkpoint of the steps taken so far, for `--resume`.
     pub fn checkpoint(&mut self) -> Result<()> {
+        if !self.cluster.is_root() {
+            return Ok(());
+        }
         if self.metrics.is_none() {
             bail!("a session without a run directory has nowhere to checkpoint");
         }
@@ -361,6 +418,8 @@ impl Session {
             position: self.stream.position,
             initial_eval_loss: self.initial_eval.map(|e| e.loss),
             initial_eval_nll: self.initial_eval.map(|e| e.nll),
+            ranks: Some(self.cluster.size()),
+            batch_size: Some(self.config.batch_size),
         };
         checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)
     }
@@ -375,8 +434,10 @@ impl Session {
         self.stream.seek(saved.epoch, saved.position);
         self.step = saved.step;
         self.initial_eval = saved.initial_eval();
-        let metrics = self.config.run_dir().join("metrics.jsonl");
-        self.history = checkpoint::metrics_until(&metrics, saved.step)?;
+        if self.cluster.is_root() {
+            let metrics = self.config.run_dir().join("metrics.jsonl");
+            self.history = checkpoint::metrics_until(&metrics, saved.step)?;
+        }
         Ok(())
     }
 
@@ -445,18 +506,17 @@ fn load_model(
     config: &TrainConfig,
     selected: &Selected,
     device: &Device,
-    resume: bool,
+    checkpoint: Option<&Path>,
 ) -> Result<(Pretrained, Llama)> {
-    let checkpoint_dir = config.run_dir().join("checkpoint");
-    let source = match (config.mode, resume) {
-        (Mode::Full, true) => checkpoint_dir.join("model"),
+    let source = match (config.mode, checkpoint) {
+        (Mode::Full, Some(dir)) => dir.join("model"),
         _ => config.model.clone(),
     };
     let pretrained = Pretrained::load(&source, device)?;
     let base = pretrained.model.clone();
-    let mut model = match (config.mode, resume) {
-        (Mode::Lora, false) => lora::attach(base, &config.lora, config.seed, device),
-        (Mode::Lora, true) => lora::load_peft(base, &checkpoint_dir, device)?.0,
+    let mut model = match (config.mode, checkpoint) {
+        (Mode::Lora, None) => lora::attach(base, &config.lora, config.seed, device),
+        (Mode::Lora, Some(dir)) => lora::load_peft(base, dir, device)?.0,
         (Mode::Full, _) => base,
     };
     let frozen = config
@@ -486,14 +546,53 @@ fn write_config(config: &TrainConfig) -> Result<()> {
     crate::util::write_atomic(&run_dir.join("config.toml"), config.to_toml()?.as_bytes())
 }
 
-/// The response-token-weighted mean ε of a step's samples.
-fn mean_epsilon(micro: &[Vec<&Sample>]) -> f64 {
-    let samples = micro.iter().flatten();
-    let tokens: usize = samples.clone().map(|s| s.response_tokens()).sum();
-    samples
-        .map(|s| s.epsilon * s.response_tokens() as f64)
-        .sum::<f64>()
-        / tokens.max(1) as f64
+/// Test hooks for a job that loses a rank: `UAL_TEST_KILL_RANK=R:S` kills rank R (SIGKILL, as
+/// the OOM killer would) as it begins step S; `UAL_TEST_HANG_RANK=R:S` stops it (SIGSTOP, as
+/// a hung driver would).
+fn failure_point(cluster: &Cluster, step: usize) {
+    for (name, signal) in [
+        ("UAL_TEST_KILL_RANK", libc::SIGKILL),
+        ("UAL_TEST_HANG_RANK", libc::SIGSTOP),
+    ] {
+        let Ok(target) = std::env::var(name) else {
+            continue;
+        };
+        if target == format!("{}:{step}", cluster.rank()) {
+            // SAFETY: signalling this process is what the hook is for.
+            unsafe { libc::raise(signal) };
+        }
+    }
+}
+
+/// Refuses to resume with a global micro-batch (ranks × `batch_size`) other than the
+/// checkpoint's: the data order, and so every later loss, would differ.
+fn same_global_batch(config: &TrainConfig, saved: &RunCheckpoint, cluster: &Cluster) -> Result<()> {
+    let ranks = saved.ranks.unwrap_or(1);
+    let batch = match saved.batch_size {
+        Some(b) => b,
+        None => original_batch_size(config)?,
+    };
+    let now = (cluster.size(), config.batch_size);
+    if ranks * batch == now.0 * now.1 {
+        return Ok(());
+    }
+    let product = ranks * batch;
+    let fix = match product % now.0 {
+        0 => format!("--set batch_size={} on {} rank(s)", product / now.0, now.0),
+        _ => format!("a number of ranks that divides {product}"),
+    };
+    bail!(
+        "cannot resume {} on {} rank(s) × batch_size {}: its checkpoint was taken with {ranks} rank(s) × batch_size {batch} = {product} samples per micro-batch, and resuming must keep that product (use {fix})",
+        config.run_dir().display(),
+        now.0,
+        now.1,
+    )
+}
+
+/// The `batch_size` of the run's config.toml, for checkpoints that did not record theirs.
+fn original_batch_size(config: &TrainConfig) -> Result<usize> {
+    let file = config.run_dir().join("config.toml");
+    Ok(TrainConfig::resolve(Some(&file), &[])?.batch_size)
 }
 
 /// Writes the trained weights: `adapter/` (LoRA) or `model/` (full).

@@ -56,10 +56,25 @@ pub fn step_gradients_reduced(
     reduction: Reduction,
 ) -> Result<StepGradients> {
     let scale: f64 = micro.iter().flatten().map(|s| s.share(reduction)).sum();
+    step_gradients_divided(model, micro, device, head, strategy, reduction, scale)
+}
+
+/// [`step_gradients_reduced`] with the step's divisor given: a rank of a data-parallel job
+/// divides its share of the step by the divisor of the *whole* step (over every rank), so
+/// that the ranks' gradients sum to the one-device gradient. Empty micro-batches are skipped.
+pub fn step_gradients_divided(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &burn::tensor::Device,
+    head: HeadPlan,
+    strategy: Recompute,
+    reduction: Reduction,
+    scale: f64,
+) -> Result<StepGradients> {
     let scale = if scale > 0.0 { scale } else { 1.0 };
     let mut accumulator = GradientsAccumulator::new();
     let (mut loss_total, mut nll_total, mut tokens) = (0.0, 0.0, 0);
-    for batch_samples in micro {
+    for batch_samples in micro.iter().filter(|m| !m.is_empty()) {
         let batch = Batch::with_reduction(batch_samples, reduction, device)?;
         tokens += batch.tokens;
         let (loss, nll) = if strategy == Recompute::Layers {
@@ -103,23 +118,52 @@ pub fn evaluate(
     if samples.is_empty() {
         return Ok(None);
     }
+    Ok(Some(
+        evaluation_sums(model, samples, batch_size, head, reduction)?.mean(),
+    ))
+}
+
+/// The summed UAL loss and NLL over some samples, and their divisor: what ranks that each
+/// evaluated a slice of the held-out set add up.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EvaluationSums {
+    /// Summed UAL loss.
+    pub loss: f64,
+    /// Summed NLL.
+    pub nll: f64,
+    /// Loss tokens or samples (`reduction`).
+    pub divisor: f64,
+}
+
+impl EvaluationSums {
+    /// The means.
+    pub fn mean(self) -> Evaluation {
+        let divisor = self.divisor.max(1.0);
+        Evaluation {
+            loss: self.loss / divisor,
+            nll: self.nll / divisor,
+        }
+    }
+}
+
+/// [`evaluate`]'s sums before the division.
+pub fn evaluation_sums(
+    model: &Llama,
+    samples: &[Sample],
+    batch_size: usize,
+    head: HeadPlan,
+    reduction: Reduction,
+) -> Result<EvaluationSums> {
     let model = model.valid();
     let device = model.device();
-    let (mut loss, mut nll) = (0.0, 0.0);
+    let mut sums = EvaluationSums::default();
     for bucket in length_buckets(samples, batch_size) {
         let batch_samples: Vec<&Sample> = bucket.iter().map(|&i| &samples[i]).collect();
         let batch = Batch::with_reduction(&batch_samples, reduction, &device)?;
         let objective = response_loss(&model, &batch, head)?;
-        loss += objective.loss.sum.into_scalar::<f32>() as f64;
-        nll += objective.nll.into_scalar::<f32>() as f64;
+        sums.loss += objective.loss.sum.into_scalar::<f32>() as f64;
+        sums.nll += objective.nll.into_scalar::<f32>() as f64;
     }
-    let divisor = samples
-        .iter()
-        .map(|s| s.share(reduction))
-        .sum::<f64>()
-        .max(1.0);
-    Ok(Some(Evaluation {
-        loss: loss / divisor,
-        nll: nll / divisor,
-    }))
+    sums.divisor = samples.iter().map(|s| s.share(reduction)).sum::<f64>();
+    Ok(sums)
 }
