@@ -86,6 +86,7 @@ impl Drop for Guard {
     }
 }
 
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 fn timeout() -> Result<Duration> {
     let Ok(text) = std::env::var("UAL_MPI_TIMEOUT") else {
         return Ok(Duration::from_secs_f64(DEFAULT_TIMEOUT_S));
@@ -155,27 +156,33 @@ impl Cluster {
     /// collective in the error a dead rank causes.
     pub fn sum_f32(&self, values: &mut [f32], what: &str) {
         match &self.transport {
-            Transport::Solo => {}
+            // One rank's values are their own sum.
+            Transport::Solo => {
+                let _ = (values, what);
+            }
             #[cfg(feature = "mpi")]
             Transport::Mpi(m) => m.sum_f32(values, what),
         }
-        let _ = what;
     }
 
     /// [`Cluster::sum_f32`] in f64: counts and sums that must add exactly.
     pub fn sum_f64(&self, values: &mut [f64], what: &str) {
         match &self.transport {
-            Transport::Solo => {}
+            Transport::Solo => {
+                let _ = (values, what);
+            }
             #[cfg(feature = "mpi")]
             Transport::Mpi(m) => m.sum_f64(values, what),
         }
-        let _ = what;
     }
 
     /// Every rank's `bytes`, in rank order, on rank 0; an empty list on the others.
     pub fn gather(&self, bytes: Vec<u8>, what: &str) -> Vec<Vec<u8>> {
         match &self.transport {
-            Transport::Solo => vec![bytes],
+            Transport::Solo => {
+                let _ = what;
+                vec![bytes]
+            }
             #[cfg(feature = "mpi")]
             Transport::Mpi(m) => m.gather(&bytes, what),
         }
@@ -184,11 +191,12 @@ impl Cluster {
     /// Rank 0's `bytes`, on every rank (the others' are replaced).
     pub fn broadcast(&self, bytes: &mut Vec<u8>, what: &str) {
         match &self.transport {
-            Transport::Solo => {}
+            Transport::Solo => {
+                let _ = (bytes, what);
+            }
             #[cfg(feature = "mpi")]
             Transport::Mpi(m) => m.broadcast(bytes, what),
         }
-        let _ = (bytes, what);
     }
 
     /// Waits until every rank is here, so that what rank 0 did before (a checkpoint written)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use mpi::collective::SystemOperation;
-use mpi::datatype::PartitionMut;
+use mpi::datatype::{Equivalence, PartitionMut};
 use mpi::environment::{Threading, Universe};
 use mpi::ffi;
 use mpi::point_to_point::Message;
@@ -30,6 +30,8 @@ static RANK: AtomicUsize = AtomicUsize::new(0);
 
 /// Elements per MPI call: counts are C ints, so large buffers go in pieces.
 const CHUNK: usize = 1 << 28;
+/// Elements per all-reduce call: 64 MiB of f32.
+const REDUCE_PIECE: usize = 1 << 24;
 /// Tags cycle below 32,767, the least `MPI_TAG_UB` the standard allows.
 const TAGS: u64 = 32_000;
 
@@ -79,20 +81,12 @@ impl Mpi {
 
     pub(super) fn sum_f32(&self, values: &mut [f32], what: &str) {
         self.arrive(what);
-        let world = SimpleCommunicator::world();
-        for chunk in values.chunks_mut(CHUNK) {
-            let send = chunk.to_vec();
-            world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
+        sum_in_pieces(values);
     }
 
     pub(super) fn sum_f64(&self, values: &mut [f64], what: &str) {
         self.arrive(what);
-        let world = SimpleCommunicator::world();
-        for chunk in values.chunks_mut(CHUNK) {
-            let send = chunk.to_vec();
-            world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
+        sum_in_pieces(values);
     }
 
     pub(super) fn gather(&self, bytes: &[u8], what: &str) -> Vec<Vec<u8>> {
@@ -212,6 +206,19 @@ impl Mpi {
                 }
             }
         }
+    }
+}
+
+/// Sums `values` over the ranks in pieces of [`REDUCE_PIECE`] elements, each copied to a send
+/// buffer first (`MPI_IN_PLACE` is not portable through rsmpi), so the extra host memory is
+/// one piece, not a second copy of a full fine-tune's gradients.
+fn sum_in_pieces<T: Equivalence + Copy + Default>(values: &mut [T]) {
+    let world = SimpleCommunicator::world();
+    let mut send = vec![T::default(); values.len().min(REDUCE_PIECE)];
+    for chunk in values.chunks_mut(REDUCE_PIECE) {
+        let send = &mut send[..chunk.len()];
+        send.copy_from_slice(chunk);
+        world.all_reduce_into(&send[..], chunk, SystemOperation::sum());
     }
 }
 

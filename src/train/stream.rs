@@ -73,3 +73,49 @@ impl BatchStream {
         self.buckets[self.order[self.position - 1]].clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::shard;
+
+    fn samples(n: usize) -> Vec<Sample> {
+        (0..n)
+            .map(|i| Sample {
+                ids: vec![1; 3 + i % 7],
+                loss_mask: vec![true; 3 + i % 7],
+                epsilon: 0.0,
+                smoothing: 0.0,
+                line: i + 1,
+                uncertainty: None,
+            })
+            .collect()
+    }
+
+    /// What `ranks` ranks with micro-batch `batch` take over one epoch: every sample exactly
+    /// once, and together the batches one rank with `ranks × batch` would take.
+    #[test]
+    fn an_epoch_sharded_over_ranks_takes_every_sample_once() {
+        for (n, ranks, batch) in [(430, 2, 4), (37, 3, 5), (5, 4, 1), (64, 2, 32)] {
+            let samples = samples(n);
+            let mut global = BatchStream::new(&samples, ranks * batch, Sampling::Shuffle, 7);
+            let mut whole = BatchStream::new(&samples, ranks * batch, Sampling::Shuffle, 7);
+            let mut seen = vec![0usize; n];
+            while global.epoch == 0 && (global.position < global.order.len()) {
+                let drawn = global.next_batch();
+                let mut joined = Vec::new();
+                for rank in 0..ranks {
+                    let mine = &drawn[shard::slice(drawn.len(), rank, ranks)];
+                    assert!(mine.len() <= batch, "a rank's slice fits its micro-batch");
+                    mine.iter().for_each(|&i| seen[i] += 1);
+                    joined.extend_from_slice(mine);
+                }
+                assert_eq!(joined, whole.next_batch(), "the one-rank batch, in order");
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "n {n}, ranks {ranks}: {seen:?}"
+            );
+        }
+    }
+}
