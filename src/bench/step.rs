@@ -16,7 +16,7 @@ use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
 use crate::model::lora::{self, BaseDtype, LoraConfig};
-use crate::train::{Parts, Recompute, Session, TrainConfig};
+use crate::train::{Mode, Parts, Recompute, Session, TrainConfig};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -116,7 +116,7 @@ pub struct StepOptions {
     pub gradient_checkpointing: Recompute,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: BaseDtype,
-    /// LoRA rank (α = 2r).
+    /// LoRA rank (α = 2r); 0 trains every weight (full fine-tuning).
     pub lora_r: usize,
     /// Untimed steps first.
     pub warmup_steps: usize,
@@ -163,8 +163,10 @@ pub struct StepBench {
     /// Ranks of the job (`mpirun -np`), each with a whole batch of the preset's shape.
     pub ranks: usize,
     /// Milliseconds per timed step spent summing the gradients over the ranks: read-back,
-    /// all-reduce (waiting for the slowest rank included) and upload. 0 on one rank.
+    /// all-reduce and upload, the wait for the slowest rank excluded. 0 on one rank.
     pub allreduce_ms_per_step: f64,
+    /// Milliseconds per timed step this rank (0) waited at the all-reduce for the others.
+    pub allreduce_wait_ms_per_step: f64,
     /// Bytes each rank sends into one step's all-reduce.
     pub allreduce_bytes: u64,
 }
@@ -187,8 +189,10 @@ pub struct ScalingPoint {
     pub speedup: Option<f64>,
     /// Seconds per step.
     pub seconds_per_step: f64,
-    /// Milliseconds per step summing the gradients.
+    /// Milliseconds per step summing the gradients (waiting excluded).
     pub allreduce_ms_per_step: f64,
+    /// Milliseconds per step rank 0 waited for the slowest rank.
+    pub allreduce_wait_ms_per_step: f64,
     /// The all-reduce's share of the step.
     pub allreduce_share: f64,
     /// Bytes each rank sends per step.
@@ -210,7 +214,10 @@ pub fn run(
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
     let config = session_config(&options, &shape);
     let mut session = Session::new(&config, parts(&shape, &config, selected, base)?, selected)?;
-    let trainable = trainable_params(session.model());
+    let trainable = match config.mode {
+        Mode::Lora => trainable_params(session.model()),
+        Mode::Full => burn::module::Module::num_params(session.model()),
+    };
     let parameters = burn::module::Module::num_params(session.model()) - trainable;
     let mut loss = f64::NAN;
     let step = |session: &mut Session| -> Result<f64> {
@@ -252,7 +259,10 @@ pub fn run(
         peak_heap_bytes: CountingAlloc::active().then(|| CountingAlloc::peak() as u64),
         final_loss: loss,
         ranks: cluster.size(),
-        allreduce_ms_per_step: 1e3 * (exchanged.seconds - before.seconds) / steps,
+        allreduce_ms_per_step: 1e3
+            * ((exchanged.seconds - exchanged.waiting) - (before.seconds - before.waiting))
+            / steps,
+        allreduce_wait_ms_per_step: 1e3 * (exchanged.waiting - before.waiting) / steps,
         allreduce_bytes: (exchanged.bytes - before.bytes) / (exchanged.count - before.count).max(1),
         shape,
         options,
@@ -278,6 +288,10 @@ fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
         head_vocab_splits: options.head_vocab_splits,
         gradient_checkpointing: options.gradient_checkpointing,
         base_dtype: options.base_dtype,
+        mode: match options.lora_r {
+            0 => Mode::Full,
+            _ => Mode::Lora,
+        },
         lora: LoraConfig {
             r: options.lora_r,
             alpha: 2.0 * options.lora_r as f64,
@@ -304,7 +318,10 @@ fn parts(
         &RandomWeights { seed: 0, std: 0.02 },
         &device,
     )?;
-    let mut model = lora::attach(model, &config.lora, 0, &device);
+    let mut model = match config.mode {
+        Mode::Full => model,
+        Mode::Lora => lora::attach(model, &config.lora, 0, &device),
+    };
     if base != DType::F32 {
         model = lora::store_frozen_in(model, base);
     }
@@ -371,6 +388,7 @@ impl Scaling {
                 speedup: None,
                 seconds_per_step,
                 allreduce_ms_per_step,
+                allreduce_wait_ms_per_step: r["allreduce_wait_ms_per_step"].as_f64().unwrap_or(0.0),
                 allreduce_share: allreduce_ms_per_step / 1e3 / seconds_per_step.max(1e-12),
                 allreduce_bytes: number(r, "allreduce_bytes")? as u64,
                 device: r["device"].as_str().unwrap_or_default().to_string(),

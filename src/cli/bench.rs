@@ -65,7 +65,7 @@ pub struct StepArgs {
     /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
     #[arg(long, default_value = "f32")]
     base_dtype: BaseDtype,
-    /// LoRA rank (α = 2r).
+    /// LoRA rank (α = 2r); 0 measures full fine-tuning (every weight trains).
     #[arg(long, default_value_t = 16)]
     lora_r: usize,
     /// Untimed steps first (kernel compilation, autotune).

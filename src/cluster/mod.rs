@@ -43,6 +43,8 @@ pub struct Exchanges {
     /// Seconds they took, device read-back and upload included, and the wait for the slowest
     /// rank.
     pub seconds: f64,
+    /// The part of `seconds` spent waiting for the other ranks to arrive.
+    pub waiting: f64,
 }
 
 enum Transport {
@@ -113,12 +115,23 @@ impl Cluster {
         }
     }
 
-    /// Counts one gradient exchange of `bytes` that took `seconds`.
-    pub fn record_exchange(&self, bytes: u64, seconds: f64) {
+    /// Counts one gradient exchange of `bytes` that took `seconds`, `waiting` of them for the
+    /// other ranks.
+    pub fn record_exchange(&self, bytes: u64, seconds: f64, waiting: f64) {
         if let Ok(mut e) = self.exchanges.lock() {
             e.count += 1;
             e.bytes += bytes;
             e.seconds += seconds;
+            e.waiting += waiting;
+        }
+    }
+
+    /// Seconds this rank has waited at collectives for the others, so far.
+    pub fn waited(&self) -> f64 {
+        match &self.transport {
+            Transport::Solo => 0.0,
+            #[cfg(feature = "mpi")]
+            Transport::Mpi(m) => m.waited(),
         }
     }
 

@@ -56,6 +56,8 @@ pub(super) struct Mpi {
     /// Collectives so far: every rank calls the same ones in the same order, so this numbers
     /// the check-in messages of each.
     sequence: AtomicU64,
+    /// Nanoseconds spent in [`Mpi::arrive`], waiting for the others.
+    waited_ns: AtomicU64,
 }
 
 impl Mpi {
@@ -75,6 +77,7 @@ impl Mpi {
             size,
             timeout,
             sequence: AtomicU64::new(0),
+            waited_ns: AtomicU64::new(0),
         });
         Ok(Cluster::new(rank, size, local_rank, transport))
     }
@@ -155,12 +158,23 @@ impl Mpi {
         }
     }
 
+    pub(super) fn waited(&self) -> f64 {
+        self.waited_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
     /// Returns once every rank has reached this collective; ends the job with an error naming
     /// the missing ranks if they do not within the timeout.
     fn arrive(&self, what: &str) {
         if self.size == 1 {
             return;
         }
+        let started = Instant::now();
+        self.check_in(what);
+        let waited = started.elapsed().as_nanos() as u64;
+        self.waited_ns.fetch_add(waited, Ordering::Relaxed);
+    }
+
+    fn check_in(&self, what: &str) {
         let world = SimpleCommunicator::world();
         let tag = (self.sequence.fetch_add(1, Ordering::Relaxed) % TAGS) as i32 + 1;
         let deadline = Instant::now() + self.timeout;

@@ -71,7 +71,7 @@ pub fn sum_gradients(
     if !cluster.is_parallel() {
         return;
     }
-    let started = std::time::Instant::now();
+    let (started, waited) = (std::time::Instant::now(), cluster.waited());
     let Some(flat) = flatten(model, grads) else {
         cluster.sum_f32(figures, "the gradient all-reduce");
         return;
@@ -94,7 +94,8 @@ pub fn sum_gradients(
         offset: 0,
     });
     let bytes = (n * std::mem::size_of::<f32>()) as u64;
-    cluster.record_exchange(bytes, started.elapsed().as_secs_f64());
+    let waiting = cluster.waited() - waited;
+    cluster.record_exchange(bytes, started.elapsed().as_secs_f64(), waiting);
 }
 
 /// The gradients of the trainable parameters, in visiting order (the same on every rank),
