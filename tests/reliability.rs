@@ -111,6 +111,31 @@ fn resume_refuses_overrides_that_change_the_model() {
     assert_eq!((resumed.steps, resumed.eval_every), (3, 1));
 }
 
+/// `batch_size` may be set on resume only so that another number of MPI ranks keeps the global
+/// micro-batch; on one rank any other value changes the data order and is refused.
+#[test]
+fn resume_refuses_a_batch_size_that_changes_the_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(
+        tmp.path(),
+        &["steps=2", "checkpoint_every=1", "eval_every=0", "batch_size=4"],
+    );
+    assert!(ok, "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(["train", "--device", "cpu", "--set", "batch_size=8", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("1 rank(s) × batch_size 4 = 4 samples per micro-batch")
+            && stderr.contains("--set batch_size=4"),
+        "{stderr}"
+    );
+}
+
 /// Decoding stops at the model's last position: a 250-token prompt on a 256-position model
 /// gets at most 6 new tokens, however many are asked for.
 #[test]

@@ -322,9 +322,6 @@ impl Default for TrainConfig {
 /// optimizer state mean.
 pub const RESUMABLE: [&str; 11] = [
     "steps",
-    // Only so that the same global batch can resume on another number of ranks: the session
-    // refuses a batch size that changes it.
-    "batch_size",
     "epochs",
     "eval_every",
     "checkpoint_every",
@@ -334,6 +331,9 @@ pub const RESUMABLE: [&str; 11] = [
     "head_block_rows",
     "head_vocab_splits",
     "gradient_checkpointing",
+    // Only so that the same global batch can resume on another number of ranks: the session
+    // refuses a batch size that changes it.
+    "batch_size",
 ];
 
 impl TrainConfig {
