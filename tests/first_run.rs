@@ -64,3 +64,36 @@ fn the_bundled_run_learns_and_says_so_without_an_error_line() {
     );
     assert!(lines.iter().filter(|m| m["eval_nll"].is_f64()).count() >= 6);
 }
+
+/// A fresh machine needs no MPI: the default build (without the `mpi` feature) links no MPI
+/// library, and under an MPI launcher's environment it still runs as the only rank.
+#[cfg(all(target_os = "linux", not(feature = "mpi")))]
+#[test]
+fn the_default_build_needs_no_mpi() {
+    let ldd = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_ual"))
+        .output()
+        .expect("ldd (Debian: libc-bin)");
+    assert!(ldd.status.success());
+    let linked = String::from_utf8_lossy(&ldd.stdout);
+    assert!(
+        linked.contains("libc.so"),
+        "ldd lists the libraries: {linked}"
+    );
+    assert!(!linked.contains("libmpi"), "{linked}");
+    // As if mpirun had started it: without the feature, ual is one process on its own.
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .args(["score", "--model"])
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .args(["--text", "one two", "--json", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("logprobs"));
+}

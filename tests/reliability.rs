@@ -118,12 +118,24 @@ fn resume_refuses_a_batch_size_that_changes_the_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let (ok, stderr) = train(
         tmp.path(),
-        &["steps=2", "checkpoint_every=1", "eval_every=0", "batch_size=4"],
+        &[
+            "steps=2",
+            "checkpoint_every=1",
+            "eval_every=0",
+            "batch_size=4",
+        ],
     );
     assert!(ok, "{stderr}");
     let run = tmp.path().join("tiny-ual");
     let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(["train", "--device", "cpu", "--set", "batch_size=8", "--resume"])
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--set",
+            "batch_size=8",
+            "--resume",
+        ])
         .arg(&run)
         .output()
         .unwrap();
