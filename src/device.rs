@@ -2,7 +2,9 @@
 //!
 //! `auto` takes the first wgpu adapter (Vulkan, Metal, DX12 or GL, in that order of preference)
 //! and falls back to the CPU (`flex`). `wgpu:N` picks the N-th adapter of `ual devices`'s list on
-//! the graphics API that wgpu itself settles on.
+//! the graphics API that wgpu itself settles on. Each wgpu device is brought up through
+//! `ops::wgsl`, which keeps its handles for our kernels, and is described with the shader
+//! compiler cubecl chose for it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,6 +12,8 @@ use std::str::FromStr;
 use anyhow::{Result, bail};
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, DeviceKind};
+
+use crate::ops::wgsl::{self, Compiler};
 
 /// What the user asked for with `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -182,7 +186,7 @@ pub fn select_for_rank(spec: DeviceSpec, local_rank: usize) -> Result<Selected> 
     if spec == DeviceSpec::Auto && local_rank > 0 {
         let gpus: Vec<AdapterReport> = adapters().into_iter().filter(|a| !a.software).collect();
         return match gpus.get(local_rank).and_then(wgpu_device) {
-            Some(selected) => Ok(selected),
+            Some(selected) => selected,
             None if gpus.is_empty() => select_for_rank(DeviceSpec::Cpu, 0),
             None => bail!(
                 "local rank {local_rank} has no GPU of its own: this machine has {} hardware adapter(s) (`ual devices`); start at most that many ranks per machine (mpirun --map-by ppr:{}:node), or pass --device cpu",
@@ -217,6 +221,7 @@ fn select_one(spec: DeviceSpec) -> Result<Selected> {
             .into_iter()
             .filter(|a| !a.software)
             .find_map(|a| wgpu_device(&a))
+            .transpose()?
             .unwrap_or_else(|| {
                 let mut selected = cpu();
                 selected
@@ -233,7 +238,7 @@ fn select_one(spec: DeviceSpec) -> Result<Selected> {
                 );
             };
             match wgpu_device(adapter) {
-                Some(selected) => Ok(selected),
+                Some(selected) => selected,
                 None => bail!(
                     "wgpu adapter {n} ({}) has a device type burn cannot address",
                     adapter.name
@@ -243,19 +248,64 @@ fn select_one(spec: DeviceSpec) -> Result<Selected> {
     }
 }
 
-fn wgpu_device(adapter: &AdapterReport) -> Option<Selected> {
+/// Lets a software adapter run under SPIR-V, which Mesa's lavapipe crashes on (see
+/// [`software_spirv_refusal`]); CI sets it to run the loss kernels' tests that way.
+pub const ALLOW_SOFTWARE_SPIRV: &str = "UAL_ALLOW_SOFTWARE_SPIRV";
+
+/// Brings up the adapter (see `ops::wgsl::acquire`); `None` for a type burn cannot address.
+fn wgpu_device(adapter: &AdapterReport) -> Option<Result<Selected>> {
     let kind = adapter.kind.clone()?;
-    Some(Selected {
-        device: Device::wgpu(kind),
+    Some(acquire(kind).and_then(|(device, compiler)| {
+        let allowed = std::env::var(ALLOW_SOFTWARE_SPIRV).as_deref() == Ok("1");
+        if let Some(refusal) = software_spirv_refusal(adapter, compiler, allowed) {
+            bail!(refusal);
+        }
+        Ok(selected(adapter, device, compiler))
+    }))
+}
+
+/// Why a software adapter is refused under a native compiler, if it is. Mesa 22.3's lavapipe
+/// (Debian 12) segfaults while building burn's SPIR-V matmul pipelines, so rather than crash
+/// mid-run, ual says so at selection. Our own kernels do run there (CI tests them).
+fn software_spirv_refusal(
+    adapter: &AdapterReport,
+    compiler: Compiler,
+    allowed: bool,
+) -> Option<String> {
+    (adapter.software && compiler != Compiler::Wgsl && !allowed).then(|| {
+        format!(
+            "wgpu:{} ({}) is a software adapter whose compiler in this build is {compiler}, which Mesa's lavapipe crashes on in burn's own kernels; use --device cpu (faster on the same cores), or build with --no-default-features for WGSL (set {ALLOW_SOFTWARE_SPIRV}=1 to try anyway)",
+            adapter.index, adapter.name
+        )
+    })
+}
+
+fn selected(adapter: &AdapterReport, device: Device, compiler: Compiler) -> Selected {
+    Selected {
+        device,
         description: format!(
-            "wgpu:{} {} ({}, {})",
+            "wgpu:{} {} ({}, {}, {compiler})",
             adapter.index, adapter.name, adapter.backend, adapter.device_type
         ),
         is_wgpu: true,
         hardware_gpu: !adapter.software,
         shader_f16: adapter.shader_f16,
         max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
-    })
+    }
+}
+
+/// The burn device for `kind` and the shader compiler cubecl chose for it.
+fn acquire(kind: DeviceKind) -> Result<(Device, Compiler)> {
+    let device = wgsl::acquire(kind.clone())?;
+    Ok((device, wgsl::compiler_on(&kind)))
+}
+
+/// The compiler each adapter gets, for `ual devices`: each is brought up to find out.
+pub fn compilers(adapters: &[AdapterReport]) -> Vec<Option<Compiler>> {
+    adapters
+        .iter()
+        .map(|a| acquire(a.kind.clone()?).ok().map(|(_, c)| c))
+        .collect()
 }
 
 #[cfg(test)]
@@ -270,5 +320,32 @@ mod tests {
         assert_eq!("wgpu:2".parse(), Ok(DeviceSpec::Wgpu(2)));
         assert!("cuda".parse::<DeviceSpec>().is_err());
         assert!("wgpu:x".parse::<DeviceSpec>().is_err());
+    }
+
+    fn adapter(software: bool) -> AdapterReport {
+        AdapterReport {
+            index: 0,
+            name: "llvmpipe".into(),
+            backend: "Vulkan".into(),
+            device_type: "Cpu".into(),
+            shader_f16: true,
+            max_storage_buffer_binding_size: 1 << 27,
+            kind: Some(DeviceKind::Cpu),
+            software,
+        }
+    }
+
+    #[test]
+    fn only_a_software_adapter_under_a_native_compiler_is_refused() {
+        let refused = |software, compiler, allowed| {
+            software_spirv_refusal(&adapter(software), compiler, allowed).is_some()
+        };
+        assert!(refused(true, Compiler::Spirv, false));
+        assert!(refused(true, Compiler::Msl, false));
+        assert!(!refused(true, Compiler::Spirv, true));
+        assert!(!refused(true, Compiler::Wgsl, false));
+        assert!(!refused(false, Compiler::Spirv, false));
+        let message = software_spirv_refusal(&adapter(true), Compiler::Spirv, false).unwrap();
+        assert!(message.contains("--device cpu") && message.contains(ALLOW_SOFTWARE_SPIRV));
     }
 }

@@ -97,3 +97,39 @@ fn the_default_build_needs_no_mpi() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("logprobs"));
 }
+
+/// `ual devices --json` names the shader compiler of every adapter it lists; with
+/// `UAL_REQUIRE_WGPU=1` (CI) it must list one.
+#[test]
+fn devices_name_each_adapters_compiler() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(["devices", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    if listed.is_empty() {
+        assert_ne!(
+            std::env::var("UAL_REQUIRE_WGPU").as_deref(),
+            Ok("1"),
+            "UAL_REQUIRE_WGPU=1 but `ual devices` lists no adapter"
+        );
+        eprintln!("NOTICE: no wgpu adapter; `ual devices` listed nothing to check");
+        return;
+    }
+    for adapter in &listed {
+        let compiler = adapter["compiler"].as_str();
+        assert!(
+            matches!(compiler, Some("wgsl" | "spirv" | "msl")),
+            "{adapter}"
+        );
+        // A build without the native compilers gives every adapter WGSL.
+        if !cfg!(feature = "native-compilers") {
+            assert_eq!(compiler, Some("wgsl"), "{adapter}");
+        }
+    }
+}

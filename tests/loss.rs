@@ -288,3 +288,58 @@ fn f16_logits_accumulate_in_f32() {
         );
     }
 }
+
+/// The wgpu half of these tests ran the kernels under the compiler this build gives a Vulkan
+/// adapter: SPIR-V by default (where they are dispatched through wgpu directly), WGSL with
+/// `--no-default-features` (where cubecl launches them). lavapipe cannot run burn's own SPIR-V,
+/// so CI runs this file on WGSL twice: as cubecl launches the kernels, and with
+/// `UAL_DIRECT_DISPATCH=1`, through wgpu directly as SPIR-V and MSL have them; both launch
+/// paths then meet the PyTorch fixtures above.
+#[test]
+fn the_loss_runs_under_the_compiler_this_build_chooses() {
+    let Ok(selected) = ual::device::select(ual::device::DeviceSpec::Wgpu(0)) else {
+        common::wgpu_device();
+        return;
+    };
+    let listed = ual::device::adapters();
+    let compiler = ual::device::compilers(&listed)[0].expect("the adapter came up");
+    let vulkan = listed[0].backend == "Vulkan";
+    let expected = if cfg!(feature = "native-compilers") && vulkan && !cfg!(target_os = "macos") {
+        ual::ops::wgsl::Compiler::Spirv
+    } else if cfg!(feature = "native-compilers") && cfg!(target_os = "macos") {
+        ual::ops::wgsl::Compiler::Msl
+    } else {
+        ual::ops::wgsl::Compiler::Wgsl
+    };
+    assert_eq!(compiler, expected, "{}", selected.description);
+    assert!(
+        selected.description.contains(&compiler.to_string()),
+        "the chosen device names its compiler: {}",
+        selected.description
+    );
+    // And the kernel's result is the reference's under it (1e-5, as above).
+    let device = selected.device;
+    let logits = random_logits(5, 333, &device);
+    let labels = RowLabels::new(
+        vec![1, 7, 300, 0, 42],
+        vec![0.0, 0.1, 0.5, 0.9, 0.2],
+        vec![true; 5],
+    )
+    .unwrap();
+    let before = ual::ops::wgsl::direct_dispatches();
+    let fused = to_vec(ual_row_losses(logits.clone(), &labels).unwrap());
+    let direct = ual::ops::wgsl::direct_dispatches() > before;
+    let forced = std::env::var(ual::ops::wgsl::DIRECT_DISPATCH).as_deref() == Ok("1");
+    assert_eq!(
+        direct,
+        forced || !compiler.runs_wgsl_source(),
+        "the kernel went through wgpu directly exactly where it must"
+    );
+    let composed = to_vec(reference::row_losses(logits, &labels).unwrap());
+    for (a, b) in fused.iter().zip(&composed) {
+        assert!(
+            close(*a as f64, *b as f64, LOSS_RTOL),
+            "{compiler}: {a} vs {b}"
+        );
+    }
+}

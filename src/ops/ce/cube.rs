@@ -1,19 +1,19 @@
 //! Launches of the fused UAL loss kernels (`shaders/ual_ce_*.wgsl`) on wgpu devices.
 //!
-//! Other CubeCL devices fall back to the host loop: the kernels are WGSL source and only the
-//! wgpu runtime compiles WGSL.
+//! Other CubeCL devices fall back to the host loop: the kernels are WGSL source, which only wgpu
+//! takes. On wgpu they run under every compiler (`ops::wgsl`).
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{
-    CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
-    kernel_source,
+    CubeBackend, CubeTensor, KernelSource, SourceTemplate, into_contiguous, kernel_source,
 };
-use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArguments};
+use burn::cubecl::prelude::KernelId;
 use burn::tensor::{DType, Shape};
 use derive_new::new;
 
 use super::backend::{UalLossBackend, slice_major, sliced_shape, stats_shape};
 use super::host;
+use crate::ops::wgsl;
 
 kernel_source!(ForwardSource, "../../../shaders/ual_ce_forward.wgsl");
 kernel_source!(BackwardSource, "../../../shaders/ual_ce_backward.wgsl");
@@ -67,9 +67,9 @@ fn is_wgpu(t: &CubeTensor) -> bool {
 }
 
 /// One workgroup per row, folded into two dimensions past the per-dimension limit.
-fn row_groups(rows: usize) -> CubeCount {
+fn row_groups(rows: usize) -> [u32; 3] {
     let x = rows.clamp(1, MAX_GROUPS_PER_DIM);
-    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
+    [x as u32, rows.div_ceil(x).max(1) as u32, 1]
 }
 
 fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
@@ -157,19 +157,16 @@ fn backward(
 /// Launches one kernel, one workgroup per logits row: the bindings are the logits, `others` in
 /// the shader's order, then `info`.
 fn launch<const N: usize>(pass: Pass, logits: &CubeTensor, info: &[u32], others: [&CubeTensor; N]) {
-    let info = logits.client.create_from_slice(bytemuck::cast_slice(info));
     let kernel = UalCeKernel {
         pass,
         dtype: logits.dtype,
     };
-    let buffers = std::iter::once(logits)
-        .chain(others)
-        .map(|t| t.handle.clone().binding())
-        .chain([info.binding()])
-        .collect();
-    logits.client.launch(
-        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+    let tensors: Vec<&CubeTensor> = std::iter::once(logits).chain(others).collect();
+    wgsl::launch(
+        kernel,
+        WORKGROUP,
         row_groups(logits.meta.shape()[0]),
-        KernelArguments::new().with_buffers(buffers),
+        &tensors,
+        info,
     );
 }
