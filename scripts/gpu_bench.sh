@@ -5,7 +5,8 @@
 # small and 1b presets. Most important first; each table is written to $OUT as soon as it is measured, so a
 # sitting cut short keeps what it finished.
 #
-#   cargo build --release
+#   cargo build --release                                          # SPIR-V (Vulkan) / MSL (Metal)
+#   cargo build --release --no-default-features --target-dir target/wgsl   # WGSL everywhere
 #   OUT=/tmp/gpu scripts/gpu_bench.sh            # UAL=path/to/ual for a binary built elsewhere
 #
 # Needs the Vulkan loader and the vendor's Vulkan driver, and python3 with torch (CUDA),
@@ -26,6 +27,25 @@ step machine
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 "$UAL" devices | tee "$OUT/devices.txt"
+
+# The compilers first: the same step from the default build (SPIR-V on Vulkan, tensor-core
+# matmuls where the driver lists cooperative matrices) and the WGSL build, alternating, at two
+# sequence lengths, with f32 and f16 frozen weights. Each line is one `bench step` JSON report.
+UAL_WGSL=${UAL_WGSL:-target/wgsl/release/ual}
+if [ -x "$UAL_WGSL" ]; then
+  step "compilers: $BIG LoRA step, default build vs --no-default-features (WGSL)"
+  for seq in 512 2048; do
+    for base in f32 f16; do
+      for bin in "$UAL" "$UAL_WGSL"; do
+        echo "# $bin seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
+        timeout 120 "$bin" bench step --device wgpu --preset "$BIG" --seq-len "$seq" --batch-size 1 \
+          --base-dtype "$base" --warmup 2 --steps "${STEPS:-5}" 2>/dev/null | tee -a "$OUT/compilers.jsonl.txt"
+      done
+    done
+  done
+else
+  echo "no WGSL build at $UAL_WGSL: the compiler comparison is skipped"
+fi
 
 step "fused vs unfused head in a training step, $BIG on wgpu"
 python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \
