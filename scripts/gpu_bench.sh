@@ -42,6 +42,12 @@ if [ -x "$UAL_WGSL" ]; then
           --base-dtype "$base" --warmup 2 --steps "${STEPS:-5}" 2>/dev/null | tee -a "$OUT/compilers.jsonl.txt"
       done
     done
+    # PyTorch + PEFT beside them, SDPA attention: f32, and bf16 autocast (its usual setting).
+    for base in f32 bf16; do
+      echo "# torch seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
+      timeout 120 python3 scripts/bench_torch.py --preset "$BIG" --seq-len "$seq" --batch-size 1 \
+        --base-dtype "$base" --warmup 2 --steps "${STEPS:-5}" | tee -a "$OUT/compilers.jsonl.txt"
+    done
   done
 else
   echo "no WGSL build at $UAL_WGSL: the compiler comparison is skipped"
