@@ -248,14 +248,14 @@ fn select_one(spec: DeviceSpec) -> Result<Selected> {
     }
 }
 
-/// Lets a software adapter run under SPIR-V, which Mesa's lavapipe crashes on (see
-/// [`software_spirv_refusal`]); CI sets it to run the loss kernels' tests that way.
+/// Lets a software adapter run under SPIR-V or MSL anyway (see [`software_spirv_refusal`]),
+/// for a newer lavapipe than the one that crashed.
 pub const ALLOW_SOFTWARE_SPIRV: &str = "UAL_ALLOW_SOFTWARE_SPIRV";
 
 /// Brings up the adapter (see `ops::wgsl::acquire`); `None` for a type burn cannot address.
 fn wgpu_device(adapter: &AdapterReport) -> Option<Result<Selected>> {
     let kind = adapter.kind.clone()?;
-    Some(acquire(kind).and_then(|(device, compiler)| {
+    Some(wgsl::acquire(kind).and_then(|(device, compiler)| {
         let allowed = std::env::var(ALLOW_SOFTWARE_SPIRV).as_deref() == Ok("1");
         if let Some(refusal) = software_spirv_refusal(adapter, compiler, allowed) {
             bail!(refusal);
@@ -266,7 +266,7 @@ fn wgpu_device(adapter: &AdapterReport) -> Option<Result<Selected>> {
 
 /// Why a software adapter is refused under a native compiler, if it is. Mesa 22.3's lavapipe
 /// (Debian 12) segfaults while building burn's SPIR-V matmul pipelines, so rather than crash
-/// mid-run, ual says so at selection. Our own kernels do run there (CI tests them).
+/// mid-run, ual says so at selection.
 fn software_spirv_refusal(
     adapter: &AdapterReport,
     compiler: Compiler,
@@ -294,17 +294,11 @@ fn selected(adapter: &AdapterReport, device: Device, compiler: Compiler) -> Sele
     }
 }
 
-/// The burn device for `kind` and the shader compiler cubecl chose for it.
-fn acquire(kind: DeviceKind) -> Result<(Device, Compiler)> {
-    let device = wgsl::acquire(kind.clone())?;
-    Ok((device, wgsl::compiler_on(&kind)))
-}
-
 /// The compiler each adapter gets, for `ual devices`: each is brought up to find out.
 pub fn compilers(adapters: &[AdapterReport]) -> Vec<Option<Compiler>> {
     adapters
         .iter()
-        .map(|a| acquire(a.kind.clone()?).ok().map(|(_, c)| c))
+        .map(|a| wgsl::acquire(a.kind.clone()?).ok().map(|(_, c)| c))
         .collect()
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Result, bail};
 use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, WgpuDevice, WgpuSetup, wgpu};
-use burn::cubecl::{CubeCount, CubeDim, server::KernelArguments};
+use burn::cubecl::{CubeCount, CubeDim, prelude::KernelId, server::KernelArguments};
 use burn::tensor::{Device, DeviceKind};
 
 /// The shader compiler cubecl's wgpu runtime uses on a device.
@@ -61,7 +61,7 @@ impl std::fmt::Display for Compiler {
 struct Shared {
     device: wgpu::Device,
     queue: wgpu::Queue,
-    pipelines: HashMap<String, wgpu::ComputePipeline>,
+    pipelines: HashMap<KernelId, wgpu::ComputePipeline>,
 }
 
 /// Every wgpu device this process acquired, by cubecl's name for it.
@@ -85,28 +85,31 @@ fn wgpu_device_of(kind: &DeviceKind) -> Option<WgpuDevice> {
 }
 
 /// The burn device for the wgpu adapter `kind`, brought up here so that its wgpu handles are
-/// known (see the module's note). A device burn brought up before (in a test, say) is reused,
-/// and then our kernels run only where its compiler is WGSL.
-pub fn acquire(kind: DeviceKind) -> Result<Device> {
+/// known (see the module's note), and the compiler cubecl chose for it. A device burn brought
+/// up before (in a test, say) is reused, and then our kernels run only where its compiler is
+/// WGSL.
+pub fn acquire(kind: DeviceKind) -> Result<(Device, Compiler)> {
     let Some(key) = wgpu_device_of(&kind) else {
-        return Ok(Device::wgpu(kind));
+        return Ok((Device::wgpu(kind), Compiler::Wgsl));
     };
     let mut shared = shared().lock().unwrap_or_else(|e| e.into_inner());
-    if shared.contains_key(&key) {
-        return Ok(Device::wgpu(kind));
-    }
-    match Device::wgpu_options()
-        .device_kind(kind.clone())
-        .init_with_setup()
-    {
-        Ok((device, setup)) => {
-            shared.insert(key, share(setup));
-            Ok(device)
+    let device = if shared.contains_key(&key) {
+        Device::wgpu(kind)
+    } else {
+        match Device::wgpu_options()
+            .device_kind(kind.clone())
+            .init_with_setup()
+        {
+            Ok((device, setup)) => {
+                shared.insert(key.clone(), share(setup));
+                device
+            }
+            // Already registered by burn itself: usable, without our handles.
+            Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => Device::wgpu(kind),
+            Err(e) => bail!("the wgpu adapter {kind:?} could not be brought up: {e}"),
         }
-        // Already registered by burn itself: usable, without our handles.
-        Err(burn::tensor::wgpu::WgpuInitError::Registration { .. }) => Ok(Device::wgpu(kind)),
-        Err(e) => bail!("the wgpu adapter {kind:?} could not be brought up: {e}"),
-    }
+    };
+    Ok((device, compiler_on(&key)))
 }
 
 fn share(setup: WgpuSetup) -> Shared {
@@ -117,14 +120,11 @@ fn share(setup: WgpuSetup) -> Shared {
     }
 }
 
-/// The compiler cubecl uses on the adapter `kind` (bringing it up if it is not yet).
-pub fn compiler_on(kind: &DeviceKind) -> Compiler {
+/// The compiler cubecl uses on the brought-up device `key`.
+fn compiler_on(key: &WgpuDevice) -> Compiler {
     use burn::backend::wgpu::{AutoCompiler, WgpuRuntime};
     use cubecl_runtime::runtime::Runtime;
-    match wgpu_device_of(kind) {
-        Some(key) => Compiler::from_runtime_name(WgpuRuntime::<AutoCompiler>::client(&key).name()),
-        None => Compiler::Wgsl,
-    }
+    Compiler::from_runtime_name(WgpuRuntime::<AutoCompiler>::client(key).name())
 }
 
 /// The compiler a tensor's device uses.
@@ -268,7 +268,7 @@ mod native {
         shared: &mut Shared,
         kernel: K,
     ) -> wgpu::ComputePipeline {
-        let id = format!("{:?}", kernel.id());
+        let id = kernel.id();
         if let Some(p) = shared.pipelines.get(&id) {
             return p.clone();
         }
