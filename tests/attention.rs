@@ -1,14 +1,15 @@
 //! Causal self-attention (`ual::ops::attention`) against PyTorch's
 //! `scaled_dot_product_attention` with autograd in float64 (`scripts/make_attention_fixtures.py`):
-//! the output and the gradients of Σ grad·output with respect to q, k and v, causal and with a
-//! sliding window, over more rows than one of the CPU kernel's blocks.
+//! the output and the gradients of Σ grad·output with respect to q, k and v, causal, with a
+//! sliding window and with grouped-query heads, over more rows than one of the kernels' blocks
+//! and heads as wide as Llama's.
 //!
-//! On the CPU that is the kernel and its hand-written backward; on wgpu the composed burn ops,
-//! differentiated by burn's autodiff, and the composed backward called directly; the composed
-//! ops also on the CPU's primitives, so that they are checked without an adapter too.
+//! On the CPU that is the CPU kernel and its hand-written backward; on wgpu the WGSL flash
+//! kernels (`shaders/ual_attention_*.wgsl`), under autodiff and their backward called directly;
+//! the composed burn ops on the CPU's primitives, so that the fallback is checked too.
 //!
 //! Tolerance: every entry within 1e-5·max(max |reference|, 1) of the case's reference (f32
-//! scores over ≤ 8 terms and sums over ≤ 70 keys against float64).
+//! scores over ≤ 128 terms and sums over ≤ 130 keys against float64).
 
 mod common;
 
@@ -20,12 +21,21 @@ use ual::ops::attention::{causal, causal_backward};
 
 const TOLERANCE: f64 = 1e-5;
 
+/// Held by the tests that count kernel launches, so that no other test launches meanwhile.
+static LAUNCH_COUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn counting() -> std::sync::MutexGuard<'static, ()> {
+    LAUNCH_COUNT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Deserialize)]
 struct Case {
     name: String,
     seed: u64,
     shape: [usize; 4],
     window: Option<usize>,
+    /// Key/value heads where fewer than the query heads (grouped-query attention).
+    kv_heads: Option<usize>,
     output: Vec<f64>,
     grad_q: Vec<f64>,
     grad_k: Vec<f64>,
@@ -43,10 +53,19 @@ fn hashed(seed: u64, shape: [usize; 4], scale: f32, device: &Device) -> Tensor<4
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+impl Case {
+    /// The shape of k and v: as q's, with the case's key/value heads.
+    fn kv_shape(&self) -> [usize; 4] {
+        let [b, h, s, d] = self.shape;
+        [b, self.kv_heads.unwrap_or(h), s, d]
+    }
+}
+
 /// q, k, v and the upstream gradient of a case.
 fn inputs(case: &Case, device: &Device) -> ([Tensor<4>; 3], Tensor<4>) {
-    let qkv = [0, 1, 2].map(|i| hashed(case.seed + i, case.shape, 2.0, device));
-    (qkv, hashed(case.seed + 3, case.shape, 1.0, device))
+    let q = hashed(case.seed, case.shape, 2.0, device);
+    let [k, v] = [1, 2].map(|i| hashed(case.seed + i, case.kv_shape(), 2.0, device));
+    ([q, k, v], hashed(case.seed + 3, case.shape, 1.0, device))
 }
 
 fn assert_close(what: &str, actual: Tensor<4>, expected: &[f64]) {
@@ -76,14 +95,25 @@ fn assert_close(what: &str, actual: Tensor<4>, expected: &[f64]) {
 
 #[test]
 fn attention_and_its_gradients_match_pytorch() {
+    let _counting = counting();
     for (device_name, device) in devices() {
         let device = device.autodiff();
         for case in cases() {
             let what = |part: &str| format!("{device_name} {} {part}", case.name);
             let ([q, k, v], grad) = inputs(&case, &device);
             let [q, k, v] = [q, k, v].map(Tensor::require_grad);
+            let launched = ual::ops::wgsl::launches();
             let output = causal(q.clone(), k.clone(), v.clone(), case.window);
             let grads = (output.clone() * grad).sum().backward();
+            // On an adapter autodiff took the kernels' backward: the forward and two parts.
+            if common::is_wgpu(&device) {
+                assert_eq!(
+                    ual::ops::wgsl::launches() - launched,
+                    3,
+                    "{}",
+                    what("launches")
+                );
+            }
             assert_close(&what("output"), output, &case.output);
             assert_close(&what("grad q"), q.grad(&grads).unwrap(), &case.grad_q);
             assert_close(&what("grad k"), k.grad(&grads).unwrap(), &case.grad_k);
@@ -94,13 +124,25 @@ fn attention_and_its_gradients_match_pytorch() {
 
 #[test]
 fn the_backward_alone_matches_pytorch() {
+    let _counting = counting();
     for (device_name, device) in devices() {
         for case in cases() {
             let what = |part: &str| format!("{device_name} {} {part}", case.name);
             let (qkv, grad) = inputs(&case, &device);
+            let launched = ual::ops::wgsl::launches();
             let output = causal(qkv[0].clone(), qkv[1].clone(), qkv[2].clone(), case.window);
             assert_close(&what("output"), output, &case.output);
             let [dq, dk, dv] = causal_backward(qkv, grad, case.window);
+            // On an adapter, the flash kernels ran: two forwards (one inside the backward call)
+            // and the backward's two parts, never the composed ops.
+            if common::is_wgpu(&device) {
+                assert_eq!(
+                    ual::ops::wgsl::launches() - launched,
+                    4,
+                    "{}",
+                    what("launches")
+                );
+            }
             assert_close(&what("grad q"), dq, &case.grad_q);
             assert_close(&what("grad k"), dk, &case.grad_k);
             assert_close(&what("grad v"), dv, &case.grad_v);
@@ -132,16 +174,17 @@ fn the_composed_ops_match_pytorch_on_the_cpu() {
     use ual::ops::attention::composed;
     for case in cases() {
         let what = |part: &str| format!("composed {} {part}", case.name);
-        let primitive = |seed, scale| {
-            let [b, h, s, d] = case.shape;
+        let primitive = |seed, shape: [usize; 4], scale| {
+            let [b, h, s, d] = shape;
             let values = common::hashed_values(seed, b * h * s, d, scale);
-            FlexTensor::from_data(TensorData::new(values, case.shape))
+            FlexTensor::from_data(TensorData::new(values, shape))
         };
-        let [q, k, v] = [0, 1, 2].map(|i| primitive(case.seed + i, 2.0));
-        let grad = primitive(case.seed + 3, 1.0);
+        let q = primitive(case.seed, case.shape, 2.0);
+        let [k, v] = [1, 2].map(|i| primitive(case.seed + i, case.kv_shape(), 2.0));
+        let grad = primitive(case.seed + 3, case.shape, 1.0);
         let window = case.window.unwrap_or(usize::MAX);
         let tensor = |t: FlexTensor| Tensor::<4>::from_data(t.into_data(), &Device::flex());
-        let output = composed::forward::<Flex>(q.clone(), k.clone(), v.clone(), window);
+        let (output, _lse) = composed::forward::<Flex>(q.clone(), k.clone(), v.clone(), window);
         assert_close(&what("output"), tensor(output), &case.output);
         let (dq, dk, dv) = composed::backward::<Flex>(q, k, v, grad, window);
         assert_close(&what("grad q"), tensor(dq), &case.grad_q);

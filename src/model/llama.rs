@@ -53,8 +53,8 @@ impl Attention {
         let LayerContext { rope, window } = context;
         let (q, k, v) = self.qkv(x);
         let q = RotaryHalf::apply(q, &rope.0, &rope.1);
-        let k = self.repeat_kv(RotaryHalf::apply(k, &rope.0, &rope.1));
-        let v = self.repeat_kv(v);
+        // Grouped keys and values go in as they are: the attention kernels share them.
+        let k = RotaryHalf::apply(k, &rope.0, &rope.1);
         self.project(attention::causal(q, k, v, *window))
     }
 

@@ -141,9 +141,32 @@ pub fn direct_dispatches() -> usize {
     native::DISPATCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// How many of our kernels this process launched, by either path.
+pub fn launches() -> usize {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn direct_dispatch_forced() -> bool {
     static FORCED: OnceLock<bool> = OnceLock::new();
     *FORCED.get_or_init(|| std::env::var(DIRECT_DISPATCH).as_deref() == Ok("1"))
+}
+
+/// A new contiguous tensor on `like`'s device, its values unset (a kernel's output).
+pub fn empty(
+    like: &CubeTensor,
+    shape: burn::tensor::Shape,
+    dtype: burn::tensor::DType,
+) -> CubeTensor {
+    let handle = like.client.empty(shape.num_elements() * dtype.size());
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        dtype,
+    )
 }
 
 /// Launches one of our WGSL kernels: `tensors` are bound in order (`@binding(0)` …), then
@@ -155,6 +178,7 @@ pub fn launch<K: KernelSource + 'static>(
     tensors: &[&CubeTensor],
     info: &[u32],
 ) {
+    LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let first = tensors[0];
     if compiler_of(first).runs_wgsl_source() && !direct_dispatch_forced() {
         let info = first.client.create_from_slice(bytemuck::cast_slice(info));

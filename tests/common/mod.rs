@@ -81,3 +81,9 @@ pub fn hashed_values(seed: u64, rows: usize, cols: usize, scale: f32) -> Vec<f32
         })
         .collect()
 }
+
+/// Whether `device` is a wgpu adapter (not the CPU standing in for a missing one): only wgpu
+/// devices have a memory pool.
+pub fn is_wgpu(device: &Device) -> bool {
+    device.memory_pool_usage().is_some()
+}

@@ -8,7 +8,7 @@ use burn::backend::wgpu::{
     CubeBackend, CubeTensor, KernelSource, SourceTemplate, into_contiguous, kernel_source,
 };
 use burn::cubecl::prelude::KernelId;
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use derive_new::new;
 
 use super::backend::{UalLossBackend, slice_major, sliced_shape, stats_shape};
@@ -72,17 +72,6 @@ fn row_groups(rows: usize) -> [u32; 3] {
     [x as u32, rows.div_ceil(x).max(1) as u32, 1]
 }
 
-fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
-    let handle = like.client.empty(shape.num_elements() * dtype.size());
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        shape,
-        handle,
-        dtype,
-    )
-}
-
 impl UalLossBackend for CubeBackend {
     fn ual_ce_forward(logits: FloatTensor<Self>, labels: FloatTensor<Self>) -> FloatTensor<Self> {
         if !is_wgpu(&logits) {
@@ -92,7 +81,7 @@ impl UalLossBackend for CubeBackend {
         let labels = into_contiguous(labels);
         let shape = logits.meta.shape().clone();
         let (rows, vocab) = (shape[0], shape[1]);
-        let stats = empty(&logits, stats_shape(&shape), DType::F32);
+        let stats = wgsl::empty(&logits, stats_shape(&shape), DType::F32);
         let info = [rows as u32, vocab as u32];
         launch(Pass::Forward, &logits, &info, [&labels, &stats]);
         stats
@@ -143,7 +132,7 @@ fn backward(
         1 => shape,
         _ => sliced_shape(&shape, &slices),
     };
-    let grad = empty(&logits, out_shape, logits.dtype);
+    let grad = wgsl::empty(&logits, out_shape, logits.dtype);
     let info = [rows as u32, vocab as u32, (vocab / slices) as u32];
     launch(
         Pass::Backward,
