@@ -28,29 +28,44 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 "$UAL" devices | tee "$OUT/devices.txt"
 
-# The compilers first: the same step from the default build (SPIR-V on Vulkan, tensor-core
-# matmuls where the driver lists cooperative matrices) and the WGSL build, alternating, at two
-# sequence lengths, with f32 and f16 frozen weights. Each line is one `bench step` JSON report.
+# Issue 19's table first, sized for one 10-minute sitting: the LoRA step of $BIG and $LARGE at
+# sequence lengths 512 and 2048, ual in f32 and f16 (`--precision`; bf16 has no arithmetic under
+# WGSL or SPIR-V) from the default build (SPIR-V on Vulkan, tensor-core matmuls where the driver
+# lists cooperative matrices), the WGSL build beside it for $BIG, and PyTorch + PEFT with SDPA in
+# f32 and in bf16 autocast (its usual setting). Each line is one JSON report (tokens/s, peak
+# device memory). Then attention alone (kernel vs burn ops, peak memory by length) and the
+# per-kernel profile. FULL=1 runs the older sections after them.
 UAL_WGSL=${UAL_WGSL:-target/wgsl/release/ual}
-if [ -x "$UAL_WGSL" ]; then
-  step "compilers: $BIG LoRA step, default build vs --no-default-features (WGSL)"
+RUN=${STEPS:-3}
+for preset in "$BIG" "$LARGE"; do
   for seq in 512 2048; do
-    for base in f32 f16; do
-      for bin in "$UAL" "$UAL_WGSL"; do
-        echo "# $bin seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
-        timeout 120 "$bin" bench step --device wgpu --preset "$BIG" --seq-len "$seq" --batch-size 1 \
-          --base-dtype "$base" --warmup 2 --steps "${STEPS:-5}" 2>/dev/null | tee -a "$OUT/compilers.jsonl.txt"
+    step "$preset LoRA step at $seq tokens"
+    for precision in f32 f16; do
+      bins="$UAL"
+      if [ "$preset" = "$BIG" ] && [ -x "$UAL_WGSL" ]; then bins="$UAL $UAL_WGSL"; fi
+      for bin in $bins; do
+        echo "# ual $bin $preset seq $seq precision $precision" | tee -a "$OUT/compilers.jsonl.txt"
+        timeout 60 "$bin" bench step --device wgpu --preset "$preset" --seq-len "$seq" --batch-size 1 \
+          --precision "$precision" --warmup 1 --steps "$RUN" 2>/dev/null | tee -a "$OUT/compilers.jsonl.txt"
       done
     done
-    # PyTorch + PEFT beside them, SDPA attention: f32, and bf16 autocast (its usual setting).
     for base in f32 bf16; do
-      echo "# torch seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
-      timeout 120 python3 scripts/bench_torch.py --preset "$BIG" --seq-len "$seq" --batch-size 1 \
-        --base-dtype "$base" --warmup 2 --steps "${STEPS:-5}" | tee -a "$OUT/compilers.jsonl.txt"
+      echo "# torch $preset seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
+      timeout 60 python3 scripts/bench_torch.py --preset "$preset" --seq-len "$seq" --batch-size 1 \
+        --base-dtype "$base" --warmup 1 --steps "$RUN" | tee -a "$OUT/compilers.jsonl.txt"
     done
   done
-else
-  echo "no WGSL build at $UAL_WGSL: the compiler comparison is skipped"
+done
+
+step "attention alone: flash kernels vs burn ops, 12 heads of 64, peak device memory by length"
+timeout 90 "$UAL" bench attention --device wgpu --len 512,1024,2048,4096 --iters 2 2>/dev/null \
+  | tee "$OUT/attention.json"
+
+step "kernel profile, $BIG on wgpu"
+timeout 120 python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" | tee "$OUT/profile.md"
+
+if [ "${FULL:-0}" != 1 ]; then
+  echo; echo "done (FULL=1 runs the older sections too)"; exit 0
 fi
 
 step "fused vs unfused head in a training step, $BIG on wgpu"
@@ -70,8 +85,6 @@ for v in 32000 128256; do
   done
 done
 
-step "kernel profile, $BIG on wgpu"
-python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" | tee "$OUT/profile.md"
 
 step "memory levers, $BIG on wgpu"
 python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \

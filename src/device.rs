@@ -105,9 +105,20 @@ pub struct Selected {
     pub shader_f16: bool,
     /// The largest buffer one shader may bind (DESIGN §7); `None` on the CPU.
     pub max_binding_bytes: Option<u64>,
+    /// The shader compiler of a wgpu adapter; `None` on the CPU.
+    pub compiler: Option<Compiler>,
 }
 
 impl Selected {
+    /// The element types the device computes in, for a run's `precision`.
+    pub fn types(&self) -> crate::train::precision::DeviceTypes {
+        crate::train::precision::DeviceTypes {
+            is_wgpu: self.is_wgpu,
+            shader_f16: self.shader_f16,
+            bf16_arithmetic: self.compiler == Some(Compiler::Msl),
+        }
+    }
+
     /// How many rows of a `[rows, width]` f32 tensor fit in one binding.
     pub fn rows_per_binding(&self, width: usize) -> usize {
         match self.max_binding_bytes {
@@ -210,6 +221,7 @@ fn select_one(spec: DeviceSpec) -> Result<Selected> {
             hardware_gpu: false,
             shader_f16: false,
             max_binding_bytes: None,
+            compiler: None,
         }
     };
     match spec {
@@ -291,6 +303,7 @@ fn selected(adapter: &AdapterReport, device: Device, compiler: Compiler) -> Sele
         hardware_gpu: !adapter.software,
         shader_f16: adapter.shader_f16,
         max_binding_bytes: Some(adapter.max_storage_buffer_binding_size),
+        compiler: Some(compiler),
     }
 }
 

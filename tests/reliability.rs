@@ -441,6 +441,58 @@ fn a_kill_in_the_checkpoint_swap_loses_nothing() {
     assert!(!run.join("checkpoint.old").exists() && !run.join("checkpoint.tmp").exists());
 }
 
+/// An f16 run logs its loss scale each step and keeps it in its checkpoints, so a killed run
+/// resumes with the scale it had and reproduces the uninterrupted one; bf16 on an adapter whose
+/// compiler lacks it is a one-line refusal.
+#[test]
+fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
+    let sets = [
+        "steps=4",
+        "checkpoint_every=1",
+        "eval_every=0",
+        "precision=f16",
+    ];
+    let whole = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train_env(whole.path(), &sets, None, false);
+    assert!(ok, "{stderr}");
+    let metrics = std::fs::read_to_string(whole.path().join("tiny-ual/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["loss_scale"].as_f64(), Some(65536.0), "{line}");
+    }
+    let state =
+        std::fs::read_to_string(whole.path().join("tiny-ual/checkpoint/state.json")).unwrap();
+    assert!(state.contains("\"loss_scale\""), "{state}");
+    let killed = tempfile::tempdir().unwrap();
+    let (ok, _) = train_env(killed.path(), &sets, Some("checkpoint-swap:3"), false);
+    assert!(!ok, "the process was aborted");
+    let (ok, stderr) = train_env(killed.path(), &[], None, true);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        losses(&killed.path().join("tiny-ual")),
+        losses(&whole.path().join("tiny-ual")),
+        "bit-identical losses"
+    );
+    if common::wgpu_spec() == "wgpu" {
+        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--device", "wgpu", "--set", "precision=bf16"])
+            .arg("--set")
+            .arg(format!(
+                "output_dir={:?}",
+                killed.path().join("bf16").display().to_string()
+            ))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "bf16 on WGSL must be refused");
+        let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(error.len(), 1, "{stderr}");
+        assert!(error[0].contains("no bf16 arithmetic"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 /// A checkpoint whose file was damaged after the fact fails its manifest and is not resumed
 /// from; the error says why.
 #[test]

@@ -1,6 +1,9 @@
 //! `ual bench`: machine-readable performance figures, measured side by side in one process.
 
+mod attention;
 pub mod step;
+
+pub use attention::{AttentionBench, AttentionRow, AttentionShape, attention};
 
 use std::time::Instant;
 
@@ -10,9 +13,9 @@ use serde::Serialize;
 
 use crate::loss::{HeadBlocks, LossSum, RowLabels, reference, ual_loss_sum};
 
-/// Time and memory of one loss implementation at one size.
+/// Time and memory of one implementation at one size.
 #[derive(Debug, Clone, Serialize)]
-pub struct LossTiming {
+pub struct Timing {
     /// Mean seconds per forward + backward, after one warm-up step.
     pub seconds_per_step: f64,
     /// Peak memory beyond the logits themselves, in bytes: the device pool's growth on wgpu,
@@ -34,9 +37,9 @@ pub struct LossBench {
     /// Bytes of one `[rows, V]` f32 logits tensor.
     pub logits_bytes: u64,
     /// The fused kernels.
-    pub fused: LossTiming,
+    pub fused: Timing,
     /// The composed burn reference.
-    pub reference: LossTiming,
+    pub reference: Timing,
     /// reference time / fused time.
     pub speedup: f64,
     /// reference extra memory / fused extra memory.
@@ -95,7 +98,7 @@ fn time_loss(
     labels: &RowLabels,
     device: &Device,
     memory: &MemoryProbe,
-) -> Result<LossTiming> {
+) -> Result<Timing> {
     let device = device.clone().autodiff();
     let values: Vec<f32> = (0..rows * vocab)
         .map(|i| ((i * 2_654_435_761) % 1000) as f32 / 100.0 - 5.0)
@@ -117,7 +120,7 @@ fn measure(
     iters: usize,
     memory: &MemoryProbe,
     mut step: impl FnMut() -> Result<f32>,
-) -> Result<LossTiming> {
+) -> Result<Timing> {
     step()?;
     memory.reset();
     let baseline = memory.current();
@@ -126,7 +129,7 @@ fn measure(
         step()?;
     }
     let seconds_per_step = start.elapsed().as_secs_f64() / iters as f64;
-    Ok(LossTiming {
+    Ok(Timing {
         seconds_per_step,
         peak_extra_bytes: memory.peak().saturating_sub(baseline),
     })
@@ -153,9 +156,9 @@ pub struct HeadBench {
     /// Vocabulary slices of the hidden gradient.
     pub vocab_splits: usize,
     /// The fused linear cross-entropy.
-    pub fused: LossTiming,
+    pub fused: Timing,
     /// Logits, then the fused loss.
-    pub unfused: LossTiming,
+    pub unfused: Timing,
     /// unfused time / fused time.
     pub speedup: f64,
     /// unfused extra memory / fused extra memory.

@@ -16,6 +16,7 @@ use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
 use crate::model::lora::{self, BaseDtype, LoraConfig};
+use crate::train::precision::Precision;
 use crate::train::{Mode, Parts, Recompute, Session, TrainConfig};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
@@ -116,6 +117,8 @@ pub struct StepOptions {
     pub gradient_checkpointing: Recompute,
     /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
     pub base_dtype: BaseDtype,
+    /// What the decoder computes in (`precision`).
+    pub precision: Precision,
     /// LoRA rank (α = 2r); 0 trains every weight (full fine-tuning).
     pub lora_r: usize,
     /// Untimed steps first.
@@ -288,6 +291,7 @@ fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
         head_vocab_splits: options.head_vocab_splits,
         gradient_checkpointing: options.gradient_checkpointing,
         base_dtype: options.base_dtype,
+        precision: options.precision,
         mode: match options.lora_r {
             0 => Mode::Full,
             _ => Mode::Lora,
@@ -325,6 +329,7 @@ fn parts(
     if base != DType::F32 {
         model = lora::store_frozen_in(model, base);
     }
+    let model = lora::compute_in(model, config.precision.dtype(selected.types())?);
     let ranks = crate::cluster::world().size();
     let samples = random_samples(shape, model_config.vocab_size, ranks);
     Ok(Parts {

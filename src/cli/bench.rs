@@ -8,6 +8,7 @@ use ual::loss::objective::HeadPlan;
 use ual::model::Pretrained;
 use ual::model::lora::BaseDtype;
 use ual::train::Recompute;
+use ual::train::precision::Precision;
 
 use super::DeviceArg;
 
@@ -24,6 +25,34 @@ pub enum Command {
     Head(HeadArgs),
     /// Decoding speed with and without the KV cache, in one run.
     Decode(DecodeArgs),
+    /// Causal attention with its backward: the kernels against the composed burn ops under
+    /// autodiff, at several sequence lengths in one run, with peak device memory.
+    Attention(AttentionArgs),
+}
+
+/// `ual bench attention`.
+#[derive(clap::Args)]
+pub struct AttentionArgs {
+    /// Sequence lengths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 1024, 2048])]
+    len: Vec<usize>,
+    /// Sequences.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 12)]
+    heads: usize,
+    /// Key/value heads (a divisor of --heads).
+    #[arg(long, default_value_t = 12)]
+    kv_heads: usize,
+    /// Width of a head.
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Timed steps per implementation and length, after one warm-up step.
+    #[arg(long, default_value_t = 2)]
+    iters: usize,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// `ual bench loss`.
@@ -65,6 +94,10 @@ pub struct StepArgs {
     /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
     #[arg(long, default_value = "f32")]
     base_dtype: BaseDtype,
+    /// What the decoder computes in: f32, f16 (SHADER_F16; with the loss scale) or bf16 (CPU,
+    /// Metal).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// LoRA rank (α = 2r); 0 measures full fine-tuning (every weight trains).
     #[arg(long, default_value_t = 16)]
     lora_r: usize,
@@ -149,6 +182,7 @@ pub fn main(command: Command) -> Result<()> {
         }
         Command::Step(a) => step(a),
         Command::Head(a) => head(a),
+        Command::Attention(a) => attention(a),
         Command::Decode(a) => {
             let selected = a.device.select()?;
             let pretrained = Pretrained::load(&a.model, &selected.device)?;
@@ -171,6 +205,7 @@ fn step(a: StepArgs) -> Result<()> {
         head_vocab_splits: a.head_vocab_splits,
         gradient_checkpointing: a.gradient_checkpointing,
         base_dtype: a.base_dtype,
+        precision: a.precision,
         lora_r: a.lora_r,
         warmup_steps: a.warmup,
         steps: a.steps.max(1),
@@ -257,6 +292,34 @@ fn launcher(n: usize) -> Result<std::process::Command> {
     }
     command.args(["-np", &n.to_string()]);
     Ok(command)
+}
+
+fn attention(a: AttentionArgs) -> Result<()> {
+    if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
+        anyhow::bail!(
+            "--kv-heads {} does not divide --heads {}",
+            a.kv_heads,
+            a.heads
+        );
+    }
+    if a.len.contains(&0) || a.batch == 0 || a.head_dim == 0 {
+        anyhow::bail!("--len, --batch and --head-dim must be positive");
+    }
+    let selected = a.device.select()?;
+    let shape = ual::bench::AttentionShape {
+        batch: a.batch,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+    };
+    let report = ual::bench::attention(
+        shape,
+        &a.len,
+        a.iters.max(1),
+        &selected.device,
+        &selected.description,
+    )?;
+    super::print_json(&report)
 }
 
 fn head(a: HeadArgs) -> Result<()> {

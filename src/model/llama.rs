@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 use super::config::ModelConfig;
 use super::projection::LoraLinear;
@@ -203,8 +203,11 @@ impl DecoderLayer {
         x: Tensor<3>,
         attend: impl FnOnce(&Attention, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
-        let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let h = x.clone() + attend(&self.self_attn, rms_norm(&self.input_layernorm, x));
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h))
     }
 
     /// The layer over a whole sequence: causal attention within the `window`, if any.
@@ -279,6 +282,20 @@ pub struct Llama {
     /// Rotary position embeddings.
     #[module(skip)]
     pub rope: RotaryHalf,
+    /// The element type of the residual stream and the decoder's matmuls (a run's
+    /// `precision`); the final norm's output, the head and the loss are f32 whatever it is.
+    #[module(skip)]
+    pub activations: DType,
+}
+
+/// RMSNorm with its statistics in f32 (a sum of squares over the hidden width overflows f16),
+/// returned in the input's type.
+fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    norm.forward(x.cast(DType::F32)).cast(dtype)
 }
 
 impl Llama {
@@ -290,7 +307,7 @@ impl Llama {
         let [_, s] = ids.dims();
         let context = self.layer_context(s, &ids.device());
         let top = self.decoder_stack(ids, |_, layer, x| layer.forward(x, &context));
-        self.norm.forward(top)
+        self.norm.forward(top.cast(DType::F32))
     }
 
     /// The decoder before its final norm: the embeddings of `ids`, then `layer(i, layer_i, x)`
@@ -301,7 +318,10 @@ impl Llama {
         ids: Tensor<2, Int>,
         mut layer: impl FnMut(usize, &DecoderLayer, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
-        let x = self.embed_tokens.forward(ids);
+        let mut x = self.embed_tokens.forward(ids);
+        if self.activations != DType::F32 {
+            x = x.cast(self.activations);
+        }
         self.layers
             .iter()
             .enumerate()
@@ -329,8 +349,13 @@ impl Llama {
 
     /// What every decoder layer of a forward pass over positions `0..len` shares.
     pub fn layer_context(&self, len: usize, device: &Device) -> LayerContext {
+        let (cos, sin) = self.rope.tables(0, len, device);
+        let rope = match self.activations {
+            DType::F32 => (cos, sin),
+            half => (cos.cast(half), sin.cast(half)),
+        };
         LayerContext {
-            rope: self.rope.tables(0, len, device),
+            rope,
             window: self.config.sliding_window,
         }
     }

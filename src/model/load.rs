@@ -260,6 +260,7 @@ pub fn load_llama(config: &ModelConfig, weights: &dyn Weights, device: &Device) 
         norm: loader.rms_norm("model.norm", c)?,
         lm_head,
         config: c.clone(),
+        activations: burn::tensor::DType::F32,
         rope: RotaryHalf::new(c),
     })
 }

@@ -121,6 +121,18 @@ pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
     model
 }
 
+/// The model computing in `dtype` (a run's `precision`): the frozen projections stored in it
+/// ([`store_frozen_in`]) and the residual stream, attention and the projections' products in
+/// it too. The adapters, norms' statistics, embeddings, head and loss stay f32.
+pub fn compute_in(model: Llama, dtype: DType) -> Llama {
+    let mut model = match dtype {
+        DType::F32 => model,
+        _ => store_frozen_in(model, dtype),
+    };
+    model.activations = dtype;
+    model
+}
+
 /// How a LoRA run stores the frozen projection weights (`base_dtype`). Adapters, the loss and
 /// optimizer state stay f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Dropout, Linear};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// The low-rank update of one projection.
 #[derive(Module, Debug)]
@@ -34,16 +34,25 @@ impl LoraLinear {
         Self { base, lora: None }
     }
 
-    /// `x·W (+ b) + (α/r)·(dropout(x)·A)·B`.
+    /// `x·W (+ b) + (α/r)·(dropout(x)·A)·B`. The adapter's factors are f32 in every
+    /// precision, so a half-precision input is widened for the low-rank branch and its
+    /// product narrowed back: the factors' gradients are formed in f32.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let Some(lora) = &self.lora else {
             return self.base_forward(x);
         };
-        let low = lora
-            .dropout
-            .forward(x.clone())
-            .matmul(lora.a.val().unsqueeze());
-        self.base_forward(x) + low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale)
+        let dtype = x.dtype();
+        let wide = match dtype {
+            DType::F32 => x.clone(),
+            _ => x.clone().cast(DType::F32),
+        };
+        let low = lora.dropout.forward(wide).matmul(lora.a.val().unsqueeze());
+        let low = low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale);
+        let low = match dtype {
+            DType::F32 => low,
+            _ => low.cast(dtype),
+        };
+        self.base_forward(x) + low
     }
 
     /// The frozen projection. When its weights are stored in half precision

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::StepMetrics;
 use super::config::{Mode, TrainConfig};
+use super::precision::LossScale;
 use super::step::Evaluation;
 use crate::cluster::Cluster;
 use crate::model::{Llama, lora, save};
@@ -43,6 +44,10 @@ pub struct RunCheckpoint {
     /// Each rank's micro-batch (unset: the run's `batch_size` as its config.toml says).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// The dynamic loss scale of an f16 run, so that a resumed run scales as an uninterrupted
+    /// one would have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 impl RunCheckpoint {

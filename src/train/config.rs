@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use super::precision::Precision;
 use crate::data::batch::Reduction;
 use crate::data::batch::{LossOn, Overflow, SampleRules};
 use crate::data::template::TemplateKind;
@@ -272,6 +273,11 @@ pub struct TrainConfig {
     /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
     /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
     pub base_dtype: BaseDtype,
+    /// LoRA only: what the decoder computes in, `"f32"`, `"f16"` (with a dynamic loss scale)
+    /// or `"bf16"`: frozen weights, activations and matmul inputs in that type; adapters, their
+    /// gradients, optimizer state, norms' statistics, the head and the loss in f32
+    /// (`train::precision`).
+    pub precision: Precision,
     /// AdamW, the schedule and clipping.
     pub optim: OptimConfig,
     /// LoRA's rank, scale, dropout and targets.
@@ -310,6 +316,7 @@ impl Default for TrainConfig {
             head_vocab_splits: 0,
             gradient_checkpointing: Recompute::Off,
             base_dtype: BaseDtype::F32,
+            precision: Precision::F32,
             optim: OptimConfig::default(),
             lora: LoraConfig::default(),
             smoothing: SmoothingConfig::default(),
@@ -466,6 +473,18 @@ impl TrainConfig {
                 self.lora.dropout
             );
         }
+        if self.precision != Precision::F32 && self.mode == Mode::Full {
+            bail!(
+                "`precision = \"{}\"` needs mode = \"lora\": full fine-tuning would train half-precision weights (ual keeps no f32 master copy)",
+                self.precision
+            );
+        }
+        if self.precision != Precision::F32 && self.base_dtype != BaseDtype::F32 {
+            bail!(
+                "`precision = \"{}\"` already stores the frozen weights in that type; leave base_dtype = \"f32\"",
+                self.precision
+            );
+        }
         if self.base_dtype == BaseDtype::F16 && self.mode == Mode::Full {
             bail!(
                 "`base_dtype = \"f16\"` needs mode = \"lora\": full fine-tuning trains the base weights"
@@ -615,6 +634,31 @@ mod tests {
         assert!(format!("{err:#}").contains("optim.lrr"));
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
+    }
+
+    #[test]
+    fn precision_is_a_lora_setting_with_three_values() {
+        let resolve = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::resolve(None, &sets)
+        };
+        assert_eq!(resolve(&[]).unwrap().precision, Precision::F32);
+        assert_eq!(
+            resolve(&["precision=bf16"]).unwrap().precision,
+            Precision::Bf16
+        );
+        let err = format!("{:#}", resolve(&["precision=f8"]).unwrap_err());
+        assert!(err.contains("precision"), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve(&["precision=f16", "mode=full"]).unwrap_err()
+        );
+        assert!(err.contains("needs mode = \"lora\""), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve(&["precision=f16", "base_dtype=f16"]).unwrap_err()
+        );
+        assert!(err.contains("base_dtype"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod checkpoint;
 pub mod config;
 pub mod optim;
+pub mod precision;
 pub mod recompute;
 pub mod replicas;
 mod report;
@@ -50,6 +51,13 @@ pub struct StepMetrics {
     /// The held-out NLL, on steps that evaluate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_nll: Option<f64>,
+    /// `precision = "f16"`: the loss scale the step's backward pass used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The step's scaled gradients overflowed f16: the weights were left as they were and the
+    /// scale halved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// What a finished run reports.

@@ -12,6 +12,7 @@ use burn::tensor::{DType, Device};
 
 use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
+use super::precision::LossScale;
 use super::replicas::{StepTotals, sum_gradients};
 use super::step::{Evaluation, evaluation_sums, step_gradients_divided};
 use super::stream::BatchStream;
@@ -50,6 +51,8 @@ pub struct Session {
     /// The job's ranks: each takes a slice of every micro-batch; rank 0 alone writes.
     cluster: &'static Cluster,
     started: Instant,
+    /// `precision = "f16"`: the dynamic loss scale.
+    loss_scale: Option<LossScale>,
 }
 
 /// The model, data and device a session trains with.
@@ -192,6 +195,7 @@ impl Session {
             lock: None,
             cluster,
             started: Instant::now(),
+            loss_scale: config.precision.scales_loss().then(LossScale::new),
             config: config.clone(),
         })
     }
@@ -221,6 +225,7 @@ impl Session {
             .collect();
         let totals =
             StepTotals::local(micro.iter().flatten().copied(), config.reduction).global(cluster);
+        let loss_scale = self.loss_scale.map_or(1.0, |s| s.scale);
         let mut step = step_gradients_divided(
             &self.model,
             &micro,
@@ -228,7 +233,7 @@ impl Session {
             self.head,
             config.gradient_checkpointing,
             config.reduction,
-            totals.divisor,
+            totals.divisor / loss_scale,
         )?;
         let mut figures = [step.loss as f32, step.nll as f32, step.tokens as f32];
         sum_gradients(&self.model, &mut step.grads, &mut figures, cluster);
@@ -236,14 +241,22 @@ impl Session {
             (step.loss, step.nll) = (figures[0] as f64, figures[1] as f64);
             step.tokens = figures[2].round() as usize;
         }
+        if loss_scale != 1.0 {
+            (step.loss, step.nll) = (step.loss / loss_scale, step.nll / loss_scale);
+            optim::scale_grads(&self.model, &mut step.grads, 1.0 / loss_scale);
+        }
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
-        self.check_finite(
-            self.step + 1,
-            &[("loss", step.loss), ("gradient norm", grad_norm)],
-        )?;
+        let finite = step.loss.is_finite() && grad_norm.is_finite();
+        let applied = update_loss_scale(&mut self.loss_scale, self.step + 1, finite)?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
         let mean_eps = totals.mean_eps();
-        self.model = self.optimizer.step(lr, self.model.clone(), step.grads);
+        if applied {
+            self.check_finite(
+                self.step + 1,
+                &[("loss", step.loss), ("gradient norm", grad_norm)],
+            )?;
+            self.model = self.optimizer.step(lr, self.model.clone(), step.grads);
+        }
         self.step += 1;
         let eval = self
             .eval_due()
@@ -263,6 +276,8 @@ impl Session {
             mean_eps,
             eval_loss: eval.map(|e| e.loss),
             eval_nll: eval.map(|e| e.nll),
+            loss_scale: self.loss_scale.map(|_| loss_scale),
+            skipped: !applied,
         };
         self.record(&metrics)?;
         Ok(metrics)
@@ -420,6 +435,7 @@ impl Session {
             initial_eval_nll: self.initial_eval.map(|e| e.nll),
             ranks: Some(self.cluster.size()),
             batch_size: Some(self.config.batch_size),
+            loss_scale: self.loss_scale,
         };
         checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)
     }
@@ -434,6 +450,9 @@ impl Session {
         self.stream.seek(saved.epoch, saved.position);
         self.step = saved.step;
         self.initial_eval = saved.initial_eval();
+        if self.loss_scale.is_some() {
+            self.loss_scale = Some(saved.loss_scale.unwrap_or_default());
+        }
         if self.cluster.is_root() {
             let metrics = self.config.run_dir().join("metrics.jsonl");
             self.history = checkpoint::metrics_until(&metrics, saved.step)?;
@@ -525,7 +544,25 @@ fn load_model(
     if frozen != DType::F32 {
         model = lora::store_frozen_in(model, frozen);
     }
-    Ok((pretrained, model))
+    let compute = config.precision.dtype(selected.types())?;
+    Ok((pretrained, lora::compute_in(model, compute)))
+}
+
+/// Moves the f16 loss scale after step `step`, whose gradients were `finite` or not, and says
+/// whether the step is applied (always, without a loss scale: a non-finite step then stops the
+/// run in `check_finite`).
+fn update_loss_scale(scale: &mut Option<LossScale>, step: usize, finite: bool) -> Result<bool> {
+    let Some(scale) = scale else {
+        return Ok(true);
+    };
+    let applied = scale.update(finite, LossScale::INTERVAL);
+    if scale.exhausted() {
+        bail!(
+            "step {step}: the f16 loss scale fell below {} after overflow upon overflow, so the forward pass itself overflows f16; use precision = \"bf16\" or \"f32\"",
+            LossScale::FLOOR
+        );
+    }
+    Ok(applied)
 }
 
 /// AdamW as the configuration sets it.

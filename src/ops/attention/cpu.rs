@@ -10,8 +10,9 @@
 use std::ops::Range;
 
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Flex, TensorMetadata};
-use burn::tensor::{DType, TensorData};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Flex, TensorMetadata};
+use burn::tensor::{DType, FloatDType, TensorData};
 use rayon::prelude::*;
 
 use super::{AttentionBackend, composed, lse_shape};
@@ -25,6 +26,12 @@ impl AttentionBackend for Flex {
         v: FlexTensor,
         window: usize,
     ) -> (FlexTensor, FlexTensor) {
+        if let Some(dtype) = half(&q) {
+            // The CPU has no half arithmetic to gain from: the kernel runs in f32.
+            let [q, k, v] = [q, k, v].map(widen);
+            let (out, lse) = Self::ual_causal_attention(q, k, v, window);
+            return (cast::<Self>(out, dtype), lse);
+        }
         let Some(heads) = Heads::of([&q, &k, &v], window) else {
             return composed::forward::<Self>(q, k, v, window);
         };
@@ -35,6 +42,7 @@ impl AttentionBackend for Flex {
         (heads.tensor(out), lse)
     }
 
+    /// The probabilities are recomputed from q and k, so the output and log-sum-exp go unused.
     fn ual_causal_attention_backward(
         q: FlexTensor,
         k: FlexTensor,
@@ -44,16 +52,33 @@ impl AttentionBackend for Flex {
         grad: FlexTensor,
         window: usize,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let Some(heads) = Heads::of([&q, &k, &v], window).filter(|_| is_f32(&grad)) else {
-            return composed::backward::<Self>(q, k, v, grad, window);
+        let Some(dtype) = half(&q) else {
+            return backward_f32(q, k, v, grad, window);
         };
-        let [k, v] = [k, v].map(|t| composed::repeat_kv::<Self>(t, heads.group));
-        let [q, k, v, grad] = [q, k, v, grad].map(contiguous);
-        let [q, k, v, grad] = [&q, &k, &v, &grad].map(values);
-        let [dq, dk, dv] = backward(q, k, v, grad, heads.geometry);
-        let [dk, dv] = [dk, dv].map(|t| composed::sum_groups::<Self>(heads.tensor(t), heads.group));
-        (heads.tensor(dq), dk, dv)
+        let [q, k, v, grad] = [q, k, v, grad].map(widen);
+        let (dq, dk, dv) = backward_f32(q, k, v, grad, window);
+        let narrow = |t| cast::<Flex>(t, dtype);
+        (narrow(dq), narrow(dk), narrow(dv))
     }
+}
+
+/// The backward on f32 primitives: the kernel where it applies, the composed ops otherwise.
+fn backward_f32(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    grad: FlexTensor,
+    window: usize,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let Some(heads) = Heads::of([&q, &k, &v], window).filter(|_| is_f32(&grad)) else {
+        return composed::backward::<Flex>(q, k, v, grad, window);
+    };
+    let [k, v] = [k, v].map(|t| composed::repeat_kv::<Flex>(t, heads.group));
+    let [q, k, v, grad] = [q, k, v, grad].map(contiguous);
+    let [q, k, v, grad] = [&q, &k, &v, &grad].map(values);
+    let [dq, dk, dv] = backward(q, k, v, grad, heads.geometry);
+    let [dk, dv] = [dk, dv].map(|t| composed::sum_groups::<Flex>(heads.tensor(t), heads.group));
+    (heads.tensor(dq), dk, dv)
 }
 
 /// The CPU kernel's view of a call: f32 heads, one after another, each `len × dim` row-major.
@@ -90,6 +115,19 @@ impl Heads {
     fn tensor(&self, values: Vec<f32>) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(values, self.shape))
     }
+}
+
+/// The half type of a half-precision tensor.
+fn half(t: &FlexTensor) -> Option<FloatDType> {
+    matches!(t.dtype(), DType::F16 | DType::BF16).then(|| t.dtype().into())
+}
+
+fn cast<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
+    B::float_cast(t, dtype)
+}
+
+fn widen(t: FlexTensor) -> FlexTensor {
+    cast::<Flex>(t, FloatDType::F32)
 }
 
 fn is_f32(t: &FlexTensor) -> bool {
