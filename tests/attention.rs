@@ -20,6 +20,8 @@ use serde::Deserialize;
 use ual::ops::attention::{causal, causal_backward};
 
 const TOLERANCE: f64 = 1e-5;
+/// For the f16 kernels: see [`the_f16_kernels_match_pytorch_to_f16_rounding`].
+const TOLERANCE_F16: f64 = 4e-3;
 
 /// Held by the tests that count kernel launches, so that no other test launches meanwhile.
 static LAUNCH_COUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -69,13 +71,17 @@ fn inputs(case: &Case, device: &Device) -> ([Tensor<4>; 3], Tensor<4>) {
 }
 
 fn assert_close(what: &str, actual: Tensor<4>, expected: &[f64]) {
+    assert_within(what, actual, expected, TOLERANCE)
+}
+
+fn assert_within(what: &str, actual: Tensor<4>, expected: &[f64], tolerance: f64) {
     let actual = actual
         .into_data()
         .convert::<f32>()
         .try_to_vec::<f32>()
         .unwrap();
     assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let bound = TOLERANCE * expected.iter().fold(1f64, |m, v| m.max(v.abs()));
+    let bound = tolerance * expected.iter().fold(1f64, |m, v| m.max(v.abs()));
     let (worst, at) = actual
         .iter()
         .zip(expected)
@@ -147,6 +153,63 @@ fn the_backward_alone_matches_pytorch() {
             assert_close(&what("grad k"), dk, &case.grad_k);
             assert_close(&what("grad v"), dv, &case.grad_v);
         }
+    }
+}
+
+/// The flash kernels in f16 on the adapter (f32 sums inside): q, k, v and the upstream gradient
+/// rounded to f16 (relative error u = 2⁻¹¹ ≈ 4.9e-4), against the float64 reference of the
+/// unrounded inputs. A rounded q or k moves a score s by about 2·u·|s| and the probabilities
+/// with it, and each result is rounded to f16 once more, so the error is a few u times the
+/// scores' size, which stays near 1 in these fixtures: bound 8·u = 4e-3 of each case's largest
+/// value (measured below 1e-3).
+#[test]
+fn the_f16_kernels_match_pytorch_to_f16_rounding() {
+    use burn::tensor::DType;
+    let _counting = counting();
+    let device = common::wgpu_device();
+    if !common::is_wgpu(&device) {
+        return; // wgpu_device printed the notice (or failed under UAL_REQUIRE_WGPU=1).
+    }
+    assert!(
+        device.supports_dtype(DType::F16),
+        "this adapter lacks SHADER_F16; lavapipe and every CI adapter have it"
+    );
+    let device = device.autodiff();
+    for case in cases() {
+        let what = |part: &str| format!("f16 {} {part}", case.name);
+        let ([q, k, v], grad) = inputs(&case, &device);
+        let [q, k, v] = [q, k, v].map(|t| t.cast(DType::F16).detach().require_grad());
+        let launched = ual::ops::wgsl::launches();
+        let output = causal(q.clone(), k.clone(), v.clone(), case.window);
+        assert_eq!(output.dtype(), DType::F16, "{}", what("dtype"));
+        let grads = (output.clone() * grad.cast(DType::F16)).sum().backward();
+        let wide = |t: Tensor<4>| t.cast(DType::F32);
+        assert_within(&what("output"), wide(output), &case.output, TOLERANCE_F16);
+        assert_within(
+            &what("grad q"),
+            wide(q.grad(&grads).unwrap()),
+            &case.grad_q,
+            TOLERANCE_F16,
+        );
+        assert_within(
+            &what("grad k"),
+            wide(k.grad(&grads).unwrap()),
+            &case.grad_k,
+            TOLERANCE_F16,
+        );
+        assert_within(
+            &what("grad v"),
+            wide(v.grad(&grads).unwrap()),
+            &case.grad_v,
+            TOLERANCE_F16,
+        );
+        // Counted after the read-back: fusion may defer the launches until then.
+        assert_eq!(
+            ual::ops::wgsl::launches() - launched,
+            3,
+            "{}",
+            what("launches")
+        );
     }
 }
 
