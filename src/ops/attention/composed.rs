@@ -21,10 +21,10 @@ pub fn forward<B: Backend>(
     let scores = scores::<B>(q, k, window);
     let max = B::float_max_dim(scores.clone(), 3);
     let shifted = B::float_sub(scores, max.clone());
-    let sum = B::float_sum_dim(B::float_exp(shifted.clone()), 3);
-    let log_sum = B::float_log(sum);
-    let p = B::float_exp(B::float_sub(shifted, log_sum.clone()));
-    let lse = B::float_reshape(B::float_add(max, log_sum), lse_shape);
+    let exp = B::float_exp(shifted);
+    let sum = B::float_sum_dim(exp.clone(), 3);
+    let p = B::float_div(exp, sum.clone());
+    let lse = B::float_reshape(B::float_add(max, B::float_log(sum)), lse_shape);
     (B::float_matmul(p, v), B::float_cast(lse, FloatDType::F32))
 }
 

@@ -15,7 +15,7 @@ use burn::backend::{Backend, Flex, TensorMetadata};
 use burn::tensor::{DType, FloatDType, TensorData};
 use rayon::prelude::*;
 
-use super::{AttentionBackend, composed, lse_shape};
+use super::{AttentionBackend, composed, grouped, lse_shape};
 use crate::ops::gemm::{Matrix, contiguous, matmul_here};
 use crate::ops::lanes;
 
@@ -93,17 +93,12 @@ impl Heads {
     /// `None` unless q, k and v are f32 `[batch, heads, len, dim]`, k and v of one shape with a
     /// head count that divides q's.
     fn of([q, k, v]: [&FlexTensor; 3], window: usize) -> Option<Self> {
-        let (shape, kv) = (q.shape(), k.shape());
-        let fits = [q, k, v].iter().all(|t| is_f32(t))
-            && shape.num_dims() == 4
-            && kv == v.shape()
-            && kv.num_dims() == 4
-            && [0, 2, 3].iter().all(|&d| kv[d] == shape[d])
-            && kv[1] > 0
-            && shape[1] % kv[1] == 0;
+        let shape = q.shape();
+        let group = grouped(&shape, &k.shape(), &v.shape())?;
+        let fits = [q, k, v].iter().all(|t| is_f32(t));
         fits.then(|| Self {
             shape: [shape[0], shape[1], shape[2], shape[3]],
-            group: shape[1] / kv[1],
+            group,
             geometry: Geometry {
                 len: shape[2],
                 dim: shape[3],

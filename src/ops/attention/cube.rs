@@ -14,7 +14,7 @@ use burn::cubecl::prelude::KernelId;
 use burn::tensor::DType;
 use derive_new::new;
 
-use super::{AttentionBackend, composed, lse_shape};
+use super::{AttentionBackend, composed, grouped, lse_shape};
 use crate::ops::wgsl;
 
 kernel_source!(ForwardSource, "../../../shaders/ual_attention_forward.wgsl");
@@ -114,12 +114,7 @@ impl Geometry {
             && matches!(dtype, DType::F32 | DType::F16)
             && k.dtype == dtype
             && v.dtype == dtype
-            && shape.num_dims() == 4
-            && kv.num_dims() == 4
-            && kv == v.shape()
-            && [0, 2, 3].iter().all(|&d| kv[d] == shape[d])
-            && kv[1] > 0
-            && shape[1] % kv[1] == 0
+            && grouped(&shape, &kv, &v.shape()).is_some()
             && (1..=MAX_DIM).contains(&shape[3])
             && shape[0] * shape[1] <= MAX_GROUPS_PER_DIM
             && shape[2] < u32::MAX as usize / 2;

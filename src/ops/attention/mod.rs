@@ -90,6 +90,18 @@ fn sees(i: usize, j: usize, window: usize) -> bool {
     j <= i && i - j < window
 }
 
+/// Query heads per key/value head, where q is `[b, h, len, d]` and k and v are both
+/// `[b, kv, len, d]` with kv dividing h: the shapes every kernel takes.
+fn grouped(q: &Shape, k: &Shape, v: &Shape) -> Option<usize> {
+    let fits = q.num_dims() == 4
+        && k == v
+        && k.num_dims() == 4
+        && [0, 2, 3].iter().all(|&d| k[d] == q[d])
+        && k[1] > 0
+        && q[1].is_multiple_of(k[1]);
+    fits.then(|| q[1] / k[1])
+}
+
 /// The shape of the rows' log-sum-exp for queries of `shape`: `[batch, heads, len]`.
 pub fn lse_shape(shape: &Shape) -> Shape {
     Shape::new([shape[0], shape[1], shape[2]])
