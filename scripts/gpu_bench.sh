@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# One sitting on a GPU machine: the fused head against the unfused one inside a training step
-# (with and without its vocabulary split), ual on wgpu (Vulkan) against PyTorch CUDA + PEFT,
-# the fused head alone, a per-kernel profile of ual's 125m step, the memory levers, then the
-# small and 1b presets. Most important first; each table is written to $OUT as soon as it is measured, so a
-# sitting cut short keeps what it finished.
+# One sitting on a GPU machine, most important first: issue 19's table (ual's LoRA step in f16 and
+# f32 under SPIR-V/MSL and WGSL against PyTorch + PEFT in bf16 autocast and f32, `1b` and `125m`
+# at 512 and 2048 tokens), attention alone, a per-kernel profile, the fused head against the
+# unfused one; FULL=1 adds the older sections (memory levers, the fused head alone, `small`).
+# Each result is written to $OUT as soon as it is measured, so a sitting cut short keeps what it
+# finished; PARTS="large big rest attention profile fused" picks and orders the first sections.
 #
 #   cargo build --release                                          # SPIR-V (Vulkan) / MSL (Metal)
 #   cargo build --release --no-default-features --target-dir target/wgsl   # WGSL everywhere
 #   OUT=/tmp/gpu scripts/gpu_bench.sh            # UAL=path/to/ual for a binary built elsewhere
 #
 # Needs the Vulkan loader and the vendor's Vulkan driver, and python3 with torch (CUDA),
-# transformers and peft. Both engines compute in f32 (PyTorch's TF32 matmuls stay off, its
-# default). BIG, SMALL, LARGE and STEPS override the presets and step counts (a rehearsal on
-# lavapipe: BIG=tiny SMALL=tiny LARGE=tiny STEPS=1 COMPARE_EXTRA="--torch-device cpu").
+# transformers and peft. A stripped release binary is about 95 MB (16 MB xz-compressed), which
+# matters where the binary must be carried to the GPU machine. BIG, SMALL, LARGE and STEPS
+# override the presets and step counts (a rehearsal on lavapipe: BIG=tiny SMALL=tiny LARGE=tiny
+# STEPS=1 COMPARE_EXTRA="--torch-device cpu").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 UAL=${UAL:-target/release/ual}
@@ -28,41 +30,52 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 "$UAL" devices | tee "$OUT/devices.txt"
 
-# Issue 19's table first, sized for one 10-minute sitting: the LoRA step of $BIG and $LARGE at
-# sequence lengths 512 and 2048, ual in f32 and f16 (`--precision`; bf16 has no arithmetic under
-# WGSL or SPIR-V) from the default build (SPIR-V on Vulkan, tensor-core matmuls where the driver
-# lists cooperative matrices), the WGSL build beside it for $BIG, and PyTorch + PEFT with SDPA in
-# f32 and in bf16 autocast (its usual setting). Each line is one JSON report (tokens/s, peak
-# device memory). Then attention alone (kernel vs burn ops, peak memory by length) and the
-# per-kernel profile. FULL=1 runs the older sections after them.
+# Issue 19's table first, sized for one 10-minute sitting, most important first: the LoRA step
+# of $LARGE and $BIG at sequence lengths 2048 and 512, ual in f16 and f32 (`--precision`; bf16
+# has no arithmetic under WGSL or SPIR-V) from the default build (SPIR-V on Vulkan, tensor-core
+# matmuls where the driver lists cooperative matrices), the WGSL build beside it for $BIG, and
+# PyTorch + PEFT with SDPA in bf16 autocast (its usual setting) and f32. Each result is one JSON
+# line in $OUT/table.jsonl, after a `#` line naming it (tokens/s, peak device memory, final loss:
+# the same seed gives the same loss under either compiler). Then attention alone, the per-kernel
+# profile, and the fused head against the unfused one. FULL=1 runs the older sections after them.
 UAL_WGSL=${UAL_WGSL:-target/wgsl/release/ual}
 RUN=${STEPS:-3}
-for preset in "$BIG" "$LARGE"; do
-  for seq in 512 2048; do
-    step "$preset LoRA step at $seq tokens"
-    for precision in f32 f16; do
-      bins="$UAL"
-      if [ "$preset" = "$BIG" ] && [ -x "$UAL_WGSL" ]; then bins="$UAL $UAL_WGSL"; fi
-      for bin in $bins; do
-        echo "# ual $bin $preset seq $seq precision $precision" | tee -a "$OUT/compilers.jsonl.txt"
-        timeout 60 "$bin" bench step --device wgpu --preset "$preset" --seq-len "$seq" --batch-size 1 \
-          --precision "$precision" --warmup 1 --steps "$RUN" 2>/dev/null | tee -a "$OUT/compilers.jsonl.txt"
-      done
-    done
-    for base in f32 bf16; do
-      echo "# torch $preset seq $seq base $base" | tee -a "$OUT/compilers.jsonl.txt"
-      timeout 60 python3 scripts/bench_torch.py --preset "$preset" --seq-len "$seq" --batch-size 1 \
-        --base-dtype "$base" --warmup 1 --steps "$RUN" | tee -a "$OUT/compilers.jsonl.txt"
-    done
-  done
+LOG="$OUT/log.txt"
+ual_step() { # binary preset seq precision
+  echo "# ual $(basename "$1") $2 seq $3 precision $4" | tee -a "$OUT/table.jsonl"
+  timeout "${UAL_TIMEOUT:-50}" "$1" bench step --device wgpu --preset "$2" --seq-len "$3" \
+    --batch-size 1 --precision "$4" --warmup 1 --steps "$RUN" 2>>"$LOG" | tee -a "$OUT/table.jsonl"
+}
+torch_step() { # preset seq base
+  echo "# torch $1 seq $2 base $3" | tee -a "$OUT/table.jsonl"
+  timeout "${TORCH_TIMEOUT:-45}" python3 scripts/bench_torch.py --preset "$1" --seq-len "$2" \
+    --batch-size 1 --base-dtype "$3" --warmup 1 --steps "$RUN" 2>>"$LOG" | tee -a "$OUT/table.jsonl"
+}
+for part in ${PARTS:-large big rest attention profile fused}; do
+  case "$part" in
+    large) step "$LARGE LoRA step at 2048 tokens"
+      ual_step "$UAL" "$LARGE" 2048 f16; torch_step "$LARGE" 2048 bf16
+      ual_step "$UAL" "$LARGE" 2048 f32; torch_step "$LARGE" 2048 f32 ;;
+    big) step "$BIG LoRA step at 512 tokens"
+      ual_step "$UAL" "$BIG" 512 f16; torch_step "$BIG" 512 bf16
+      ual_step "$UAL" "$BIG" 512 f32; torch_step "$BIG" 512 f32
+      if [ -x "$UAL_WGSL" ]; then ual_step "$UAL_WGSL" "$BIG" 512 f32; ual_step "$UAL_WGSL" "$BIG" 512 f16; fi ;;
+    rest) step "$BIG at 2048 tokens, $LARGE at 512"
+      ual_step "$UAL" "$BIG" 2048 f16; torch_step "$BIG" 2048 bf16
+      ual_step "$UAL" "$LARGE" 512 f16; torch_step "$LARGE" 512 bf16
+      ual_step "$UAL" "$BIG" 2048 f32; torch_step "$BIG" 2048 f32 ;;
+    attention) step "attention alone: flash kernels vs burn ops, 12 heads of 64, peak device memory by length"
+      timeout 60 "$UAL" bench attention --device wgpu --len 512,2048,4096 --iters 2 2>>"$LOG" \
+        | tee "$OUT/attention.json" ;;
+    profile) step "kernel profile, $BIG f16 (batch 4 × 512) on wgpu"
+      timeout 60 python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" \
+        --extra="--precision f16" 2>>"$LOG" | tee "$OUT/profile.md" ;;
+    fused) step "fused vs unfused head in a training step, $BIG f16 on wgpu"
+      timeout 90 python3 scripts/bench_levers.py --ual "$UAL" --preset "$BIG" --device wgpu \
+        --variants fused,unfused --repeats 1 --steps "$RUN" --warmup 1 \
+        --extra="--precision f16" 2>>"$LOG" | tee "$OUT/fused-step.md" ;;
+  esac
 done
-
-step "attention alone: flash kernels vs burn ops, 12 heads of 64, peak device memory by length"
-timeout 90 "$UAL" bench attention --device wgpu --len 512,1024,2048,4096 --iters 2 2>/dev/null \
-  | tee "$OUT/attention.json"
-
-step "kernel profile, $BIG on wgpu"
-timeout 120 python3 scripts/profile_kernels.py --ual "$UAL" --preset "$BIG" | tee "$OUT/profile.md"
 
 if [ "${FULL:-0}" != 1 ]; then
   echo; echo "done (FULL=1 runs the older sections too)"; exit 0
