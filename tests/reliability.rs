@@ -490,6 +490,12 @@ fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
         assert_eq!(error.len(), 1, "{stderr}");
         assert!(error[0].contains("no bf16 arithmetic"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+        let run_dir = killed.path().join("bf16/tiny-ual");
+        assert!(
+            !run_dir.exists(),
+            "a refused run leaves {}",
+            run_dir.display()
+        );
     }
 }
 

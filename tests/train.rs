@@ -501,6 +501,8 @@ fn bad_training_data_names_file_line_and_field() {
         msg.contains("bad.jsonl:1") && msg.contains("`uncertainty`"),
         "{msg}"
     );
+    // A run refused before its first step leaves no run directory behind.
+    assert!(!config.run_dir().exists(), "{}", config.run_dir().display());
 }
 
 /// The losses of `metrics.jsonl`, by step.

@@ -71,14 +71,28 @@ impl Session {
     /// Prepares the run `config` describes in `runs/<name>/`; with `resume`, continues it from
     /// its last checkpoint so that it reproduces the losses an uninterrupted run would have had.
     pub fn open(config: &TrainConfig, start: Start) -> Result<Self> {
-        let resume = start == Start::Resume;
         let cluster = cluster::world();
+        let run_dir = config.run_dir();
+        let new_dir = !run_dir.exists();
         // Rank 0 alone owns the run directory; every rank fails alike if it cannot.
         let claimed = cluster
             .is_root()
-            .then(|| claim_run_dir(&config.run_dir(), start))
+            .then(|| claim_run_dir(&run_dir, start))
             .transpose();
         let lock = cluster.agree(claimed, "claiming the run directory")?;
+        let opened = Self::open_claimed(config, start, lock);
+        if opened.is_err() && new_dir && cluster.is_root() {
+            // A run refused before its first step (bad data, a device without the precision)
+            // leaves no directory behind; the lock was dropped with the failed session.
+            remove_unused_run_dir(&run_dir);
+        }
+        opened
+    }
+
+    /// [`Session::open`] once the run directory is held (`lock`, on rank 0).
+    fn open_claimed(config: &TrainConfig, start: Start, lock: Option<File>) -> Result<Self> {
+        let resume = start == Start::Resume;
+        let cluster = cluster::world();
         let selected = cluster.agree(
             device::select_for_rank(config.device, cluster.local_rank()),
             "choosing each rank's device",
@@ -517,6 +531,16 @@ fn claim_run_dir(run_dir: &Path, start: Start) -> Result<File> {
         _ => {}
     }
     Ok(lock)
+}
+
+/// Removes a run directory that this process created for a run that failed before its first
+/// step: only what [`Session::open`] writes (the lock, `config.toml`, `metrics.jsonl`), and the
+/// directory itself only if nothing else is in it.
+fn remove_unused_run_dir(run_dir: &Path) {
+    for name in [".lock", "config.toml", "metrics.jsonl"] {
+        let _ = std::fs::remove_file(run_dir.join(name));
+    }
+    let _ = std::fs::remove_dir(run_dir);
 }
 
 /// The model to train: LoRA on the base (a resumed run's adapter from its checkpoint), or the
