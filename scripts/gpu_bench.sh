@@ -42,7 +42,7 @@ UAL_WGSL=${UAL_WGSL:-target/wgsl/release/ual}
 RUN=${STEPS:-3}
 LOG="$OUT/log.txt"
 ual_step() { # binary preset seq precision
-  echo "# ual $(basename "$1") $2 seq $3 precision $4" | tee -a "$OUT/table.jsonl"
+  echo "# ual $1 $2 seq $3 precision $4" | tee -a "$OUT/table.jsonl"
   timeout "${UAL_TIMEOUT:-50}" "$1" bench step --device wgpu --preset "$2" --seq-len "$3" \
     --batch-size 1 --precision "$4" --warmup 1 --steps "$RUN" 2>>"$LOG" | tee -a "$OUT/table.jsonl"
 }
@@ -76,6 +76,7 @@ for part in ${PARTS:-large big rest attention profile fused}; do
         --extra="--precision f16" 2>>"$LOG" | tee "$OUT/fused-step.md" ;;
   esac
 done
+[ -s "$OUT/table.jsonl" ] && python3 scripts/gpu_table.py "$OUT/table.jsonl" | tee "$OUT/table.md"
 
 if [ "${FULL:-0}" != 1 ]; then
   echo; echo "done (FULL=1 runs the older sections too)"; exit 0
