@@ -307,6 +307,13 @@ impl Llama {
         let [_, s] = ids.dims();
         let context = self.layer_context(s, &ids.device());
         let top = self.decoder_stack(ids, |_, layer, x| layer.forward(x, &context));
+        self.final_norm(top)
+    }
+
+    /// The final norm of the last layer's output, in f32 whatever the activations' type: the
+    /// head and the loss read f32 (see `activations`). Every path to the head goes through
+    /// here, layer recomputation included.
+    pub fn final_norm(&self, top: Tensor<3>) -> Tensor<3> {
         self.norm.forward(top.cast(DType::F32))
     }
 
@@ -429,7 +436,7 @@ impl Llama {
                 attention.forward_cached(h, &step, &mut cache[i])
             })
         });
-        self.norm.forward(top)
+        self.final_norm(top)
     }
 
     /// Logits `[batch, len, vocab]` for right-padded `ids`.

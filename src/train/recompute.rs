@@ -38,7 +38,7 @@ pub fn accumulate_gradients(
     let (inputs, top) = layer_inputs(model, batch);
 
     let top = top.autodiff().require_grad();
-    let hidden = model.norm.forward(top.clone());
+    let hidden = model.final_norm(top.clone());
     let objective = head_loss(model, hidden, batch, head)?;
     let nll = objective.nll.into_scalar::<f32>() / scale as f32;
     let loss = objective.loss.sum.div_scalar(scale);
