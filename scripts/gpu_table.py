@@ -48,8 +48,11 @@ def mb(n):
 
 def main():
     found = runs(sys.argv[1])
-    torch_bf16 = {(p, s): r["tokens_per_s"] for (l, r) in found if r
-                  for (e, p, s, t) in [row_key(l)] if e == "torch" and t == "bf16"}
+    torch_bf16 = {}
+    for label, report in found:
+        engine, preset, seq, kind = row_key(label)
+        if report and engine == "torch" and kind == "bf16":
+            torch_bf16[(preset, seq)] = report["tokens_per_s"]
     print("| preset | len | engine | type | tok/s | vs PyTorch bf16 | peak device | final loss |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for label, report in found:
