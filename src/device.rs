@@ -90,6 +90,18 @@ pub struct AdapterReport {
     software: bool,
 }
 
+/// What a device can compute in, for `model::precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTypes {
+    /// A wgpu adapter (else the CPU).
+    pub is_wgpu: bool,
+    /// The adapter has SHADER_F16.
+    pub shader_f16: bool,
+    /// Its compiler does arithmetic in bf16 (MSL only; WGSL has no bf16, and SPIR-V only
+    /// converts and stores it).
+    pub bf16_arithmetic: bool,
+}
+
 /// A device ready for tensors, with a human-readable description of what was chosen.
 #[derive(Debug, Clone)]
 pub struct Selected {
@@ -111,8 +123,8 @@ pub struct Selected {
 
 impl Selected {
     /// The element types the device computes in, for a run's `precision`.
-    pub fn types(&self) -> crate::train::precision::DeviceTypes {
-        crate::train::precision::DeviceTypes {
+    pub fn types(&self) -> DeviceTypes {
+        DeviceTypes {
             is_wgpu: self.is_wgpu,
             shader_f16: self.shader_f16,
             bf16_arithmetic: self.compiler == Some(Compiler::Msl),

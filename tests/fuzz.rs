@@ -203,7 +203,7 @@ fn adapter_configs_load_or_fail_cleanly() {
     runner(CASES / 4)
         .run(&config, |config| {
             std::fs::write(dir.path().join("adapter_config.json"), &config).unwrap();
-            let _ = ual::model::lora::load_peft(base.model.clone(), dir.path(), &device);
+            let _ = ual::model::peft::load_peft(base.model.clone(), dir.path(), &device);
             Ok(())
         })
         .unwrap();

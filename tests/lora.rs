@@ -7,7 +7,7 @@ use common::{devices, fixture_model, fixtures};
 use serde::Deserialize;
 use ual::eval::score::token_logprobs;
 use ual::model::lora::{self, LoraConfig};
-use ual::model::{Pretrained, lora::for_each_named};
+use ual::model::{Pretrained, lora::for_each_named, peft};
 
 /// Absolute tolerance on log-probs (nats), as for the base models.
 const LOGPROB_ATOL: f64 = 2e-4;
@@ -73,7 +73,7 @@ fn exported_adapter_reloads_to_identical_logits() {
         }
     });
     let tmp = tempfile::tempdir().unwrap();
-    lora::save_peft(&mut model, &config, "qwen2-bias", tmp.path()).unwrap();
+    peft::save_peft(&mut model, &config, "qwen2-bias", tmp.path()).unwrap();
     let reloaded = Pretrained::load_with_adapter(&dir, Some(tmp.path()), &device).unwrap();
     let ids = p
         .tokenizer
@@ -152,7 +152,7 @@ fn merge_keeps_the_base_dtype() {
     };
     let mut model = lora::attach(p.model, &config, 0, &device);
     let adapter = tmp.path().join("adapter");
-    lora::save_peft(&mut model, &config, "llama-tied-bf16", &adapter).unwrap();
+    peft::save_peft(&mut model, &config, "llama-tied-bf16", &adapter).unwrap();
     let output = tmp.path().join("merged");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
         .args(["merge", "--device", "cpu", "--model"])

@@ -15,6 +15,7 @@ use ual::data::template::Template;
 use ual::eval::score::token_logprobs;
 use ual::loss::objective::HeadPlan;
 use ual::model::lora::{self, LoraConfig, for_each_named};
+use ual::model::precision::{self, Frozen, Resolved};
 use ual::model::{Llama, Pretrained};
 use ual::train::{Recompute, TrainConfig, step_gradients};
 
@@ -148,7 +149,13 @@ fn one_step(
     let device = checkpointing.autodiff_device(device);
     let (mut model, samples) = lora_model(&device);
     if let Some(dtype) = frozen {
-        model = lora::store_frozen_in(model, dtype);
+        model = precision::prepare(
+            model,
+            Resolved {
+                frozen: Frozen::Dense(dtype),
+                compute: burn::tensor::DType::F32,
+            },
+        );
     }
     let batch: Vec<&Sample> = samples.iter().collect();
     let hidden = model.config.hidden_size;
@@ -216,7 +223,13 @@ fn step_in(
 ) -> (BTreeMap<String, Vec<f32>>, f64) {
     let device = checkpointing.autodiff_device(device);
     let (model, samples) = lora_model(&device);
-    let model = lora::compute_in(model, dtype);
+    let model = precision::prepare(
+        model,
+        Resolved {
+            frozen: Frozen::Dense(dtype),
+            compute: dtype,
+        },
+    );
     let batch: Vec<&Sample> = samples.iter().collect();
     let head = HeadPlan::fused(32000, usize::MAX);
     let (g, loss, _) = step_gradients(&model, &[batch], &device, head, checkpointing).unwrap();

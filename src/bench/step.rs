@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::DType;
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -15,8 +14,8 @@ use crate::data::batch::{DataSummary, Sample};
 use crate::device::Selected;
 use crate::model::config::ModelConfig;
 use crate::model::load::{RandomWeights, load_llama};
-use crate::model::lora::{self, BaseDtype, LoraConfig};
-use crate::train::precision::Precision;
+use crate::model::lora::{self, LoraConfig};
+use crate::model::precision::{self, BaseDtype, Precision};
 use crate::train::{Mode, Parts, Recompute, Session, TrainConfig};
 
 /// Model sizes, LLaMA-shaped, with a 32,000-token vocabulary.
@@ -35,6 +34,10 @@ pub enum Preset {
     #[value(name = "1b")]
     #[serde(rename = "1b")]
     B1,
+    /// Llama-2-7B's shape: 32 layers, 4096 wide, 32 heads (the paper's models).
+    #[value(name = "7b")]
+    #[serde(rename = "7b")]
+    B7,
 }
 
 /// What one preset trains on: the model and the batch.
@@ -68,6 +71,7 @@ impl Preset {
             Preset::Small => (256, 688, 4, 4, 4, false, 4, 256),
             Preset::M125 => (768, 2048, 12, 12, 12, false, 4, 512),
             Preset::B1 => (2048, 5632, 22, 32, 4, false, 4, 512),
+            Preset::B7 => (4096, 11008, 32, 32, 32, false, 1, 512),
         };
         PresetShape {
             hidden_size: hidden,
@@ -115,7 +119,7 @@ pub struct StepOptions {
     pub head_vocab_splits: usize,
     /// What the backward pass recomputes.
     pub gradient_checkpointing: Recompute,
-    /// The dtype frozen projection weights are stored in: f32, or f16 on adapters with SHADER_F16.
+    /// How frozen projection weights are stored: f32 (the compute type), f16, q8_0 or q4_0.
     pub base_dtype: BaseDtype,
     /// What the decoder computes in (`precision`).
     pub precision: Precision,
@@ -206,22 +210,19 @@ pub struct ScalingPoint {
 
 /// Runs `warmup_steps + steps` LoRA steps of `preset` through a training [`Session`] (the
 /// optimizer, clipping and schedule `ual train` uses) and reports the timed ones.
-pub fn run(
-    preset: Preset,
-    options: StepOptions,
-    selected: &Selected,
-    base: DType,
-) -> Result<StepBench> {
+pub fn run(preset: Preset, options: StepOptions, selected: &Selected) -> Result<StepBench> {
     let mut shape = preset.shape();
     shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
     let config = session_config(&options, &shape);
-    let mut session = Session::new(&config, parts(&shape, &config, selected, base)?, selected)?;
+    let mut session = Session::new(&config, parts(&shape, &config, selected)?, selected)?;
     let trainable = match config.mode {
         Mode::Lora => trainable_params(session.model()),
         Mode::Full => burn::module::Module::num_params(session.model()),
     };
-    let parameters = burn::module::Module::num_params(session.model()) - trainable;
+    // Packed projections are constants, not parameters, but are the base's weights all the same.
+    let parameters =
+        burn::module::Module::num_params(session.model()) - trainable + packed_values(session.model());
     let mut loss = f64::NAN;
     let step = |session: &mut Session| -> Result<f64> {
         let loss = session.step()?.loss;
@@ -306,30 +307,20 @@ fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
 }
 
 /// A random-weight model of `shape` with LoRA attached, and its random batch.
-fn parts(
-    shape: &PresetShape,
-    config: &TrainConfig,
-    selected: &Selected,
-    base: DType,
-) -> Result<Parts> {
+fn parts(shape: &PresetShape, config: &TrainConfig, selected: &Selected) -> Result<Parts> {
     let model_config = ModelConfig::from_json(&shape.config_json().to_string())?;
     let device = config
         .gradient_checkpointing
         .autodiff_device(&selected.device);
     device.seed(0);
-    let model = load_llama(
-        &model_config,
-        &RandomWeights { seed: 0, std: 0.02 },
-        &device,
-    )?;
-    let mut model = match config.mode {
+    let types = config.dtypes().resolve(selected.types())?;
+    let weights = RandomWeights { seed: 0, std: 0.02 };
+    let model = load_llama(&model_config, &weights, &device, types.frozen)?;
+    let model = precision::prepare(model, types);
+    let model = match config.mode {
         Mode::Full => model,
         Mode::Lora => lora::attach(model, &config.lora, 0, &device),
     };
-    if base != DType::F32 {
-        model = lora::store_frozen_in(model, base);
-    }
-    let model = lora::compute_in(model, config.precision.dtype(selected.types())?);
     let ranks = crate::cluster::world().size();
     let samples = random_samples(shape, model_config.vocab_size, ranks);
     Ok(Parts {
@@ -341,6 +332,15 @@ fn parts(
         samples,
         eval_samples: Vec::new(),
     })
+}
+
+/// Values of the projections held packed (quantized bases).
+fn packed_values(model: &crate::model::Llama) -> usize {
+    model
+        .projections()
+        .filter(|(_, p)| matches!(p.weight, lora::Weight::Packed(_)))
+        .map(|(_, p)| p.dims().iter().product::<usize>())
+        .sum()
 }
 
 fn trainable_params(model: &crate::model::Llama) -> usize {

@@ -7,7 +7,7 @@ use ual::data::formats::read_prompts;
 use ual::data::template::{Template, TemplateKind};
 use ual::eval::{clustering, features};
 
-use super::DeviceArg;
+use super::{DeviceArg, DtypeArgs};
 use super::eval::Protocol;
 
 /// `ual analyze`.
@@ -58,6 +58,8 @@ pub struct FeaturesArgs {
     #[arg(long, default_value = "runs/features")]
     output: PathBuf,
     #[command(flatten)]
+    dtypes: DtypeArgs,
+    #[command(flatten)]
     device: DeviceArg,
 }
 
@@ -85,6 +87,7 @@ fn ual_features(args: FeaturesArgs) -> Result<()> {
         &args.data,
         args.max_tokens,
         &selected.device,
+        args.dtypes.resolve(&selected)?,
     )?;
     for q in &results {
         eprintln!(
@@ -117,6 +120,7 @@ fn paper(args: FeaturesArgs) -> Result<()> {
         prompts: &prompts,
         max_seq_len: args.max_seq_len,
         plot: args.plot.map(|p| (p, args.output.as_path())),
+        types: args.dtypes.resolve(&selected)?,
     };
     let results = clustering::analyse_models(&request, &selected.device)?;
     let report = serde_json::to_string_pretty(&results)?;

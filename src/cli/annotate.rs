@@ -8,7 +8,7 @@ use ual::annotate::{self, ApiOptions, PromptPreset};
 use ual::data::template::{Template, TemplateKind};
 use ual::model::Pretrained;
 
-use super::{ConnectionArgs, DeviceArg};
+use super::{ConnectionArgs, DeviceArg, DtypeArgs};
 
 /// `ual annotate`.
 #[derive(clap::Args)]
@@ -51,6 +51,8 @@ pub struct Args {
     #[arg(long, default_value = "alpaca", requires = "from_model")]
     template: TemplateKind,
     #[command(flatten)]
+    dtypes: DtypeArgs,
+    #[command(flatten)]
     device: DeviceArg,
 }
 
@@ -59,8 +61,13 @@ pub fn main(args: Args) -> Result<()> {
     let summary = match &args.from_model {
         Some(dir) => {
             let selected = args.device.select()?;
-            let model =
-                Pretrained::load_with_adapter(dir, args.adapter.as_deref(), &selected.device)?;
+            let types = args.dtypes.resolve(&selected)?;
+            let model = Pretrained::load_with_adapter_as(
+                dir,
+                args.adapter.as_deref(),
+                &selected.device,
+                types,
+            )?;
             let template = Template::load(args.template, dir)?;
             annotate::local::run_local(&args.input, &args.output, &model, &template, args.limit)?
         }

@@ -6,9 +6,8 @@ use anyhow::Result;
 use ual::bench::step::{Preset, StepOptions};
 use ual::loss::objective::HeadPlan;
 use ual::model::Pretrained;
-use ual::model::lora::BaseDtype;
 use ual::train::Recompute;
-use ual::train::precision::Precision;
+use ual::model::precision::{BaseDtype, Precision};
 
 use super::DeviceArg;
 
@@ -91,7 +90,8 @@ pub struct StepArgs {
     /// default when the flag has no value), `ops` (burn's balanced strategy) or `off`.
     #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "layers")]
     gradient_checkpointing: Recompute,
-    /// Store frozen projection weights as f32, or f16 (adapters with SHADER_F16).
+    /// Store frozen projection weights as f32 (the compute type), f16 (adapters with
+    /// SHADER_F16), or quantized into q8_0 or q4_0 blocks.
     #[arg(long, default_value = "f32")]
     base_dtype: BaseDtype,
     /// What the decoder computes in: f32, f16 (SHADER_F16; with the loss scale) or bf16 (CPU,
@@ -198,7 +198,6 @@ fn step(a: StepArgs) -> Result<()> {
         return scaling(&a.ranks);
     }
     let selected = a.device.select()?;
-    let base = a.base_dtype.dtype(selected.shader_f16, selected.is_wgpu)?;
     let options = StepOptions {
         fused_head: !a.unfused_head,
         head_block_rows: a.head_block_rows,
@@ -212,7 +211,7 @@ fn step(a: StepArgs) -> Result<()> {
         batch_size: a.batch_size,
         seq_len: a.seq_len,
     };
-    let report = ual::bench::step::run(a.preset, options, &selected, base)?;
+    let report = ual::bench::step::run(a.preset, options, &selected)?;
     if ual::cluster::world().is_root() {
         println!("{}", serde_json::to_string(&report)?);
     }

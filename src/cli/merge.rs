@@ -32,6 +32,12 @@ pub fn main(args: Args) -> Result<()> {
     // Refused before any work is done.
     ual::model::save::check_output(&args.model, &args.output, args.force)?;
     let selected = args.device.select()?;
+    // The checkpoint's own weights, never a quantized copy: an adapter trained on a q8_0/q4_0
+    // base is an ordinary LoRA, as bitsandbytes' QLoRA adapters are.
+    eprintln!(
+        "merging onto {}'s own weights (read in f32, whatever base_dtype the adapter trained on)",
+        args.model.display()
+    );
     let pretrained =
         Pretrained::load_with_adapter(&args.model, Some(&args.adapter), &selected.device)?;
     let dtype = SafetensorsFile::open(&args.model)?.dtype("model.embed_tokens.weight")?;

@@ -21,6 +21,7 @@ use ual::annotate::Connection;
 use ual::data::template::{Template, TemplateKind};
 use ual::device::{self, DeviceSpec, Selected};
 use ual::model::Pretrained;
+use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};
 use ual::model::generate::GenerationConfig;
 
 /// `--device`.
@@ -44,6 +45,29 @@ impl DeviceArg {
     }
 }
 
+/// `--base-dtype` and `--precision`: how a loaded model is held and computes.
+#[derive(clap::Args, Clone, Copy)]
+pub struct DtypeArgs {
+    /// Store the frozen projections as f32 (the compute type), f16, or quantized at load into
+    /// llama.cpp's q8_0 or q4_0 blocks.
+    #[arg(long, default_value = "f32")]
+    pub base_dtype: BaseDtype,
+    /// What the decoder computes in: f32, f16 (SHADER_F16 on wgpu) or bf16 (CPU, Metal).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+}
+
+impl DtypeArgs {
+    /// The types on the chosen device.
+    pub fn resolve(self, selected: &Selected) -> Result<Resolved> {
+        let types = Dtypes {
+            base: self.base_dtype,
+            precision: self.precision,
+        };
+        types.resolve(selected.types())
+    }
+}
+
 /// A model directory, an optional adapter, the prompt template and the device.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
@@ -58,6 +82,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "alpaca")]
     pub template: TemplateKind,
     #[command(flatten)]
+    pub dtypes: DtypeArgs,
+    #[command(flatten)]
     pub device: DeviceArg,
 }
 
@@ -65,8 +91,12 @@ impl ModelArgs {
     /// The model with its adapter on the chosen device, and its template.
     pub fn load(&self) -> Result<(Pretrained, Template)> {
         let selected = self.device.select()?;
-        let pretrained =
-            Pretrained::load_with_adapter(&self.model, self.adapter.as_deref(), &selected.device)?;
+        let pretrained = Pretrained::load_with_adapter_as(
+            &self.model,
+            self.adapter.as_deref(),
+            &selected.device,
+            self.dtypes.resolve(&selected)?,
+        )?;
         let template = Template::load(self.template, &self.model)?;
         Ok((pretrained, template))
     }

@@ -8,7 +8,7 @@ use ual::eval::score::{self, TokenScores};
 use ual::model::Pretrained;
 use ual::train::TrainConfig;
 
-use super::DeviceArg;
+use super::{DeviceArg, DtypeArgs};
 
 /// `ual score`.
 #[derive(clap::Args)]
@@ -46,14 +46,20 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    dtypes: DtypeArgs,
+    #[command(flatten)]
     device: DeviceArg,
 }
 
 /// Scores as asked, one JSON line per data line or a table per text.
 pub fn main(args: Args) -> Result<()> {
     let selected = args.device.select()?;
-    let pretrained =
-        Pretrained::load_with_adapter(&args.model, args.adapter.as_deref(), &selected.device)?;
+    let pretrained = Pretrained::load_with_adapter_as(
+        &args.model,
+        args.adapter.as_deref(),
+        &selected.device,
+        args.dtypes.resolve(&selected)?,
+    )?;
     match (&args.data, &args.config) {
         (Some(data), Some(file)) => {
             let config = TrainConfig::resolve(Some(file), &args.overrides)?;

@@ -6,6 +6,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use ual::device::DeviceSpec;
+use ual::model::precision::BaseDtype;
 
 use ual::train::{Mode, Reporter, RunSummary, Session, Start, StepMetrics, TrainConfig};
 
@@ -21,6 +22,10 @@ pub struct Args {
     /// Shorthand for --set device=...
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Shorthand for --set base_dtype=...: f32, f16, or q8_0/q4_0 (QLoRA on a base quantized
+    /// at load into llama.cpp's blocks).
+    #[arg(long)]
+    base_dtype: Option<BaseDtype>,
     /// Continue the run in this directory from its last checkpoint, with its config.toml.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
@@ -33,6 +38,9 @@ pub struct Args {
 pub fn main(mut args: Args) -> Result<()> {
     if let Some(d) = args.device {
         args.overrides.push(format!("device={d}"));
+    }
+    if let Some(b) = args.base_dtype {
+        args.overrides.push(format!("base_dtype={b}"));
     }
     let config = match &args.resume {
         Some(dir) => TrainConfig::for_resume(dir, &args.overrides)?,

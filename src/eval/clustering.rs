@@ -328,6 +328,8 @@ pub struct Request<'a> {
     pub max_seq_len: usize,
     /// A pair to draw, and the directory its SVGs go to.
     pub plot: Option<((u32, u32), &'a Path)>,
+    /// How the model is held on the device.
+    pub types: crate::model::precision::Resolved,
 }
 
 /// The analysis of the base model and of each adapter, in order. Labels are counted from the
@@ -336,7 +338,8 @@ pub fn analyse_models(request: &Request, device: &burn::tensor::Device) -> Resul
     use crate::model::Pretrained;
     let mut results = Vec::new();
     for adapter in &request.adapters {
-        let pretrained = Pretrained::load_with_adapter(request.model_dir, *adapter, device)?;
+        let pretrained =
+            Pretrained::load_with_adapter_as(request.model_dir, *adapter, device, request.types)?;
         let name = adapter.map_or("base".to_string(), |a| a.display().to_string());
         let prompts = Prompts {
             template: request.template,

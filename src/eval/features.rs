@@ -181,6 +181,7 @@ pub fn compare(
     data: &Path,
     max_tokens: usize,
     device: &Device,
+    types: crate::model::precision::Resolved,
 ) -> Result<Vec<ClusterQuality>> {
     let template = Template::load(template, model_dir)?;
     let mut variants = vec![(None, "base".to_string())];
@@ -189,7 +190,7 @@ pub fn compare(
     }
     let mut results = Vec::new();
     for (adapter, label) in variants {
-        let pretrained = Pretrained::load_with_adapter(model_dir, adapter, device)?;
+        let pretrained = Pretrained::load_with_adapter_as(model_dir, adapter, device, types)?;
         let eos = pretrained.config.eos_token_id()?;
         let (_, samples, _) =
             Prepare::new(&pretrained.tokenizer, &template, eos, 2048).file(data)?;

@@ -8,7 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use super::config::ModelConfig;
-use super::projection::LoraLinear;
+use super::lora::LoraLinear;
 use super::rope::RotaryHalf;
 use crate::ops::attention;
 

@@ -9,14 +9,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
 use super::llama::{Attention, DecoderLayer, Llama, Mlp, PROJECTIONS};
-use super::projection::{LoraLinear, param};
+use super::lora::{LoraLinear, Weight};
+use super::param::param;
+use super::precision::Frozen;
+use crate::ops::quant::{BLOCK, PackedWeight, blocks};
 use super::rope::RotaryHalf;
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -215,7 +218,7 @@ impl Weights for RandomWeights {
             return Ok(vec![0.0; len]);
         }
         let stream =
-            super::projection::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            super::param::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let half_width = self.std * 3f32.sqrt();
         Ok((0..len as u64)
             .into_par_iter()
@@ -234,11 +237,19 @@ fn splitmix64(x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Builds the decoder of `config` from `weights`, converting every weight to f32 on `device`.
-pub fn load_llama(config: &ModelConfig, weights: &dyn Weights, device: &Device) -> Result<Llama> {
+/// Builds the decoder of `config` from `weights` on `device`, the projections stored as
+/// `frozen` says and everything else in f32. Each projection is converted (or quantized) as
+/// it is read, so a checkpoint never exists in f32 as a whole.
+pub fn load_llama(
+    config: &ModelConfig,
+    weights: &dyn Weights,
+    device: &Device,
+    frozen: Frozen,
+) -> Result<Llama> {
     let loader = Loader {
         checkpoint: weights,
         device,
+        frozen,
     };
     let c = config;
     let layers = (0..c.num_hidden_layers)
@@ -268,6 +279,7 @@ pub fn load_llama(config: &ModelConfig, weights: &dyn Weights, device: &Device) 
 struct Loader<'a> {
     checkpoint: &'a dyn Weights,
     device: &'a Device,
+    frozen: Frozen,
 }
 
 impl Loader<'_> {
@@ -311,6 +323,8 @@ impl Loader<'_> {
         })
     }
 
+    /// A decoder projection, its weight stored as `self.frozen` says: quantized block by
+    /// block as it is read, or dense.
     fn projection(
         &self,
         prefix: &str,
@@ -318,7 +332,48 @@ impl Loader<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear> {
-        Ok(LoraLinear::new(self.linear(prefix, d_in, d_out, bias)?))
+        let name = format!("{prefix}.weight");
+        let (format, scales) = match self.frozen {
+            Frozen::Packed(format, scales) if d_in % BLOCK == 0 => (format, scales),
+            Frozen::Packed(format, dense) => {
+                // As llama.cpp's quantizer does with such a tensor: another type, said aloud.
+                eprintln!(
+                    "note: `{name}` has rows of {d_in} values, not whole {BLOCK}-value blocks; it stays {dense:?} instead of {}",
+                    format.name()
+                );
+                return self.dense_projection(prefix, d_in, d_out, bias, dense);
+            }
+            Frozen::Dense(dtype) => return self.dense_projection(prefix, d_in, d_out, bias, dtype),
+        };
+        let hf = self.checkpoint.read(&name, &[d_out, d_in])?;
+        let packed = blocks::quantize_rows(format, &hf, d_in);
+        drop(hf);
+        let weight = PackedWeight::new(format, &packed, [d_out, d_in], scales, self.device);
+        let bias = match bias {
+            true => {
+                let name = format!("{prefix}.bias");
+                Some(param(&name, self.tensor1(&name, d_out)?))
+            }
+            false => None,
+        };
+        Ok(LoraLinear {
+            weight: Weight::Packed(weight),
+            bias,
+            lora: None,
+        })
+    }
+
+    fn dense_projection(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<LoraLinear> {
+        let mut proj = LoraLinear::from(self.linear(prefix, d_in, d_out, bias)?);
+        proj.store_frozen_in(dtype);
+        Ok(proj)
     }
 
     fn rms_norm(&self, prefix: &str, c: &ModelConfig) -> Result<RmsNorm> {

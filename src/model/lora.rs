@@ -1,23 +1,20 @@
 //! LoRA: a frozen projection plus a trainable low-rank update, x·W + (α/r)·(dropout(x)·A)·B.
 //!
-//! The dense update W + s·A·B is never formed, and W gets no gradient. Factors are kept in burn's
-//! `[in, r]` / `[r, out]` layout and transposed to PEFT's `lora_A [r, in]` / `lora_B [out, r]` on
-//! export; RoPE is rotate-half, so no q/k permutation needs undoing.
+//! The dense update W + s·A·B is never formed, and W gets no gradient. The frozen W is dense
+//! (f32, f16 or bf16) or packed in llama.cpp's Q8_0/Q4_0 blocks (QLoRA). Factors are kept in
+//! burn's `[in, r]` / `[r, out]` layout; `peft` reads and writes them in PEFT's.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::module::{Module, Param};
-use burn::nn::DropoutConfig;
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, PROJECTIONS};
-use super::load::SafetensorsFile;
-use super::projection::{LoraAdapter, LoraLinear, param, stable_id};
+use super::param::{param, stable_id};
+use crate::ops::quant::{self, PackedWeight};
 
 /// The projections LoRA may target: PEFT's `target_modules` names, the last part of each of
 /// [`PROJECTIONS`].
@@ -106,83 +103,7 @@ pub fn attach(model: Llama, config: &LoraConfig, seed: u64, device: &Device) -> 
     model
 }
 
-/// Stores the frozen weights of every decoder projection in `dtype` (f16 halves the base
-/// model's memory); LoRA factors, norms, embeddings, the loss and optimizer state stay f32.
-pub fn store_frozen_in(mut model: Llama, dtype: DType) -> Llama {
-    fn frozen<const D: usize>(p: &Param<Tensor<D>>, dtype: DType) -> Param<Tensor<D>> {
-        let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
-        converted.id = p.id;
-        converted
-    }
-    for_each_named(&mut model, |_, proj| {
-        proj.base.weight = frozen(&proj.base.weight, dtype);
-        proj.base.bias = proj.base.bias.as_ref().map(|b| frozen(b, dtype));
-    });
-    model
-}
-
-/// The model computing in `dtype` (a run's `precision`): the frozen projections stored in it
-/// ([`store_frozen_in`]) and the residual stream, attention and the projections' products in
-/// it too. The adapters, norms' statistics, embeddings, head and loss stay f32.
-pub fn compute_in(model: Llama, dtype: DType) -> Llama {
-    let mut model = match dtype {
-        DType::F32 => model,
-        _ => store_frozen_in(model, dtype),
-    };
-    model.activations = dtype;
-    model
-}
-
-/// How a LoRA run stores the frozen projection weights (`base_dtype`). Adapters, the loss and
-/// optimizer state stay f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum BaseDtype {
-    /// Full precision.
-    #[default]
-    #[serde(rename = "f32", alias = "float32")]
-    F32,
-    /// Half precision: half the base model's memory, on wgpu adapters with SHADER_F16 (the CPU
-    /// runs it, more slowly than f32).
-    #[serde(rename = "f16", alias = "float16")]
-    F16,
-}
-
-impl std::str::FromStr for BaseDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" | "float32" => Ok(Self::F32),
-            "f16" | "float16" => Ok(Self::F16),
-            other => Err(format!(
-                "base_dtype = \"{other}\": expected \"f32\" or \"f16\""
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for BaseDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-        })
-    }
-}
-
-impl BaseDtype {
-    /// The tensor dtype, checked against the device: f16 needs SHADER_F16 on wgpu.
-    pub fn dtype(self, shader_f16: bool, is_wgpu: bool) -> Result<DType> {
-        match self {
-            Self::F32 => Ok(DType::F32),
-            Self::F16 if is_wgpu && !shader_f16 => {
-                bail!("base_dtype = \"f16\": this adapter lacks SHADER_F16; use \"f32\"")
-            }
-            Self::F16 => Ok(DType::F16),
-        }
-    }
-}
-
-fn adapter(name: &str, a: Tensor<2>, b: Tensor<2>, config: &LoraConfig) -> LoraAdapter {
+pub(super) fn adapter(name: &str, a: Tensor<2>, b: Tensor<2>, config: &LoraConfig) -> LoraAdapter {
     LoraAdapter {
         a: param(&format!("{name}.lora_A.weight"), a),
         b: param(&format!("{name}.lora_B.weight"), b),
@@ -215,214 +136,127 @@ pub fn for_each_named(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraLinear
     }
 }
 
-/// PEFT's `adapter_config.json`.
-#[derive(Debug, Serialize, Deserialize)]
-struct AdapterConfigFile {
-    peft_type: String,
-    task_type: String,
-    r: usize,
-    lora_alpha: f64,
-    #[serde(default)]
-    lora_dropout: f64,
-    target_modules: TargetModules,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    bias: Option<String>,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    inference_mode: bool,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    rank_pattern: serde_json::Map<String, serde_json::Value>,
-    #[serde(default)]
-    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+
+/// The low-rank update of one projection.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// `[in, r]`, PEFT's `lora_A` transposed.
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]`, PEFT's `lora_B` transposed.
+    pub b: Param<Tensor<2>>,
+    /// Dropout on the adapter's input while training.
+    pub dropout: Dropout,
+    /// α / r.
+    #[module(skip)]
+    pub scale: f64,
 }
 
-/// PEFT writes `target_modules` as a list, or as one regex string.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-enum TargetModules {
-    List(Vec<String>),
-    Pattern(String),
+/// The weight of a projection.
+#[derive(Module, Debug)]
+pub enum Weight {
+    /// `[in, out]`: trained by a full fine-tune, or frozen in f32, f16 or bf16.
+    Dense(Param<Tensor<2>>),
+    /// `[out, in]` in Q8_0 or Q4_0 blocks along `in`: frozen, a LoRA base.
+    Packed(PackedWeight),
 }
 
-const PEFT_PREFIX: &str = "base_model.model.";
+/// A projection that may carry a LoRA adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// The frozen (or fully trained) weight.
+    pub weight: Weight,
+    /// The bias (Qwen2's q/k/v), in the dense weight's type or the compute type.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// The adapter, when LoRA is attached.
+    pub lora: Option<LoraAdapter>,
+}
 
-/// Writes `adapter_model.safetensors` and `adapter_config.json` in PEFT's format into `dir`,
-/// each through a temporary file and a rename.
-pub fn save_peft(
-    model: &mut Llama,
-    config: &LoraConfig,
-    base_model: &str,
-    dir: &Path,
-) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for_each_named(model, |name, proj| {
-        if let Some(lora) = &proj.lora {
-            // burn [in, r] → PEFT lora_A [r, in]; burn [r, out] → PEFT lora_B [out, r].
-            for (key, t) in [("lora_A", lora.a.val()), ("lora_B", lora.b.val())] {
-                let t = t.transpose();
-                let dims = t.dims().to_vec();
-                let values = t
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .expect("f32 factors");
-                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                tensors.insert(format!("{PEFT_PREFIX}{name}.{key}.weight"), (dims, bytes));
-            }
+impl From<Linear> for LoraLinear {
+    /// A dense projection without an adapter.
+    fn from(linear: Linear) -> Self {
+        Self {
+            weight: Weight::Dense(linear.weight),
+            bias: linear.bias,
+            lora: None,
         }
-    });
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, (shape, bytes))| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .expect("consistent tensor view");
-            (k.clone(), view)
-        })
-        .collect();
-    let weights = dir.join("adapter_model.safetensors");
-    let tmp = weights.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &weights)?;
-
-    let file = AdapterConfigFile {
-        peft_type: "LORA".into(),
-        task_type: "CAUSAL_LM".into(),
-        r: config.r,
-        lora_alpha: config.alpha,
-        lora_dropout: config.dropout,
-        target_modules: TargetModules::List(config.target_modules.clone()),
-        base_model_name_or_path: Some(base_model.to_string()),
-        bias: Some("none".into()),
-        fan_in_fan_out: false,
-        inference_mode: true,
-        use_rslora: false,
-        use_dora: false,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-    };
-    crate::util::write_atomic(
-        &dir.join("adapter_config.json"),
-        serde_json::to_string_pretty(&file)?.as_bytes(),
-    )
+    }
 }
 
-/// Loads a PEFT LoRA adapter directory onto `model` (frozen base, adapters attached). Every
-/// tensor of the file must land on a projection of this model, and every `target_modules`
-/// entry must name one, or the load fails naming what does not fit.
-pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, LoraConfig)> {
-    let config = read_adapter_config(dir)?;
-    let weights = dir.join("adapter_model.safetensors");
-    let checkpoint = SafetensorsFile::open_file(&weights)?;
-    let (model, used) = attach_from(model, &checkpoint, &config, device)?;
-    if used.is_empty() {
-        bail!(
-            "{}: no tensor matches this model's projections (expected keys like {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight)",
-            dir.display()
-        );
-    }
-    if let Some(stray) = checkpoint.names().find(|n| !used.contains(*n)) {
-        bail!(
-            "{}: tensor {stray:?} matches no projection of this model",
-            weights.display()
-        );
-    }
-    Ok((model, config))
-}
-
-/// `adapter_config.json`, checked for what ual supports.
-fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let file: AdapterConfigFile = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid adapter config", config_path.display()))?;
-    if file.peft_type != "LORA" {
-        bail!(
-            "{}: field `peft_type` is {:?}; only LORA is supported",
-            config_path.display(),
-            file.peft_type
-        );
-    }
-    if file.use_rslora || file.use_dora || file.fan_in_fan_out {
-        bail!(
-            "{}: rsLoRA, DoRA and fan_in_fan_out adapters are not supported",
-            config_path.display()
-        );
-    }
-    if !file.rank_pattern.is_empty() || !file.alpha_pattern.is_empty() {
-        bail!(
-            "{}: per-module `rank_pattern`/`alpha_pattern` are not supported",
-            config_path.display()
-        );
-    }
-    let config = LoraConfig {
-        r: file.r,
-        alpha: file.lora_alpha,
-        // Dropout acts only while training, so a resumed run keeps the rate it trained with.
-        dropout: file.lora_dropout,
-        target_modules: match file.target_modules {
-            TargetModules::List(list) => list,
-            TargetModules::Pattern(_) => targets().into_iter().map(String::from).collect(),
-        },
-    };
-    let known = targets();
-    if let Some(unknown) = config.target_modules.iter().find(|t| {
-        !known
-            .iter()
-            .any(|k| t.as_str() == *k || t.ends_with(&format!(".{k}")))
-    }) {
-        bail!(
-            "{}: field `target_modules` names {unknown:?}, which is not a projection of LLaMA-family models ({})",
-            config_path.display(),
-            known.join(", ")
-        );
-    }
-    Ok(config)
-}
-
-/// Attaches the adapters `checkpoint` holds for `model`'s projections; returns the model and the
-/// tensor names used.
-fn attach_from(
-    model: Llama,
-    checkpoint: &SafetensorsFile,
-    config: &LoraConfig,
-    device: &Device,
-) -> Result<(Llama, std::collections::BTreeSet<String>)> {
-    let mut model = model.no_grad();
-    let mut result = Ok(());
-    let mut used = std::collections::BTreeSet::new();
-    for_each_named(&mut model, |name, proj| {
-        let a_key = format!("{PEFT_PREFIX}{name}.lora_A.weight");
-        if result.is_err() || !checkpoint.contains(&a_key) {
-            return;
-        }
-        let [d_in, d_out] = proj.dims();
-        let read = |key: &str, shape: [usize; 2]| -> Result<Tensor<2>> {
-            let values = checkpoint.read(key, &shape)?;
-            Ok(Tensor::<2>::from_data(TensorData::new(values, shape), device).transpose())
+impl LoraLinear {
+    /// `x·W (+ b) + (α/r)·(dropout(x)·A)·B`. The adapter's factors are f32 in every
+    /// precision, so a half-precision input is widened for the low-rank branch and its
+    /// product narrowed back: the factors' gradients are formed in f32.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let Some(lora) = &self.lora else {
+            return self.base_forward(x);
         };
-        let b_key = format!("{PEFT_PREFIX}{name}.lora_B.weight");
-        match (
-            read(&a_key, [config.r, d_in]),
-            read(&b_key, [d_out, config.r]),
-        ) {
-            (Ok(a), Ok(b)) => {
-                proj.lora = Some(adapter(name, a, b, config));
-                used.extend([a_key, b_key]);
+        let dtype = x.dtype();
+        let wide = match dtype {
+            DType::F32 => x.clone(),
+            _ => x.clone().cast(DType::F32),
+        };
+        let low = lora.dropout.forward(wide).matmul(lora.a.val().unsqueeze());
+        let low = low.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale);
+        let low = match dtype {
+            DType::F32 => low,
+            _ => low.cast(dtype),
+        };
+        self.base_forward(x) + low
+    }
+
+    /// The frozen projection, its product in the stored type and returned in the input's: a
+    /// dense half-precision weight multiplies a half-precision input (autodiff then keeps
+    /// that, not an f32 copy of the weight); a packed one is dequantized into the input's type
+    /// for the product alone.
+    fn base_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let (y, stored) = match &self.weight {
+            Weight::Dense(w) => {
+                let stored = w.val().dtype();
+                let x = if stored == dtype { x } else { x.cast(stored) };
+                (x.matmul(w.val().unsqueeze()), stored)
             }
-            (Err(e), _) | (_, Err(e)) => result = Err(e),
+            Weight::Packed(w) => (quant::linear(x, w), dtype),
+        };
+        let y = match &self.bias {
+            Some(b) => y + b.val().cast(stored).unsqueeze(),
+            None => y,
+        };
+        if stored == dtype { y } else { y.cast(dtype) }
+    }
+
+    /// `[in, out]` of the frozen projection.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.weight {
+            Weight::Dense(w) => w.dims(),
+            Weight::Packed(w) => {
+                let [out, d_in] = w.dims();
+                [d_in, out]
+            }
         }
-    });
-    result?;
-    Ok((model, used))
+    }
+
+    /// The dense weight `[in, out]` in f32: the stored one, or the packed blocks dequantized.
+    pub fn dense_weight(&self) -> Tensor<2> {
+        match &self.weight {
+            Weight::Dense(w) => w.val().cast(DType::F32),
+            Weight::Packed(w) => quant::dequantize(w).transpose(),
+        }
+    }
+
+    /// Stores a dense frozen weight (and its bias) in `dtype`; a packed one stays as it is.
+    pub fn store_frozen_in(&mut self, dtype: DType) {
+        fn frozen<const D: usize>(p: &Param<Tensor<D>>, dtype: DType) -> Param<Tensor<D>> {
+            let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
+            converted.id = p.id;
+            converted
+        }
+        if let Weight::Dense(w) = &self.weight {
+            if w.val().dtype() == dtype {
+                return;
+            }
+            self.weight = Weight::Dense(frozen(w, dtype));
+            self.bias = self.bias.as_ref().map(|b| frozen(b, dtype));
+        }
+    }
 }

@@ -5,7 +5,9 @@ pub mod generate;
 pub mod llama;
 pub mod load;
 pub mod lora;
-pub mod projection;
+pub mod param;
+pub mod peft;
+pub mod precision;
 pub mod rope;
 pub mod save;
 
@@ -31,12 +33,18 @@ pub struct Pretrained {
 }
 
 impl Pretrained {
-    /// Loads `config.json`, `tokenizer.json` and the safetensors weights of `dir`.
+    /// Loads `config.json`, `tokenizer.json` and the safetensors weights of `dir`, in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, precision::Resolved::F32)
+    }
+
+    /// Loads `dir` with its projections stored and its decoder computing as `types` says.
+    pub fn load_as(dir: &Path, device: &Device, types: precision::Resolved) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
         let checkpoint = load::SafetensorsFile::open(dir)?;
-        let model = load::load_llama(&config, &checkpoint, device)?;
+        let model = load::load_llama(&config, &checkpoint, device, types.frozen)?;
+        let model = precision::prepare(model, types);
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -47,9 +55,19 @@ impl Pretrained {
 
     /// Loads `dir`, then applies the PEFT LoRA adapter in `adapter`, if any, unmerged.
     pub fn load_with_adapter(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
-        let mut pretrained = Self::load(dir, device)?;
+        Self::load_with_adapter_as(dir, adapter, device, precision::Resolved::F32)
+    }
+
+    /// [`Self::load_with_adapter`] with the base stored as `types` says.
+    pub fn load_with_adapter_as(
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: &Device,
+        types: precision::Resolved,
+    ) -> Result<Self> {
+        let mut pretrained = Self::load_as(dir, device, types)?;
         if let Some(adapter) = adapter {
-            pretrained.model = lora::load_peft(pretrained.model, adapter, device)?.0;
+            pretrained.model = peft::load_peft(pretrained.model, adapter, device)?.0;
         }
         Ok(pretrained)
     }

@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use safetensors::Dtype;
 
 use super::llama::Llama;
-use super::projection::LoraLinear;
+use super::lora::LoraLinear;
 
 /// Files copied unchanged from the source model directory, when present.
 const COMPANION_FILES: [&str; 4] = [
@@ -247,14 +247,14 @@ fn push_projection<'a>(out: &mut Vec<Named<'a>>, prefix: &str, proj: &'a LoraLin
         &format!("{prefix}.weight"),
         vec![d_out, d_in],
         move || {
-            let mut weight = proj.base.weight.val().cast(burn::tensor::DType::F32);
+            let mut weight = proj.dense_weight();
             if let Some(lora) = &proj.lora {
                 weight = weight + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale);
             }
             weight.transpose()
         },
     );
-    if let Some(bias) = &proj.base.bias {
+    if let Some(bias) = &proj.bias {
         push(out, &format!("{prefix}.bias"), vec![d_out], move || {
             bias.val()
         });

@@ -8,4 +8,5 @@ pub mod attention;
 pub mod ce;
 pub mod gemm;
 pub mod lanes;
+pub mod quant;
 pub mod wgsl;

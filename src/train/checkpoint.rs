@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use super::StepMetrics;
 use super::config::{Mode, TrainConfig};
-use super::precision::LossScale;
+use super::loss_scale::LossScale;
 use super::step::Evaluation;
 use crate::cluster::Cluster;
-use crate::model::{Llama, lora, save};
+use crate::model::{Llama, peft, save};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
@@ -215,7 +215,7 @@ fn write_contents(
     match config.mode {
         Mode::Lora => {
             let base = config.model.display().to_string();
-            lora::save_peft(model, &config.lora, &base, dir)?
+            peft::save_peft(model, &config.lora, &base, dir)?
         }
         Mode::Full => save::save_pretrained(
             model,

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::precision::Precision;
 use crate::data::batch::Reduction;
 use crate::data::batch::{LossOn, Overflow, SampleRules};
 use crate::data::template::TemplateKind;
 use crate::device::DeviceSpec;
-use crate::model::lora::{BaseDtype, LoraConfig};
+use crate::model::lora::LoraConfig;
+use crate::model::precision::{BaseDtype, Dtypes, Precision};
 use crate::uncertainty::SmoothingConfig;
 
 /// What trains: LoRA adapters on a frozen model, or every weight.
@@ -270,13 +270,14 @@ pub struct TrainConfig {
     pub head_vocab_splits: usize,
     /// What the backward pass recomputes: `"off"`, `"ops"` or `"layers"` (`true` = layers).
     pub gradient_checkpointing: Recompute,
-    /// LoRA only: store the frozen projection weights as `f32` or `f16` (wgpu adapters with
-    /// SHADER_F16). Adapters, the loss and optimizer state stay f32.
+    /// LoRA only: store the frozen projection weights as `f32` (that is, in the compute type),
+    /// `f16` (wgpu adapters with SHADER_F16), or quantized at load into llama.cpp's `q8_0` or
+    /// `q4_0` blocks (QLoRA). Adapters, the loss and optimizer state stay f32.
     pub base_dtype: BaseDtype,
     /// LoRA only: what the decoder computes in, `"f32"`, `"f16"` (with a dynamic loss scale)
     /// or `"bf16"`: frozen weights, activations and matmul inputs in that type; adapters, their
     /// gradients, optimizer state, norms' statistics, the head and the loss in f32
-    /// (`train::precision`).
+    /// (`model::precision`).
     pub precision: Precision,
     /// AdamW, the schedule and clipping.
     pub optim: OptimConfig,
@@ -479,18 +480,21 @@ impl TrainConfig {
                 self.precision
             );
         }
-        if self.precision != Precision::F32 && self.base_dtype != BaseDtype::F32 {
+        if self.base_dtype.is_reduced() && self.mode == Mode::Full {
             bail!(
-                "`precision = \"{}\"` already stores the frozen weights in that type; leave base_dtype = \"f32\"",
-                self.precision
-            );
-        }
-        if self.base_dtype == BaseDtype::F16 && self.mode == Mode::Full {
-            bail!(
-                "`base_dtype = \"f16\"` needs mode = \"lora\": full fine-tuning trains the base weights"
+                "`base_dtype = \"{}\"` needs mode = \"lora\": full fine-tuning trains the base weights",
+                self.base_dtype
             );
         }
         Ok(())
+    }
+
+    /// The frozen base's storage and the compute type, for `model::precision`.
+    pub fn dtypes(&self) -> Dtypes {
+        Dtypes {
+            base: self.base_dtype,
+            precision: self.precision,
+        }
     }
 
     /// The configuration as `config.toml` holds it, for `--resume` to read back. No held-out
@@ -656,9 +660,9 @@ mod tests {
         assert!(err.contains("needs mode = \"lora\""), "{err}");
         let err = format!(
             "{:#}",
-            resolve(&["precision=f16", "base_dtype=f16"]).unwrap_err()
+            resolve(&["base_dtype=q4_0", "mode=full"]).unwrap_err()
         );
-        assert!(err.contains("base_dtype"), "{err}");
+        assert!(err.contains("base_dtype = \"q4_0\""), "{err}");
     }
 
     #[test]

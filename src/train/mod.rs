@@ -6,7 +6,7 @@
 mod checkpoint;
 pub mod config;
 pub mod optim;
-pub mod precision;
+pub mod loss_scale;
 pub mod recompute;
 pub mod replicas;
 mod report;

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
-use burn::tensor::{DType, Device};
+use burn::tensor::Device;
 
 use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
-use super::precision::LossScale;
+use super::loss_scale::LossScale;
 use super::replicas::{StepTotals, sum_gradients};
 use super::step::{Evaluation, evaluation_sums, step_gradients_divided};
 use super::stream::BatchStream;
@@ -23,7 +23,7 @@ use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::device::{self, Selected};
 use crate::loss::objective::HeadPlan;
-use crate::model::{Llama, Pretrained, lora, save};
+use crate::model::{Llama, Pretrained, lora, peft, save};
 
 /// A run in progress. [`Session::open`] prepares it, [`Session::step`] takes one optimizer step,
 /// [`Session::finish`] exports what it trained.
@@ -555,21 +555,16 @@ fn load_model(
         (Mode::Full, Some(dir)) => dir.join("model"),
         _ => config.model.clone(),
     };
-    let pretrained = Pretrained::load(&source, device)?;
+    // Stored as the run says while it loads: a quantized base never exists in f32 as a whole.
+    let types = config.dtypes().resolve(selected.types())?;
+    let pretrained = Pretrained::load_as(&source, device, types)?;
     let base = pretrained.model.clone();
-    let mut model = match (config.mode, checkpoint) {
+    let model = match (config.mode, checkpoint) {
         (Mode::Lora, None) => lora::attach(base, &config.lora, config.seed, device),
-        (Mode::Lora, Some(dir)) => lora::load_peft(base, dir, device)?.0,
+        (Mode::Lora, Some(dir)) => peft::load_peft(base, dir, device)?.0,
         (Mode::Full, _) => base,
     };
-    let frozen = config
-        .base_dtype
-        .dtype(selected.shader_f16, selected.is_wgpu)?;
-    if frozen != DType::F32 {
-        model = lora::store_frozen_in(model, frozen);
-    }
-    let compute = config.precision.dtype(selected.types())?;
-    Ok((pretrained, lora::compute_in(model, compute)))
+    Ok((pretrained, model))
 }
 
 /// Moves the f16 loss scale after step `step`, whose gradients were `finite` or not, and says
@@ -659,7 +654,7 @@ fn original_batch_size(config: &TrainConfig) -> Result<usize> {
 /// Writes the trained weights: `adapter/` (LoRA) or `model/` (full).
 fn export(model: &mut Llama, config: &TrainConfig, run_dir: &Path) -> Result<()> {
     match config.mode {
-        Mode::Lora => lora::save_peft(
+        Mode::Lora => peft::save_peft(
             model,
             &config.lora,
             &config.model.display().to_string(),

@@ -1,0 +1,297 @@
+//! Quantized bases (Q8_0 / Q4_0) against references nobody here wrote: gguf-py's quantizer
+//! (llama.cpp's rounding) byte for byte, and transformers on the same model with every
+//! projection replaced by gguf-py's quantize → dequantize round trip.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::{devices, fixture_model, fixtures};
+use serde::Deserialize;
+use ual::data::batch::Sample;
+use ual::eval::score::token_logprobs;
+use ual::model::Pretrained;
+use ual::model::load::{SafetensorsFile, Weights, load_llama};
+use ual::model::lora::{self, LoraConfig, Weight, for_each_named};
+use ual::model::precision::{BaseDtype, Dtypes, Frozen, Precision, Resolved};
+use ual::ops::quant::{self, BLOCK, Block, BlockFormat, PackedWeight, blocks};
+
+const FORMATS: [(BlockFormat, &str); 2] = [(BlockFormat::Q8_0, "q8_0"), (BlockFormat::Q4_0, "q4_0")];
+
+/// Absolute tolerance on log-probs (nats), as for every model test.
+const LOGPROB_ATOL: f64 = 2e-4;
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn quant_fixture() -> (Vec<f32>, usize, usize) {
+    let dir = fixtures().join("quant");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let rows = meta["rows"].as_u64().unwrap() as usize;
+    let cols = meta["cols"].as_u64().unwrap() as usize;
+    (read_f32(&dir.join("input.f32")), rows, cols)
+}
+
+/// Ties of both roundings, all-zero blocks, one huge value per block, subnormal f16 scales and
+/// a wide spread of magnitudes (scripts/make_quant_fixtures.py): every byte as gguf-py writes it.
+#[test]
+fn blocks_equal_gguf_py_byte_for_byte() {
+    let (input, _, cols) = quant_fixture();
+    for (format, name) in FORMATS {
+        let expected = std::fs::read(fixtures().join(format!("quant/{name}.bin"))).unwrap();
+        let ours = blocks::to_bytes(format, &blocks::quantize_rows(format, &input, cols));
+        assert_eq!(ours.len(), expected.len(), "{name}: length");
+        let bb = format.block_bytes();
+        for (i, (a, b)) in ours.chunks(bb).zip(expected.chunks(bb)).enumerate() {
+            assert_eq!(a, b, "{name}: block {i} (row {}) differs", i / (cols / BLOCK));
+        }
+    }
+}
+
+/// The device's dequantization of gguf-py's blocks equals gguf-py's `dequantize`, bit for bit,
+/// with f32 and f16 scales, on the CPU and wgpu.
+#[test]
+fn device_dequantization_is_bit_exact() {
+    let (_, rows, cols) = quant_fixture();
+    for (device_name, device) in devices() {
+        for (format, name) in FORMATS {
+            let bytes = std::fs::read(fixtures().join(format!("quant/{name}.bin"))).unwrap();
+            let parsed: Vec<Block> = bytes
+                .chunks(format.block_bytes())
+                .map(|b| Block::from_bytes(format, b))
+                .collect();
+            let expected = read_f32(&fixtures().join(format!("quant/{name}.dequantized.f32")));
+            let host: Vec<f32> = parsed.iter().flat_map(|b| b.dequantize()).collect();
+            assert_eq!(bits(&host), bits(&expected), "{name}: host dequantization");
+            for scales in [DType::F32, DType::F16] {
+                let packed = PackedWeight::new(format, &parsed, [rows, cols], scales, &device);
+                let ours = quant::dequantize(&packed).into_data().try_to_vec::<f32>().unwrap();
+                assert_eq!(
+                    bits(&ours),
+                    bits(&expected),
+                    "{name} on {device_name} with {scales:?} scales"
+                );
+            }
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    texts: Vec<ExpectedText>,
+}
+
+#[derive(Deserialize)]
+struct ExpectedText {
+    text: String,
+    logprobs: Vec<Option<f64>>,
+}
+
+fn packed(types: Dtypes, device: &Device) -> Resolved {
+    let _ = device;
+    let cpu = ual::device::DeviceTypes {
+        is_wgpu: common::is_wgpu(device),
+        shader_f16: true,
+        bf16_arithmetic: false,
+    };
+    types.resolve(cpu).unwrap()
+}
+
+/// The model scored with a quantized base equals transformers holding the round-tripped
+/// weights: the quantization is llama.cpp's and nothing else moves.
+#[test]
+fn quantized_base_scores_as_transformers_with_round_tripped_weights() {
+    let dir = fixture_model("llama-q32");
+    for (device_name, device) in devices() {
+        for (format, name) in FORMATS {
+            let base = if format == BlockFormat::Q8_0 { BaseDtype::Q8_0 } else { BaseDtype::Q4_0 };
+            let types = packed(
+                Dtypes {
+                    base,
+                    precision: Precision::F32,
+                },
+                &device,
+            );
+            let pretrained = Pretrained::load_as(&dir, &device, types).unwrap();
+            let kinds: Vec<bool> = pretrained
+                .model
+                .projections()
+                .map(|(_, p)| matches!(p.weight, Weight::Packed(_)))
+                .collect();
+            assert!(kinds.iter().all(|&k| k), "{name}: every projection is packed");
+            let text = std::fs::read_to_string(dir.join(format!("expected.{name}.json"))).unwrap();
+            let expected: Expected = serde_json::from_str(&text).unwrap();
+            let mut worst = 0f64;
+            for case in expected.texts {
+                let ids = pretrained.tokenizer.encode(&case.text).unwrap();
+                let ours = token_logprobs(&pretrained.model, &ids);
+                for (j, (a, b)) in ours.iter().zip(&case.logprobs).enumerate().skip(1) {
+                    let (a, b) = (a.unwrap() as f64, b.unwrap());
+                    worst = worst.max((a - b).abs());
+                    assert!(
+                        (a - b).abs() <= LOGPROB_ATOL,
+                        "{name} on {device_name}, {:?} token {j}: ours {a}, transformers {b}",
+                        case.text
+                    );
+                }
+            }
+            eprintln!("{name} on {device_name}: max |Δlogprob| = {worst:.2e}");
+        }
+    }
+}
+
+/// A checkpoint whose projections come back from the round trip: the f32 model a quantized
+/// base stands for.
+struct RoundTripped<'a> {
+    checkpoint: &'a SafetensorsFile,
+    format: BlockFormat,
+}
+
+impl Weights for RoundTripped<'_> {
+    fn read(&self, name: &str, shape: &[usize]) -> anyhow::Result<Vec<f32>> {
+        let values = self.checkpoint.read(name, shape)?;
+        if !name.contains("_proj.") {
+            return Ok(values);
+        }
+        let blocks = blocks::quantize_rows(self.format, &values, shape[1]);
+        Ok(blocks.iter().flat_map(|b| b.dequantize()).collect())
+    }
+}
+
+fn lora_on(model: ual::model::Llama, device: &Device) -> ual::model::Llama {
+    let mut model = lora::attach(model, &LoraConfig::default(), 0, device);
+    // Non-zero B, so that both factors get gradient.
+    for_each_named(&mut model, |_, proj| {
+        if let Some(l) = proj.lora.as_mut() {
+            let dims = l.b.dims();
+            let values: Vec<f32> = (0..dims[0] * dims[1])
+                .map(|i| ((i * 7919 + 13) % 1000) as f32 / 1000.0 * 0.2 - 0.1)
+                .collect();
+            let mut fresh = Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), device));
+            fresh.id = l.b.id;
+            l.b = fresh;
+        }
+    });
+    model
+}
+
+fn lora_grads(model: &ual::model::Llama, samples: &[Sample], device: &Device) -> (BTreeMap<String, Vec<f32>>, f64) {
+    use ual::loss::objective::HeadPlan;
+    use ual::train::{Recompute, step_gradients};
+    let batch: Vec<&Sample> = samples.iter().collect();
+    let head = HeadPlan::fused(32000, usize::MAX);
+    let (grads, loss, _) =
+        step_gradients(model, &[batch], device, head, Recompute::Off).unwrap();
+    let mut out = BTreeMap::new();
+    for (name, proj) in model.projections() {
+        if let Some(l) = &proj.lora {
+            for (key, p) in [("A", &l.a), ("B", &l.b)] {
+                let g = grads.get::<2>(p.id).expect("a LoRA gradient");
+                let values = g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+                out.insert(format!("{name}.{key}"), values);
+            }
+        }
+    }
+    (out, loss)
+}
+
+/// One LoRA step on a Q8_0 base gives the gradients of the same step on an f32 model holding
+/// the round-tripped weights. The weights are the same numbers, so only the order of the
+/// projections' sums may differ (Wᵀ is read transposed from the packed layout): f32 rounding,
+/// u·√(in) ≈ 1e-6 relative per product, compounded over two layers. Bound: 1e-5 of each
+/// tensor's largest entry (a gradient taken against the wrong weight is off by whole units),
+/// and the loss to 1e-6 relative.
+#[test]
+fn a_q8_0_step_has_the_gradients_of_the_round_tripped_model() {
+    let dir = fixture_model("llama-q32");
+    let checkpoint = SafetensorsFile::open(&dir).unwrap();
+    let config = ual::model::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    for (device_name, device) in devices() {
+        let device = device.autodiff();
+        let plain = Pretrained::load(&dir, &device).unwrap();
+        let samples = samples(&plain);
+        let types = packed(
+            Dtypes {
+                base: BaseDtype::Q8_0,
+                precision: Precision::F32,
+            },
+            &device,
+        );
+        let q8 = load_llama(&config, &checkpoint, &device, types.frozen).unwrap();
+        let round = RoundTripped {
+            checkpoint: &checkpoint,
+            format: BlockFormat::Q8_0,
+        };
+        let reference = load_llama(&config, &round, &device, Frozen::Dense(DType::F32)).unwrap();
+        let (ours, ours_loss) = lora_grads(&lora_on(q8, &device), &samples, &device);
+        let (theirs, their_loss) = lora_grads(&lora_on(reference, &device), &samples, &device);
+        assert!(
+            (ours_loss - their_loss).abs() <= 1e-6 * their_loss.abs(),
+            "{device_name}: loss {ours_loss} vs {their_loss}"
+        );
+        let mut worst = 0f64;
+        for (name, g) in &theirs {
+            let o = &ours[name];
+            let scale = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            assert!(scale > 0.0, "{device_name}: {name} has no gradient");
+            assert!(o.iter().all(|v| v.is_finite()), "{device_name}: {name} is not finite");
+            let gap = o.iter().zip(g).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64)) / scale;
+            worst = worst.max(gap);
+            assert!(gap <= 1e-5, "{device_name}: {name} differs by {gap:.2e} of its largest entry");
+        }
+        eprintln!("{device_name}: q8_0 vs round-tripped f32, worst gradient gap {worst:.2e}");
+    }
+}
+
+fn samples(p: &Pretrained) -> Vec<Sample> {
+    use ual::data::batch::Prepare;
+    use ual::data::formats::parse_line;
+    use ual::data::template::Template;
+    let lines = [
+        r#"{"instruction":"What is 2 + 3?","output":"2 + 3 = 5\n#### 5","uncertainty":1}"#,
+        r#"{"instruction":"Write a haiku about rain.","output":"Soft rain on the roof, the garden drinks slowly.","uncertainty":10}"#,
+        r#"{"prompt":"The capital of France is","completion":" Paris."}"#,
+    ];
+    let examples: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| parse_line(l, i + 1).unwrap())
+        .collect();
+    Prepare::new(&p.tokenizer, &Template::Alpaca, 2, 128)
+        .examples(&examples)
+        .unwrap()
+        .0
+}
+
+/// A projection whose rows are not whole blocks cannot be Q4_0 (llama.cpp's quantizer refuses
+/// it too): the loader keeps it dense and names it, rather than failing the whole model.
+#[test]
+fn rows_that_are_not_whole_blocks_stay_dense() {
+    let dir = fixture_model("llama-gqa");
+    let device = Device::flex();
+    let types = packed(
+        Dtypes {
+            base: BaseDtype::Q4_0,
+            precision: Precision::F32,
+        },
+        &device,
+    );
+    let p = Pretrained::load_as(&dir, &device, types).unwrap();
+    assert!(
+        p.model.projections().all(|(_, p)| matches!(p.weight, Weight::Dense(_))),
+        "a 16-wide model has no whole 32-value rows"
+    );
+}
