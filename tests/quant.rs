@@ -19,7 +19,8 @@ use ual::model::lora::{self, LoraConfig, Weight, for_each_named};
 use ual::model::precision::{BaseDtype, Dtypes, Frozen, Precision, Resolved};
 use ual::ops::quant::{self, BLOCK, Block, BlockFormat, PackedWeight, blocks};
 
-const FORMATS: [(BlockFormat, &str); 2] = [(BlockFormat::Q8_0, "q8_0"), (BlockFormat::Q4_0, "q4_0")];
+const FORMATS: [(BlockFormat, &str); 2] =
+    [(BlockFormat::Q8_0, "q8_0"), (BlockFormat::Q4_0, "q4_0")];
 
 /// Absolute tolerance on log-probs (nats), as for every model test.
 const LOGPROB_ATOL: f64 = 2e-4;
@@ -52,7 +53,12 @@ fn blocks_equal_gguf_py_byte_for_byte() {
         assert_eq!(ours.len(), expected.len(), "{name}: length");
         let bb = format.block_bytes();
         for (i, (a, b)) in ours.chunks(bb).zip(expected.chunks(bb)).enumerate() {
-            assert_eq!(a, b, "{name}: block {i} (row {}) differs", i / (cols / BLOCK));
+            assert_eq!(
+                a,
+                b,
+                "{name}: block {i} (row {}) differs",
+                i / (cols / BLOCK)
+            );
         }
     }
 }
@@ -74,7 +80,10 @@ fn device_dequantization_is_bit_exact() {
             assert_eq!(bits(&host), bits(&expected), "{name}: host dequantization");
             for scales in [DType::F32, DType::F16] {
                 let packed = PackedWeight::new(format, &parsed, [rows, cols], scales, &device);
-                let ours = quant::dequantize(&packed).into_data().try_to_vec::<f32>().unwrap();
+                let ours = quant::dequantize(&packed)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
                 assert_eq!(
                     bits(&ours),
                     bits(&expected),
@@ -117,7 +126,11 @@ fn quantized_base_scores_as_transformers_with_round_tripped_weights() {
     let dir = fixture_model("llama-q32");
     for (device_name, device) in devices() {
         for (format, name) in FORMATS {
-            let base = if format == BlockFormat::Q8_0 { BaseDtype::Q8_0 } else { BaseDtype::Q4_0 };
+            let base = if format == BlockFormat::Q8_0 {
+                BaseDtype::Q8_0
+            } else {
+                BaseDtype::Q4_0
+            };
             let types = packed(
                 Dtypes {
                     base,
@@ -131,7 +144,10 @@ fn quantized_base_scores_as_transformers_with_round_tripped_weights() {
                 .projections()
                 .map(|(_, p)| matches!(p.weight, Weight::Packed(_)))
                 .collect();
-            assert!(kinds.iter().all(|&k| k), "{name}: every projection is packed");
+            assert!(
+                kinds.iter().all(|&k| k),
+                "{name}: every projection is packed"
+            );
             let text = std::fs::read_to_string(dir.join(format!("expected.{name}.json"))).unwrap();
             let expected: Expected = serde_json::from_str(&text).unwrap();
             let mut worst = 0f64;
@@ -180,7 +196,8 @@ fn lora_on(model: ual::model::Llama, device: &Device) -> ual::model::Llama {
             let values: Vec<f32> = (0..dims[0] * dims[1])
                 .map(|i| ((i * 7919 + 13) % 1000) as f32 / 1000.0 * 0.2 - 0.1)
                 .collect();
-            let mut fresh = Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), device));
+            let mut fresh =
+                Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), device));
             fresh.id = l.b.id;
             l.b = fresh;
         }
@@ -188,13 +205,16 @@ fn lora_on(model: ual::model::Llama, device: &Device) -> ual::model::Llama {
     model
 }
 
-fn lora_grads(model: &ual::model::Llama, samples: &[Sample], device: &Device) -> (BTreeMap<String, Vec<f32>>, f64) {
+fn lora_grads(
+    model: &ual::model::Llama,
+    samples: &[Sample],
+    device: &Device,
+) -> (BTreeMap<String, Vec<f32>>, f64) {
     use ual::loss::objective::HeadPlan;
     use ual::train::{Recompute, step_gradients};
     let batch: Vec<&Sample> = samples.iter().collect();
     let head = HeadPlan::fused(32000, usize::MAX);
-    let (grads, loss, _) =
-        step_gradients(model, &[batch], device, head, Recompute::Off).unwrap();
+    let (grads, loss, _) = step_gradients(model, &[batch], device, head, Recompute::Off).unwrap();
     let mut out = BTreeMap::new();
     for (name, proj) in model.projections() {
         if let Some(l) = &proj.lora {
@@ -247,10 +267,20 @@ fn a_q8_0_step_has_the_gradients_of_the_round_tripped_model() {
             let o = &ours[name];
             let scale = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
             assert!(scale > 0.0, "{device_name}: {name} has no gradient");
-            assert!(o.iter().all(|v| v.is_finite()), "{device_name}: {name} is not finite");
-            let gap = o.iter().zip(g).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64)) / scale;
+            assert!(
+                o.iter().all(|v| v.is_finite()),
+                "{device_name}: {name} is not finite"
+            );
+            let gap = o
+                .iter()
+                .zip(g)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+                / scale;
             worst = worst.max(gap);
-            assert!(gap <= 1e-5, "{device_name}: {name} differs by {gap:.2e} of its largest entry");
+            assert!(
+                gap <= 1e-5,
+                "{device_name}: {name} differs by {gap:.2e} of its largest entry"
+            );
         }
         eprintln!("{device_name}: q8_0 vs round-tripped f32, worst gradient gap {worst:.2e}");
     }
@@ -291,7 +321,9 @@ fn rows_that_are_not_whole_blocks_stay_dense() {
     );
     let p = Pretrained::load_as(&dir, &device, types).unwrap();
     assert!(
-        p.model.projections().all(|(_, p)| matches!(p.weight, Weight::Dense(_))),
+        p.model
+            .projections()
+            .all(|(_, p)| matches!(p.weight, Weight::Dense(_))),
         "a 16-wide model has no whole 32-value rows"
     );
 }

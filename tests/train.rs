@@ -830,3 +830,72 @@ fn the_reported_nll_is_the_loss_without_smoothing() {
         }
     }
 }
+
+/// QLoRA end to end: the bundled model trains on a Q4_0 base (its held-out loss falls), the
+/// run records the base type, `--resume` keeps it and redoes steps 3–4 as the uninterrupted
+/// run did, and a resume that asks for another base type is refused.
+#[test]
+fn a_q4_0_base_trains_and_resumes_with_its_base_type() {
+    let wgpu = common::wgpu_spec();
+    for device in ["cpu", wgpu] {
+        let tmp = tempfile::tempdir().unwrap();
+        let extra = [
+            "base_dtype=\"q4_0\"".to_string(),
+            "checkpoint_every=2".into(),
+            "optim.lr=0.003".into(),
+        ];
+        let config = quick_config_with(tmp.path(), device, 4, &extra);
+        let summary = ual::train::run(&config, false).unwrap();
+        let (before, after) = (
+            summary.initial_eval_loss.unwrap(),
+            summary.final_eval_loss.unwrap(),
+        );
+        assert!(
+            after < before,
+            "{device}: q4_0 LoRA lowers the held-out loss: {before} -> {after}"
+        );
+        let run = std::path::PathBuf::from(&summary.run_dir);
+        let written = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(written.contains("base_dtype = \"q4_0\""), "{written}");
+        let uninterrupted = losses(&run);
+
+        std::fs::remove_file(run.join("summary.json")).unwrap();
+        let ual = env!("CARGO_BIN_EXE_ual");
+        let refused = std::process::Command::new(ual)
+            .args([
+                "train",
+                "--device",
+                device,
+                "--base-dtype",
+                "f32",
+                "--resume",
+            ])
+            .arg(&run)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && err.contains("base_dtype"),
+            "{device}: {err}"
+        );
+        let out = std::process::Command::new(ual)
+            .args(["train", "--device", device, "--resume"])
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resumed = losses(&run);
+        assert_eq!(resumed.len(), 4, "{device}");
+        for ((s1, a), (_, b)) in uninterrupted.iter().zip(&resumed) {
+            let tolerance = if device == "cpu" { 0.0 } else { 1e-5 * b.abs() };
+            assert!(
+                (a - b).abs() <= tolerance,
+                "{device} step {s1}: {a} vs resumed {b}"
+            );
+        }
+    }
+}

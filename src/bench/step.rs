@@ -221,8 +221,8 @@ pub fn run(preset: Preset, options: StepOptions, selected: &Selected) -> Result<
         Mode::Full => burn::module::Module::num_params(session.model()),
     };
     // Packed projections are constants, not parameters, but are the base's weights all the same.
-    let parameters =
-        burn::module::Module::num_params(session.model()) - trainable + packed_values(session.model());
+    let parameters = burn::module::Module::num_params(session.model()) - trainable
+        + packed_values(session.model());
     let mut loss = f64::NAN;
     let step = |session: &mut Session| -> Result<f64> {
         let loss = session.step()?.loss;

@@ -7,8 +7,8 @@ use ual::data::formats::read_prompts;
 use ual::data::template::{Template, TemplateKind};
 use ual::eval::{clustering, features};
 
-use super::{DeviceArg, DtypeArgs};
 use super::eval::Protocol;
+use super::{DeviceArg, DtypeArgs};
 
 /// `ual analyze`.
 #[derive(clap::Subcommand)]

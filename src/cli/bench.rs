@@ -6,8 +6,8 @@ use anyhow::Result;
 use ual::bench::step::{Preset, StepOptions};
 use ual::loss::objective::HeadPlan;
 use ual::model::Pretrained;
-use ual::train::Recompute;
 use ual::model::precision::{BaseDtype, Precision};
+use ual::train::Recompute;
 
 use super::DeviceArg;
 

@@ -21,8 +21,8 @@ use ual::annotate::Connection;
 use ual::data::template::{Template, TemplateKind};
 use ual::device::{self, DeviceSpec, Selected};
 use ual::model::Pretrained;
-use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};
 use ual::model::generate::GenerationConfig;
+use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};
 
 /// `--device`.
 #[derive(clap::Args, Clone, Copy)]

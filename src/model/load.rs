@@ -19,8 +19,8 @@ use super::llama::{Attention, DecoderLayer, Llama, Mlp, PROJECTIONS};
 use super::lora::{LoraLinear, Weight};
 use super::param::param;
 use super::precision::Frozen;
-use crate::ops::quant::{BLOCK, PackedWeight, blocks};
 use super::rope::RotaryHalf;
+use crate::ops::quant::{BLOCK, PackedWeight, blocks};
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -217,8 +217,7 @@ impl Weights for RandomWeights {
         if name.ends_with(".bias") {
             return Ok(vec![0.0; len]);
         }
-        let stream =
-            super::param::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let stream = super::param::stable_id(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let half_width = self.std * 3f32.sqrt();
         Ok((0..len as u64)
             .into_par_iter()
@@ -250,6 +249,7 @@ pub fn load_llama(
         checkpoint: weights,
         device,
         frozen,
+        unpacked: Default::default(),
     };
     let c = config;
     let layers = (0..c.num_hidden_layers)
@@ -260,6 +260,7 @@ pub fn load_llama(
     } else {
         Some(loader.linear("lm_head", c.hidden_size, c.vocab_size, false)?)
     };
+    loader.say_unpacked();
     Ok(Llama {
         embed_tokens: Embedding {
             weight: param(
@@ -280,9 +281,23 @@ struct Loader<'a> {
     checkpoint: &'a dyn Weights,
     device: &'a Device,
     frozen: Frozen,
+    /// Projections that were to be packed but whose rows are not whole blocks.
+    unpacked: std::cell::RefCell<Vec<String>>,
 }
 
 impl Loader<'_> {
+    /// One line for the projections kept dense under a quantized base.
+    fn say_unpacked(&self) {
+        let names = self.unpacked.borrow();
+        if let (Some(first), Frozen::Packed(format, dense)) = (names.first(), self.frozen) {
+            eprintln!(
+                "note: {} projection(s), {first} first, have rows that are not whole {BLOCK}-value blocks; they stay {dense:?} instead of {} (as llama.cpp's quantizer falls back)",
+                names.len(),
+                format.name()
+            );
+        }
+    }
+
     fn tensor2(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
         let values = self.checkpoint.read(name, &shape)?;
         Ok(Tensor::from_data(
@@ -335,12 +350,9 @@ impl Loader<'_> {
         let name = format!("{prefix}.weight");
         let (format, scales) = match self.frozen {
             Frozen::Packed(format, scales) if d_in % BLOCK == 0 => (format, scales),
-            Frozen::Packed(format, dense) => {
+            Frozen::Packed(_, dense) => {
                 // As llama.cpp's quantizer does with such a tensor: another type, said aloud.
-                eprintln!(
-                    "note: `{name}` has rows of {d_in} values, not whole {BLOCK}-value blocks; it stays {dense:?} instead of {}",
-                    format.name()
-                );
+                self.unpacked.borrow_mut().push(name);
                 return self.dense_projection(prefix, d_in, d_out, bias, dense);
             }
             Frozen::Dense(dtype) => return self.dense_projection(prefix, d_in, d_out, bias, dtype),

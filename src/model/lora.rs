@@ -136,7 +136,6 @@ pub fn for_each_named(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraLinear
     }
 }
 
-
 /// The low-rank update of one projection.
 #[derive(Module, Debug)]
 pub struct LoraAdapter {
@@ -247,7 +246,8 @@ impl LoraLinear {
     /// Stores a dense frozen weight (and its bias) in `dtype`; a packed one stays as it is.
     pub fn store_frozen_in(&mut self, dtype: DType) {
         fn frozen<const D: usize>(p: &Param<Tensor<D>>, dtype: DType) -> Param<Tensor<D>> {
-            let mut converted = Param::from_tensor(p.val().cast(dtype)).set_require_grad(false);
+            let mut converted =
+                Param::from_tensor(p.val().cast(dtype).detach()).set_require_grad(false);
             converted.id = p.id;
             converted
         }

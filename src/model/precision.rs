@@ -258,7 +258,9 @@ mod tests {
         };
         let plain = q4.resolve(no_f16).unwrap();
         assert_eq!(plain.frozen, Frozen::Packed(BlockFormat::Q4_0, DType::F32));
-        let half = types(BaseDtype::Q8_0, Precision::F16).resolve(WGSL).unwrap();
+        let half = types(BaseDtype::Q8_0, Precision::F16)
+            .resolve(WGSL)
+            .unwrap();
         assert_eq!(half.compute, DType::F16);
     }
 

@@ -5,8 +5,8 @@
 
 mod checkpoint;
 pub mod config;
-pub mod optim;
 pub mod loss_scale;
+pub mod optim;
 pub mod recompute;
 pub mod replicas;
 mod report;

@@ -114,14 +114,23 @@ impl Block {
 
     /// A block read from llama.cpp's byte layout (`bytes` is exactly one block).
     pub fn from_bytes(format: BlockFormat, bytes: &[u8]) -> Self {
-        assert_eq!(bytes.len(), format.block_bytes(), "one {} block", format.name());
+        assert_eq!(
+            bytes.len(),
+            format.block_bytes(),
+            "one {} block",
+            format.name()
+        );
         let d = f16::from_le_bytes([bytes[0], bytes[1]]);
         let body = &bytes[2..];
         let q = match format {
             BlockFormat::Q8_0 => std::array::from_fn(|j| body[j] as i8),
             BlockFormat::Q4_0 => std::array::from_fn(|j| {
                 let byte = body[j % (BLOCK / 2)];
-                let nibble = if j < BLOCK / 2 { byte & 0x0F } else { byte >> 4 };
+                let nibble = if j < BLOCK / 2 {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                };
                 nibble as i8 - 8
             }),
         };
@@ -138,7 +147,10 @@ impl Block {
 /// Quantizes a row-major `[rows, cols]` matrix row by row, `cols` a multiple of [`BLOCK`]:
 /// the blocks of row 0, then of row 1, and so on, as a GGUF tensor stores them.
 pub fn quantize_rows(format: BlockFormat, values: &[f32], cols: usize) -> Vec<Block> {
-    assert!(cols % BLOCK == 0, "rows of {cols} values are not whole blocks");
+    assert!(
+        cols % BLOCK == 0,
+        "rows of {cols} values are not whole blocks"
+    );
     values
         .chunks_exact(BLOCK)
         .map(|x| quantize_block(format, x))

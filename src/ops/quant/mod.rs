@@ -9,6 +9,7 @@
 //! else is needed: the input is kept only by the LoRA branch, as it is for a float base.
 
 pub mod blocks;
+mod cpu;
 mod packed;
 
 use burn::backend::autodiff::Autodiff;
@@ -17,8 +18,8 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{AutodiffBackend, Backend, Dispatch, Flex, backend_extension};
 use burn::backend::wgpu::CubeBackend;
+use burn::backend::{AutodiffBackend, Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 
 pub use blocks::{BLOCK, Block, BlockFormat};
@@ -74,8 +75,6 @@ pub trait QuantLinearBackend: Backend {
 
 impl QuantLinearBackend for CubeBackend {}
 
-impl QuantLinearBackend for Flex {}
-
 impl<B: QuantLinearBackend, C: CheckpointStrategy> QuantLinearBackend for Autodiff<B, C> {
     fn ual_qlinear(
         x: FloatTensor<Self>,
@@ -92,7 +91,12 @@ impl<B: QuantLinearBackend, C: CheckpointStrategy> QuantLinearBackend for Autodi
             /// The packed weight: a few bits per value, never its dequantized copy.
             type State = (IntTensor<B>, FloatTensor<B>);
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let grad = grads.consume::<B>(&ops.node);
                 let [x_node] = ops.parents;
                 let (words, scales) = ops.state;
@@ -107,11 +111,7 @@ impl<B: QuantLinearBackend, C: CheckpointStrategy> QuantLinearBackend for Autodi
         let scales = Self::inner(scales);
         let y = B::ual_qlinear(x, words.clone(), scales.clone(), bits);
         let node = InputGrad { bits };
-        match node
-            .prepare::<C>([x_node])
-            .compute_bound()
-            .stateful()
-        {
+        match node.prepare::<C>([x_node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((words, scales), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }

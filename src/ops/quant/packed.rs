@@ -37,7 +37,11 @@ impl PackedWeight {
         scale_dtype: DType,
         device: &Device,
     ) -> Self {
-        assert_eq!(blocks.len() * BLOCK, out * d_in, "blocks of an [{out}, {d_in}] matrix");
+        assert_eq!(
+            blocks.len() * BLOCK,
+            out * d_in,
+            "blocks of an [{out}, {d_in}] matrix"
+        );
         let bits = format.bits();
         let per_word = 32 / bits;
         let offset = 1i32 << (bits - 1);
