@@ -136,6 +136,25 @@ fn reply_scores_are_none_or_on_the_scale() {
         .unwrap();
 }
 
+/// A judge's reply with any text, non-ASCII included, around a verdict: parsing never panics,
+/// and text before the last "Judgment" never changes the digit read after it.
+#[test]
+fn judge_verdicts_read_the_digit_after_the_judgment() {
+    use ual::judge::verdict::{Verdict, parse_verdict};
+    let reply = (".{0,40}", "(?i)judge?ment", 1u8..=3, "[ .)(a-z0-9]{0,12}");
+    runner(CASES * 4)
+        .run(&reply, |(prefix, word, digit, suffix)| {
+            let _ = parse_verdict(&prefix);
+            let text = format!("{prefix}\n### {word}: {digit}. {suffix}");
+            let expected = Verdict::from_score(digit as f64);
+            if !suffix.contains("judg") {
+                prop_assert_eq!(parse_verdict(&text), expected, "{:?}", text);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
 #[test]
 fn chat_templates_load_render_or_fail_cleanly() {
     let pieces = prop::sample::select(vec![

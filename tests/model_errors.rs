@@ -142,3 +142,130 @@ fn cli_scores_json() {
     assert_eq!(ids.len(), lps.len());
     assert!(lps[0].is_null() && lps[1].as_f64().unwrap() < 0.0);
 }
+
+/// Rewrites the first element of one f32 or f64 tensor of a copied checkpoint with `value`.
+fn poke(path: &Path, tensor: &str, value: f32) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let (_, dtype, _, data) = owned.iter_mut().find(|(n, ..)| n == tensor).unwrap();
+    match dtype {
+        safetensors::Dtype::F32 => data[..4].copy_from_slice(&value.to_le_bytes()),
+        safetensors::Dtype::F64 => data[..8].copy_from_slice(&(value as f64).to_le_bytes()),
+        other => panic!("poke an f32 tensor, not {other:?}"),
+    }
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn a_non_finite_weight_is_named() {
+    for value in [f32::NAN, f32::INFINITY] {
+        let (_tmp, dir) = copy_fixture("llama-gqa");
+        let tensor = "model.layers.1.mlp.up_proj.weight";
+        poke(&dir.join("model.safetensors"), tensor, value);
+        let msg = load_error(&dir);
+        assert!(msg.contains(tensor) && msg.contains("non-finite"), "{msg}");
+    }
+}
+
+#[test]
+fn a_non_finite_adapter_weight_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let source = common::fixtures().join("adapters/llama-gqa-peft");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
+    }
+    let tensor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    poke(&adapter.join("adapter_model.safetensors"), tensor, f32::NAN);
+    let err = match Pretrained::load_with_adapter(
+        &fixture_model("llama-gqa"),
+        Some(&adapter),
+        &Device::flex(),
+    ) {
+        Ok(_) => panic!("an adapter with a NaN loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("lora_A") && err.contains("non-finite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_fields_ual_does_not_implement_are_refused_by_name() {
+    let cases: [(&str, serde_json::Value); 4] = [
+        ("hidden_act", "gelu".into()),
+        ("rms_norm_eps", (-1.0).into()),
+        ("rope_theta", 0.0.into()),
+        ("rms_norm_eps", 0.0.into()),
+    ];
+    for (field, value) in cases {
+        let (_tmp, dir) = copy_fixture("llama-gqa");
+        edit_config(&dir, |c| c[field] = value.clone());
+        let msg = load_error(&dir);
+        assert!(
+            msg.contains(field) && msg.contains("config.json"),
+            "{field}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn checkpoint_tensors_the_config_does_not_use_are_an_error() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    edit_config(&dir, |c| c["num_hidden_layers"] = 1.into());
+    let msg = load_error(&dir);
+    assert!(
+        msg.contains("model.layers.1.") && msg.contains("num_hidden_layers"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_adapter_missing_a_layer_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let source = common::fixtures().join("adapters/llama-gqa-peft");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
+    }
+    let path = adapter.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("layers.1.self_attn.q_proj"))
+        .collect();
+    safetensors::serialize_to_file(kept, None, &path).unwrap();
+    let err = match Pretrained::load_with_adapter(
+        &fixture_model("llama-gqa"),
+        Some(&adapter),
+        &Device::flex(),
+    ) {
+        Ok(_) => panic!("an adapter without layer 1's q_proj loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("model.layers.1.self_attn.q_proj.lora_A.weight") && err.contains("missing"),
+        "{err}"
+    );
+}

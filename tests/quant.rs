@@ -327,3 +327,74 @@ fn rows_that_are_not_whole_blocks_stay_dense() {
         "a 16-wide model has no whole 32-value rows"
     );
 }
+
+/// One LoRA step's peak memory (`ual bench step`): heap on the CPU, the device's pool on wgpu.
+fn step_peak(device: &str, base: &str) -> (u64, u64) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args([
+            "bench",
+            "step",
+            "--preset",
+            "125m",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "1",
+        ])
+        .args([
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--device",
+            device,
+            "--base-dtype",
+            base,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = match report["peak_device_bytes"].as_u64() {
+        Some(device_bytes) => device_bytes,
+        None => report["peak_heap_bytes"].as_u64().unwrap(),
+    };
+    (peak, report["parameters"].as_u64().unwrap())
+}
+
+/// No code path keeps a dequantized copy of more than one projection: on the `125m` shape,
+/// whose projections (85 M values, 340 MB in f32) outweigh the rest, a step on a Q4_0 base
+/// peaks at least 80 % of the packing's saving below the f32 step. Were every layer's
+/// dequantized weight kept for the backward (burn's quantized matmul under autodiff), the
+/// Q4_0 step would peak above the f32 one.
+#[test]
+fn a_q4_0_step_never_holds_the_dequantized_base() {
+    // The seven projections of 12 layers of the 125m preset.
+    let projections: u64 = 12 * (4 * 768 * 768 + 3 * 768 * 2048);
+    let saving = projections * 4 - projections / 2 - projections / 32 * 2;
+    for device in ["cpu", common::wgpu_spec()] {
+        let (f32_peak, _) = step_peak(device, "f32");
+        let (q4_peak, params) = step_peak(device, "q4_0");
+        assert!(
+            params > projections,
+            "the report counts the packed base as parameters"
+        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "{device}: peak f32 {:.0} MiB, q4_0 {:.0} MiB (packing saves {:.0} MiB)",
+            mib(f32_peak),
+            mib(q4_peak),
+            mib(saving)
+        );
+        assert!(
+            q4_peak + saving * 8 / 10 <= f32_peak,
+            "{device}: q4_0 peak {} MiB against f32 {} MiB",
+            mib(q4_peak),
+            mib(f32_peak)
+        );
+    }
+}

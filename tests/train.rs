@@ -589,6 +589,8 @@ fn resume_reproduces_the_uninterrupted_run() {
         .unwrap();
         assert_eq!(state["step"], 2, "{device} {mode}");
         std::fs::remove_file(run.join("summary.json")).unwrap();
+        let written = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let kept: Vec<&str> = written.lines().take(2).collect();
         let args = ["train", "--device", device, "--resume"];
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
             .args(args)
@@ -606,6 +608,11 @@ fn resume_reproduces_the_uninterrupted_run() {
             4,
             "{device} {mode}: steps 1-2 kept, 3-4 redone"
         );
+        // The kept lines are the very bytes the uninterrupted run wrote, never re-serialised
+        // (once, their last digits changed).
+        let rewritten = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let first_two: Vec<&str> = rewritten.lines().take(2).collect();
+        assert_eq!(first_two, kept, "{device} {mode}: steps 1-2 byte for byte");
         for ((s1, a), (s2, b)) in uninterrupted.iter().zip(&resumed) {
             assert_eq!(s1, s2);
             // The CPU repeats its operations exactly: bit-identical. A new wgpu process may

@@ -302,6 +302,7 @@ pub fn run_api(options: &ApiOptions) -> Result<Summary> {
 /// The endpoint `connection` names, with the API key from the environment when there is one,
 /// sending `params` besides the messages.
 pub(crate) fn connect(connection: &Connection, params: Map<String, Value>) -> Result<Endpoint> {
+    check_endpoint(&connection.endpoint)?;
     warn_if_plain_http(&connection.endpoint);
     let api_key = std::env::var(&connection.api_key_env)
         .ok()
@@ -540,6 +541,22 @@ pub fn sibling(output: &Path, suffix: &str) -> PathBuf {
         .unwrap_or_default();
     name.push(format!(".{suffix}"));
     output.with_file_name(name)
+}
+
+/// A wrong URL stops before the first request: an http(s) URL with a host, or one line saying
+/// what it is not.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| {
+        anyhow::anyhow!(
+            "--endpoint {endpoint:?} is not a URL ({e}); expected e.g. http://localhost:8000"
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!(
+            "--endpoint {endpoint:?}: expected an http:// or https:// URL with a host, e.g. http://localhost:8000"
+        );
+    }
+    Ok(())
 }
 
 fn warn_if_plain_http(endpoint: &str) {

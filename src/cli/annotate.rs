@@ -58,6 +58,12 @@ pub struct Args {
 
 /// Scores every line, then says how it went on stderr and as JSON on stdout.
 pub fn main(args: Args) -> Result<()> {
+    if same_file(&args.input, &args.output) {
+        bail!(
+            "--output {} is --input itself; annotation would overwrite its own input (choose another file)",
+            args.output.display()
+        );
+    }
     let summary = match &args.from_model {
         Some(dir) => {
             let selected = args.device.select()?;
@@ -118,4 +124,12 @@ fn parse_scale(text: &str) -> Result<[f64; 2], String> {
         return Err(format!("{text:?}: expected MIN < MAX"));
     }
     Ok([min, max])
+}
+
+/// Whether two paths name one file (the output may not exist yet).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }

@@ -114,8 +114,8 @@ pub struct ConnectionArgs {
     /// The environment variable holding the API key (never a flag, so it stays out of shell history).
     #[arg(long, default_value = "OPENAI_API_KEY")]
     pub api_key_env: String,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once (at least 1).
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub concurrency: usize,
     /// Retries per request on connection errors, timeouts, 429 and 5xx.
     #[arg(long, default_value_t = 6)]

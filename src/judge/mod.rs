@@ -246,6 +246,14 @@ fn read_pairs(options: &JudgeOptions) -> Result<Vec<(Response, Response)>> {
         );
     }
     let n = options.limit.unwrap_or(a.len()).min(a.len());
+    if n == 0 {
+        bail!(
+            "{} and {} hold no answers to judge{}",
+            options.a.display(),
+            options.b.display(),
+            if a.is_empty() { "" } else { " (--limit 0)" }
+        );
+    }
     Ok(a.into_iter().zip(b).take(n).collect())
 }
 

@@ -67,8 +67,8 @@ pub fn combine(a_first: Verdict, b_first: Verdict) -> Outcome {
 /// "judgment" (any case; the authors' format ends `### Judgment:` then the digit, often in
 /// bold), or a reply that is only the digit. Anything else holds none.
 pub fn parse_verdict(reply: &str) -> Option<Verdict> {
-    let lower = reply.to_lowercase();
-    let tail = match lower.rfind("judgment").or_else(|| lower.rfind("judgement")) {
+    let tail = match last_ascii_ci(reply, "judgment").or_else(|| last_ascii_ci(reply, "judgement"))
+    {
         Some(at) => &reply[at..],
         None => {
             let bare = reply.trim_matches(|c: char| c.is_whitespace() || "*`#.:()[]".contains(c));
@@ -78,6 +78,16 @@ pub fn parse_verdict(reply: &str) -> Option<Verdict> {
     tail.split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
         .map(|word| word.trim_end_matches('.'))
         .find_map(digit)
+}
+
+/// The byte offset of the last occurrence of the ASCII `word` in `text`, in any case. Matched
+/// on the bytes of `text` itself: lowercasing first would move offsets wherever a character's
+/// lowercase has another length (`İ` is 2 bytes, its lowercase 3).
+fn last_ascii_ci(text: &str, word: &str) -> Option<usize> {
+    let (text, word) = (text.as_bytes(), word.as_bytes());
+    (0..=text.len().checked_sub(word.len())?)
+        .rev()
+        .find(|&i| text[i..i + word.len()].eq_ignore_ascii_case(word))
 }
 
 fn digit(word: &str) -> Option<Verdict> {
@@ -110,6 +120,21 @@ mod tests {
         assert_eq!(parse_verdict("### Judgment:\nthe first one"), None);
         assert_eq!(parse_verdict("### Judgment: 12"), None);
         assert_eq!(parse_verdict("4"), None);
+    }
+
+    #[test]
+    fn multi_byte_text_before_the_verdict_moves_no_offset() {
+        // Each "İ" is 2 bytes but lowercases to 3: offsets from a lowercased copy overran
+        // the reply (a panic) or landed later in it (the wrong digit).
+        let prefix = "İ".repeat(20);
+        assert_eq!(
+            parse_verdict(&format!("{prefix} Judgment: 1")),
+            Some(Verdict::First)
+        );
+        let prefix = "İ".repeat(12);
+        let reply = format!("{prefix} Judgment: 1. (3 would be wrong)");
+        assert_eq!(parse_verdict(&reply), Some(Verdict::First));
+        assert_eq!(parse_verdict("JUDGMENT: 2"), Some(Verdict::Neither));
     }
 
     #[test]

@@ -95,6 +95,7 @@ struct RawConfig {
     eos_token_id: Option<serde_json::Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    hidden_act: Option<String>,
 }
 
 impl ModelConfig {
@@ -153,6 +154,24 @@ impl ModelConfig {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("field `head_dim`: {head_dim} must be even and positive for rotary embeddings");
         }
+        // The MLP is SwiGLU: any other activation would be computed as SiLU, silently.
+        if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+            bail!("field `hidden_act`: {act:?} is not implemented; ual's MLP is SwiGLU (\"silu\")");
+        }
+        let positive = |v: Option<f64>, name: &str| -> Result<Option<f64>> {
+            match v {
+                Some(x) if !(x.is_finite() && x > 0.0) => {
+                    bail!("field `{name}`: {x} must be a positive number")
+                }
+                other => Ok(other),
+            }
+        };
+        let rms_norm_eps = positive(raw.rms_norm_eps, "rms_norm_eps")?;
+        let rope_theta = positive(
+            raw.rope_theta
+                .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()),
+            "rope_theta",
+        )?;
         if raw.mlp_bias == Some(true) {
             bail!("field `mlp_bias`: MLP biases are not supported");
         }
@@ -174,11 +193,8 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw
-                .rope_theta
-                .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-                .unwrap_or(10_000.0),
+            rms_norm_eps: rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling: parse_rope_scaling(raw.rope_scaling.or(raw.rope_parameters))?,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: is_qwen2 || raw.attention_bias.unwrap_or(false),

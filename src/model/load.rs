@@ -110,8 +110,18 @@ impl SafetensorsFile {
         }
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;
-        to_f32(&shard.map[start..end], info.dtype)
-            .with_context(|| format!("{}: tensor `{name}`", shard.path.display()))
+        let values = to_f32(&shard.map[start..end], info.dtype)
+            .with_context(|| format!("{}: tensor `{name}`", shard.path.display()))?;
+        // A NaN or an infinity in a weight poisons every output silently (null log-probs, an
+        // empty generation, a merged model carrying it): refused where it enters.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds a non-finite value ({}) at index {i}",
+                shard.path.display(),
+                values[i]
+            );
+        }
+        Ok(values)
     }
 
     /// The dtype tensor `name` is stored in.
@@ -195,6 +205,54 @@ pub trait Weights {
 impl Weights for SafetensorsFile {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         SafetensorsFile::read(self, name, shape)
+    }
+}
+
+/// A checkpoint that remembers which tensors were read, so that tensors the model never read
+/// (a `num_hidden_layers` smaller than the checkpoint's, a foreign architecture) are an error
+/// rather than silently dropped.
+pub struct Recorded<'a> {
+    checkpoint: &'a SafetensorsFile,
+    read: std::cell::RefCell<std::collections::HashSet<String>>,
+}
+
+impl<'a> Recorded<'a> {
+    /// Nothing read yet.
+    pub fn new(checkpoint: &'a SafetensorsFile) -> Self {
+        Self {
+            checkpoint,
+            read: Default::default(),
+        }
+    }
+
+    /// Fails naming the first tensor of the checkpoint that the model did not read. Rotary
+    /// frequency buffers (older Llama checkpoints) and a tied model's saved head are not weights
+    /// of their own.
+    pub fn check_all_used(&self, dir: &Path, config: &ModelConfig) -> Result<()> {
+        let read = self.read.borrow();
+        let mut stray: Vec<&str> = self
+            .checkpoint
+            .names()
+            .filter(|n| !read.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
+            .collect();
+        stray.sort();
+        if let Some(first) = stray.first() {
+            bail!(
+                "{}: tensor `{first}` (and {} more) is not part of the model config.json describes ({} layers); check `num_hidden_layers` and `model_type`",
+                dir.display(),
+                stray.len() - 1,
+                config.num_hidden_layers
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Weights for Recorded<'_> {
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.read.borrow_mut().insert(name.to_string());
+        self.checkpoint.read(name, shape)
     }
 }
 

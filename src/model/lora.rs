@@ -56,6 +56,15 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("lora.r must be positive");
         }
+        // α = 0 makes the update vanish (training moves nothing); a negative or non-finite α
+        // is no scale at all.
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!(
+                "lora.alpha = {} must be a positive number (PEFT's default is 2·r = {})",
+                self.alpha,
+                2 * self.r
+            );
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("lora.dropout = {} is outside [0, 1)", self.dropout);
         }
@@ -70,6 +79,23 @@ impl LoraConfig {
                 bail!(
                     "lora.target_modules: unknown module {t:?}; choose from {}",
                     targets().join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a rank above what a targeted projection of `model` can hold: min(in, out).
+    pub fn validate_for(&self, model: &super::ModelConfig) -> Result<()> {
+        let shapes = super::llama::DecoderLayer::projection_shapes(model);
+        for (name, (d_in, d_out, _)) in PROJECTIONS.iter().zip(shapes) {
+            let target = name.rsplit('.').next().expect("a name");
+            if self.target_modules.iter().any(|t| t == target) && self.r > d_in.min(d_out) {
+                bail!(
+                    "lora.r = {} exceeds {target}'s rank bound min(in, out) = {}; choose lora.r <= {}",
+                    self.r,
+                    d_in.min(d_out),
+                    d_in.min(d_out)
                 );
             }
         }

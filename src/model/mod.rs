@@ -43,7 +43,9 @@ impl Pretrained {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
         let checkpoint = load::SafetensorsFile::open(dir)?;
-        let model = load::load_llama(&config, &checkpoint, device, types.frozen)?;
+        let reading = load::Recorded::new(&checkpoint);
+        let model = load::load_llama(&config, &reading, device, types.frozen)?;
+        reading.check_all_used(dir, &config)?;
         let model = precision::prepare(model, types);
         Ok(Self {
             dir: dir.to_path_buf(),

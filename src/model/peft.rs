@@ -89,8 +89,10 @@ pub fn save_peft(
         .collect();
     let weights = dir.join("adapter_model.safetensors");
     let tmp = weights.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    if let Err(e) = safetensors::serialize_to_file(views, None, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write {}: {e}", weights.display());
+    }
     std::fs::rename(&tmp, &weights)?;
 
     let file = AdapterConfigFile {
@@ -122,7 +124,8 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
     let config = read_adapter_config(dir)?;
     let weights = dir.join("adapter_model.safetensors");
     let checkpoint = SafetensorsFile::open_file(&weights)?;
-    let (model, used) = attach_from(model, &checkpoint, &config, device)?;
+    let (model, used) = attach_from(model, &checkpoint, &config, device)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", weights.display()))?;
     if used.is_empty() {
         bail!(
             "{}: no tensor matches this model's projections (expected keys like {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight)",
@@ -202,7 +205,21 @@ fn attach_from(
     let mut used = std::collections::BTreeSet::new();
     for_each_named(&mut model, |name, proj| {
         let a_key = format!("{PEFT_PREFIX}{name}.lora_A.weight");
-        if result.is_err() || !checkpoint.contains(&a_key) {
+        if result.is_err() {
+            return;
+        }
+        if !checkpoint.contains(&a_key) {
+            // Every (layer, module) pair that target_modules implies must be there: a partial
+            // adapter would load as another model, without a word.
+            if let Some(t) = config
+                .target_modules
+                .iter()
+                .find(|t| name.ends_with(t.as_str()))
+            {
+                result = Err(anyhow::anyhow!(
+                    "tensor `{a_key}` is missing: `target_modules` lists {t:?}, so every layer's must be present"
+                ));
+            }
             return;
         }
         let [d_in, d_out] = proj.dims();

@@ -374,6 +374,7 @@ impl TrainConfig {
             eval_data_given |= user.get("eval_data").is_some();
             merge(&mut tree, user);
         }
+        let from_file = tree.clone();
         for o in overrides {
             let (key, value) = o
                 .split_once('=')
@@ -381,9 +382,22 @@ impl TrainConfig {
             set(&mut tree, key.trim(), parse_value(value.trim()))
                 .with_context(|| format!("--set {o}"))?;
         }
-        let mut config: Self = tree
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        match Self::from_tree(tree, eval_data_given) {
+            Ok(config) => Ok(config),
+            // The file alone is fine, so the overrides made it wrong: say so, not the file.
+            Err(e)
+                if !overrides.is_empty() && Self::from_tree(from_file, eval_data_given).is_ok() =>
+            {
+                let given: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
+                Err(anyhow::anyhow!("{}: {e:#}", given.join(" ")))
+            }
+            Err(e) => Err(anyhow::anyhow!("{source}: {e:#}")),
+        }
+    }
+
+    /// The configuration a merged tree describes, checked.
+    fn from_tree(tree: toml::Value, eval_data_given: bool) -> Result<Self> {
+        let mut config: Self = tree.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
         // TOML has no null: an empty path is how a file says "none". The bundled held-out set
         // belongs to the bundled training set: other data is not evaluated on it unasked.
         let bundled = config.train_data == Self::default().train_data;
@@ -395,9 +409,7 @@ impl TrainConfig {
         {
             config.eval_data = None;
         }
-        config
-            .validate()
-            .with_context(|| format!("{source}: invalid configuration"))?;
+        config.validate().context("invalid configuration")?;
         Ok(config)
     }
 
@@ -638,6 +650,37 @@ mod tests {
         assert!(format!("{err:#}").contains("optim.lrr"));
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
+    }
+
+    #[test]
+    fn a_bad_override_is_blamed_on_set_not_on_the_file() {
+        let file = toml::Value::Table(toml::map::Map::from_iter([(
+            "name".to_string(),
+            toml::Value::String("x".into()),
+        )]));
+        let given = Some((file.clone(), "cfg/base.toml".to_string()));
+        let err = TrainConfig::from_table(given, &["base_dtype=int8".into()]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("--set base_dtype=int8") && !msg.contains("cfg/base.toml"),
+            "{msg}"
+        );
+        let err = TrainConfig::from_table(
+            Some((file, "cfg/base.toml".into())),
+            &["lora.alpha=0".into()],
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").starts_with("--set lora.alpha=0"),
+            "{err:#}"
+        );
+        // A file that is wrong on its own is still the file's fault.
+        let bad = toml::Value::Table(toml::map::Map::from_iter([(
+            "base_dtype".to_string(),
+            toml::Value::String("int8".into()),
+        )]));
+        let err = TrainConfig::from_table(Some((bad, "cfg/base.toml".into())), &[]).unwrap_err();
+        assert!(format!("{err:#}").starts_with("cfg/base.toml"), "{err:#}");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Session {
     warmup: usize,
     initial_eval: Option<Evaluation>,
     history: Vec<StepMetrics>,
+    /// The lines of `metrics.jsonl` a resume keeps, byte for byte as they were written.
+    kept_lines: String,
     /// `metrics.jsonl`, appended to after every step; `None` for a session without a run
     /// directory (benches).
     metrics: Option<File>,
@@ -205,6 +207,7 @@ impl Session {
             warmup: config.warmup_steps(steps),
             initial_eval: None,
             history: Vec::new(),
+            kept_lines: String::new(),
             metrics: None,
             lock: None,
             cluster,
@@ -469,21 +472,16 @@ impl Session {
         }
         if self.cluster.is_root() {
             let metrics = self.config.run_dir().join("metrics.jsonl");
-            self.history = checkpoint::metrics_until(&metrics, saved.step)?;
+            (self.history, self.kept_lines) = checkpoint::metrics_until(&metrics, saved.step)?;
         }
         Ok(())
     }
 
-    /// Rewrites the metrics kept so far (a crash may have left lines past the checkpoint) and
-    /// opens the log for appending.
+    /// Drops the lines past the checkpoint (a crash may have left some), keeping the earlier
+    /// ones as they were written, and opens the log for appending.
     fn open_metrics(&mut self) -> Result<()> {
         let path = self.config.run_dir().join("metrics.jsonl");
-        let kept: String = self
-            .history
-            .iter()
-            .map(|m| serde_json::to_string(m).map(|l| l + "\n"))
-            .collect::<Result<_, _>>()?;
-        crate::util::write_atomic(&path, kept.as_bytes())?;
+        crate::util::write_atomic(&path, self.kept_lines.as_bytes())?;
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -555,6 +553,13 @@ fn load_model(
         (Mode::Full, Some(dir)) => dir.join("model"),
         _ => config.model.clone(),
     };
+    if config.mode == Mode::Lora {
+        config
+            .lora
+            .validate_for(&crate::model::ModelConfig::from_file(
+                &source.join("config.json"),
+            )?)?;
+    }
     // Stored as the run says while it loads: a quantized base never exists in f32 as a whole.
     let types = config.dtypes().resolve(selected.types())?;
     let pretrained = Pretrained::load_as(&source, device, types)?;
@@ -654,12 +659,16 @@ fn original_batch_size(config: &TrainConfig) -> Result<usize> {
 /// Writes the trained weights: `adapter/` (LoRA) or `model/` (full).
 fn export(model: &mut Llama, config: &TrainConfig, run_dir: &Path) -> Result<()> {
     match config.mode {
-        Mode::Lora => peft::save_peft(
-            model,
-            &config.lora,
-            &config.model.display().to_string(),
-            &run_dir.join("adapter"),
-        ),
+        // One directory swap: a kill between two files never leaves new weights beside an
+        // old `adapter_config.json`.
+        Mode::Lora => crate::util::write_dir_atomic(&run_dir.join("adapter"), |dir| {
+            peft::save_peft(
+                model,
+                &config.lora,
+                &config.model.display().to_string(),
+                dir,
+            )
+        }),
         Mode::Full => {
             let dtype = checkpoint::export_dtype(config)?;
             save::save_pretrained(model, &config.model, &run_dir.join("model"), dtype)
