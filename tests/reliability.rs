@@ -73,6 +73,36 @@ fn a_diverging_run_stops_at_the_first_non_finite_loss_and_exports_nothing() {
     }
 }
 
+/// Under f16's loss scale too: a non-finite forward loss is divergence, not an overflow to skip
+/// (steps 2–4 were once logged as skips and step 4's checkpoint written from the diverged
+/// weights, so the run could not resume).
+#[test]
+fn an_f16_run_whose_loss_diverges_stops_rather_than_skipping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(
+        tmp.path(),
+        &[
+            "precision=\"f16\"",
+            "optim.lr=1e30",
+            "steps=6",
+            "checkpoint_every=4",
+            "device=\"cpu\"",
+        ],
+    );
+    assert!(!ok, "a diverged f16 run must fail: {stderr}");
+    assert!(stderr.contains("training diverged"), "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    assert!(
+        !run.join("checkpoint").exists(),
+        "no checkpoint of diverged weights: {stderr}"
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+    }
+}
+
 #[test]
 fn max_seq_len_beyond_the_models_positions_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -109,6 +139,42 @@ fn resume_refuses_overrides_that_change_the_model() {
     let resumed =
         TrainConfig::for_resume(&run, &["steps=3".into(), "eval_every=1".into()]).unwrap();
     assert_eq!((resumed.steps, resumed.eval_every), (3, 1));
+}
+
+/// A run resumed without its held-out set reports no held-out loss: an earlier step's
+/// evaluation was once reported as the final one ("held out: 0", then "held-out NLL 4.18 →
+/// 3.23").
+#[test]
+fn a_resume_without_the_held_out_set_reports_no_held_out_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(
+        tmp.path(),
+        &["steps=2", "checkpoint_every=1", "eval_every=1"],
+    );
+    assert!(ok, "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--set",
+            "steps=3",
+            "--set",
+            "eval_data=",
+            "--resume",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("held-out NLL"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["final_eval_loss"].is_null(), "{summary}");
+    assert!(summary["initial_eval_loss"].is_null(), "{summary}");
 }
 
 /// `batch_size` may be set on resume only so that another number of MPI ranks keeps the global
@@ -679,5 +745,126 @@ fn empty_or_impossible_work_does_not_report_success() {
             !out.status.success() && stderr.contains("--temperature"),
             "{value}: {stderr}"
         );
+    }
+}
+
+/// Training data that changed between a kill and `--resume` (cut short, or grown) is refused,
+/// naming the file; `--allow-data-change` continues on it without a panic (once, data that
+/// shrank indexed past its end).
+#[test]
+fn a_resume_on_changed_data_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let original = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny/data/train.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(&data, &original).unwrap();
+    let data_set = format!("train_data={:?}", data.display().to_string());
+    let (ok, stderr) = train(
+        tmp.path(),
+        &[
+            &data_set,
+            "steps=4",
+            "checkpoint_every=2",
+            "eval_every=0",
+            "batch_size=16",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let run = tmp.path().join("tiny-ual");
+    let lines: Vec<&str> = original.lines().collect();
+    let resume = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--device", "cpu", "--set", "steps=6", "--resume"])
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for changed in [
+        lines[..5].join("\n") + "\n",
+        original.clone() + lines[0] + "\n",
+    ] {
+        std::fs::write(&data, &changed).unwrap();
+        let (ok, stderr) = resume(&[]);
+        assert!(!ok, "a changed file must be refused: {stderr}");
+        assert!(
+            stderr.contains("train.jsonl") && stderr.contains("--allow-data-change"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    std::fs::write(&data, lines[..5].join("\n") + "\n").unwrap();
+    let (ok, stderr) = resume(&["--allow-data-change"]);
+    assert!(ok && !stderr.contains("panicked"), "{stderr}");
+}
+
+/// `generate --input` with a prompt longer than the model's 256 positions: by default it stops
+/// naming the file and line; `--on-long-prompt skip` records the line as skipped and answers the
+/// others; `truncate-left` answers it from its last tokens.
+#[test]
+fn a_prompt_too_long_for_the_model_is_named_or_handled_as_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("prompts.jsonl");
+    let long = "word ".repeat(400);
+    let lines = [
+        r#"{"instruction":"Say hi.","output":"Hi."}"#.to_string(),
+        serde_json::json!({ "instruction": long, "output": "ok" }).to_string(),
+        r#"{"instruction":"Count to three.","output":"1 2 3"}"#.to_string(),
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |policy: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+        command
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "3",
+                "--model",
+            ])
+            .arg(fixture_model("llama-gqa"))
+            .arg("--input")
+            .arg(&input);
+        if let Some(p) = policy {
+            command.args(["--on-long-prompt", p]);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, stderr) = run(None);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("prompts.jsonl") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    for (policy, finish) in [("skip", Some("skipped")), ("truncate-left", None)] {
+        let (ok, stdout, stderr) = run(Some(policy));
+        assert!(ok, "{policy}: {stderr}");
+        let answers: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            answers.len(),
+            3,
+            "{policy}: every line answered or recorded"
+        );
+        let second = answers[1]["finish"].as_str().unwrap();
+        match finish {
+            Some(f) => assert_eq!(second, f, "{policy}"),
+            None => assert_ne!(second, "skipped", "{policy}"),
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use ual::data::formats::{Message, read_jsonl};
 use ual::data::template::Template;
-use ual::eval::answers::{self, Answer, Provenance};
+use ual::eval::answers::{self, Answer, LongPrompt, Provenance};
 use ual::model::Pretrained;
 use ual::model::generate::{GenerationConfig, generate};
 
@@ -37,6 +37,11 @@ pub struct Args {
     /// Where file mode writes its output, atomically (default: stdout).
     #[arg(long, requires = "input")]
     output: Option<PathBuf>,
+    /// File mode: a prompt that alone fills the model's positions stops the run naming its
+    /// line (error), is recorded with `"finish": "skipped"` (skip), or keeps its last tokens
+    /// (truncate-left).
+    #[arg(long, value_enum, default_value = "error", requires = "input")]
+    on_long_prompt: LongPrompt,
     /// File mode's output format.
     #[arg(long, value_enum, default_value = "jsonl", requires = "input")]
     format: OutputFormat,
@@ -128,13 +133,15 @@ fn answer_file(
     let jsonl_line = |a: &Answer| answers::answer_line(a, &provenance);
     let progress = indicatif::ProgressBar::new(examples.len() as u64);
     let streaming = args.output.is_none() && args.format == OutputFormat::Jsonl;
-    let answers = answers::answer_all(pretrained, template, &examples, config, |answer| {
+    let long = args.on_long_prompt;
+    let answers = answers::answer_all(pretrained, template, &examples, config, long, |answer| {
         if streaming {
             progress.suspend(|| println!("{}", jsonl_line(answer)));
         }
         progress.inc(1);
         Ok(())
-    })?;
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e:#}", input.display()))?;
     progress.finish_and_clear();
     let text = match args.format {
         OutputFormat::Jsonl => answers.iter().map(|a| jsonl_line(a) + "\n").collect(),

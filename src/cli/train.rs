@@ -29,6 +29,10 @@ pub struct Args {
     /// Continue the run in this directory from its last checkpoint, with its config.toml.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
+    /// With --resume: continue although the training or held-out file changed since the
+    /// checkpoint (by default a changed file is refused, naming it).
+    #[arg(long, requires = "resume")]
+    allow_data_change: bool,
     /// Start the run again in a directory that already holds one (its checkpoints are removed).
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
@@ -47,6 +51,7 @@ pub fn main(mut args: Args) -> Result<()> {
         None => TrainConfig::resolve(args.config.as_deref(), &args.overrides)?,
     };
     let start = match (&args.resume, args.overwrite) {
+        (Some(_), _) if args.allow_data_change => Start::ResumeOnChangedData,
         (Some(_), _) => Start::Resume,
         (None, true) => Start::Overwrite,
         (None, false) => Start::Fresh,

@@ -1,6 +1,6 @@
 //! Answers to a file of prompts: what `ual generate --input` writes, and what a judge compares.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde::Serialize;
 
 use crate::data::formats::{Body, Example, user_text};
@@ -23,20 +23,56 @@ pub struct Answer {
     pub finish: Finish,
 }
 
+/// What to do with a prompt that alone fills the model's positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LongPrompt {
+    /// Stop, naming the line.
+    #[default]
+    Error,
+    /// Answer nothing for it: its line says `"finish": "skipped"`.
+    Skip,
+    /// Keep the prompt's last tokens, so that it and `max_new_tokens` fit.
+    TruncateLeft,
+}
+
 /// Answers each example's prompt, rendered as training renders it ([`Template::prompt_of`]),
-/// calling `on_answer` as each one is ready.
+/// calling `on_answer` as each one is ready. A prompt too long for the model is handled as
+/// `long` says; an error names the example's line.
 pub fn answer_all(
     pretrained: &Pretrained,
     template: &Template,
     examples: &[Example],
     config: &GenerationConfig,
+    long: LongPrompt,
     mut on_answer: impl FnMut(&Answer) -> Result<()>,
 ) -> Result<Vec<Answer>> {
     let mut answers = Vec::with_capacity(examples.len());
+    let positions = pretrained.config.max_position_embeddings;
     for (index, example) in examples.iter().enumerate() {
         let (prompt, special) = template.prompt_of(&example.body)?;
-        let ids = pretrained.tokenizer.encode_with(&prompt, special)?;
-        let generation = pretrained.continue_ids(ids, config)?;
+        let mut ids = pretrained.tokenizer.encode_with(&prompt, special)?;
+        let skip = ids.len() >= positions;
+        if skip && long == LongPrompt::Error {
+            bail!(
+                "line {}: the prompt has {} tokens; the model has {positions} positions (--on-long-prompt skip or truncate-left)",
+                example.line,
+                ids.len()
+            );
+        }
+        if skip && long == LongPrompt::TruncateLeft {
+            let keep = positions
+                .saturating_sub(config.max_new_tokens)
+                .max(positions / 2);
+            ids.drain(..ids.len() - keep);
+        }
+        let generation = match skip && long == LongPrompt::Skip {
+            true => crate::model::generate::Generation {
+                ids: Vec::new(),
+                text: String::new(),
+                finish: Finish::Skipped,
+            },
+            false => pretrained.continue_ids(ids, config)?,
+        };
         let answer = Answer {
             index,
             instruction: instruction(&example.body),

@@ -59,6 +59,8 @@ pub enum Finish {
     Stop,
     /// `max_new_tokens` were generated.
     Length,
+    /// Not generated: the prompt alone filled the model's positions (`--on-long-prompt skip`).
+    Skipped,
 }
 
 /// One decoded sequence.

@@ -182,11 +182,17 @@ pub fn evaluate_run(
         .overall
         .nll;
 
-    let high_answers =
-        answers::answer_all(pretrained, &template, &run.splits.high, &greedy, |_| {
+    let high_answers = answers::answer_all(
+        pretrained,
+        &template,
+        &run.splits.high,
+        &greedy,
+        Default::default(),
+        |_| {
             tick();
             Ok(())
-        })?;
+        },
+    )?;
     write_answers(
         &run.out_dir.join("high-answers.jsonl"),
         &high_answers,
@@ -225,10 +231,17 @@ fn exact_match(
     greedy: &GenerationConfig,
     tick: &mut dyn FnMut(),
 ) -> Result<(f64, Vec<Answer>)> {
-    let answers = answers::answer_all(pretrained, template, &run.splits.low, greedy, |_| {
-        tick();
-        Ok(())
-    })?;
+    let answers = answers::answer_all(
+        pretrained,
+        template,
+        &run.splits.low,
+        greedy,
+        Default::default(),
+        |_| {
+            tick();
+            Ok(())
+        },
+    )?;
     let mut correct = 0usize;
     for (answer, example) in answers.iter().zip(&run.splits.low) {
         let gold = response_text(&example.body)
@@ -279,8 +292,15 @@ fn sample_answers(
                 ..Default::default()
             };
             let one = std::slice::from_ref(example);
-            let mut answer =
-                answers::answer_all(pretrained, template, one, &config, |_| Ok(()))?.remove(0);
+            let mut answer = answers::answer_all(
+                pretrained,
+                template,
+                one,
+                &config,
+                Default::default(),
+                |_| Ok(()),
+            )?
+            .remove(0);
             answer.index = i;
             out.push((config, answer));
         }

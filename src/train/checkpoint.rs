@@ -48,6 +48,54 @@ pub struct RunCheckpoint {
     /// one would have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<LossScale>,
+    /// The training and held-out files as the run read them, so that a resume notices data
+    /// that changed under it (empty in checkpoints from before fingerprints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<Fingerprint>,
+}
+
+/// A data file as a run read it: its path, size and CRC-32.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// The path as the configuration gives it.
+    pub path: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The CRC-32 of its contents.
+    pub crc32: u32,
+}
+
+impl Fingerprint {
+    /// The file at `path` now.
+    pub fn of(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Self {
+            path: path.display().to_string(),
+            bytes: bytes.len() as u64,
+            crc32: crc32fast::hash(&bytes),
+        })
+    }
+
+    /// Refuses to resume on a file that changed since `saved` was taken, naming it; a file
+    /// the resume no longer reads (another held-out set) is no concern.
+    pub fn check_unchanged(saved: &[Self], now: &[Self]) -> Result<()> {
+        for old in saved {
+            if let Some(new) = now.iter().find(|n| n.path == old.path)
+                && new != old
+            {
+                bail!(
+                    "{} changed since the checkpoint ({} bytes, CRC-32 {:08x}; now {} bytes, {:08x}): resuming would train on other data; restore it, or pass --allow-data-change to continue on it",
+                    old.path,
+                    old.bytes,
+                    old.crc32,
+                    new.bytes,
+                    new.crc32
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RunCheckpoint {

@@ -45,6 +45,8 @@ pub struct Session {
     history: Vec<StepMetrics>,
     /// The lines of `metrics.jsonl` a resume keeps, byte for byte as they were written.
     kept_lines: String,
+    /// The data files as this run read them, kept in every checkpoint.
+    fingerprints: Vec<checkpoint::Fingerprint>,
     /// `metrics.jsonl`, appended to after every step; `None` for a session without a run
     /// directory (benches).
     metrics: Option<File>,
@@ -93,7 +95,7 @@ impl Session {
 
     /// [`Session::open`] once the run directory is held (`lock`, on rank 0).
     fn open_claimed(config: &TrainConfig, start: Start, lock: Option<File>) -> Result<Self> {
-        let resume = start == Start::Resume;
+        let resume = matches!(start, Start::Resume | Start::ResumeOnChangedData);
         let cluster = cluster::world();
         let selected = cluster.agree(
             device::select_for_rank(config.device, cluster.local_rank()),
@@ -136,6 +138,12 @@ impl Session {
             )
             .with_context(|| path.display().to_string())
         };
+        let fingerprints = data_fingerprints(config)?;
+        if let Some(saved) = &saved
+            && start != Start::ResumeOnChangedData
+        {
+            checkpoint::Fingerprint::check_unchanged(&saved.data, &fingerprints)?;
+        }
         let (samples, data) = read(&config.train_data)?;
         let eval_samples = match &config.eval_data {
             Some(path) => read(path)?.0,
@@ -151,6 +159,7 @@ impl Session {
             data,
         };
         let mut session = Self::new(config, parts, &selected)?;
+        session.fingerprints = fingerprints;
         match (saved, &shared) {
             (Some(saved), Some(shared)) => session.restore(&shared.dir, &saved)?,
             _ => session.initial_eval = session.evaluate()?,
@@ -208,6 +217,7 @@ impl Session {
             initial_eval: None,
             history: Vec::new(),
             kept_lines: String::new(),
+            fingerprints: Vec::new(),
             metrics: None,
             lock: None,
             cluster,
@@ -262,9 +272,13 @@ impl Session {
             (step.loss, step.nll) = (step.loss / loss_scale, step.nll / loss_scale);
             optim::scale_grads(&self.model, &mut step.grads, 1.0 / loss_scale);
         }
+        // A non-finite forward loss is divergence at any loss scale (the scale multiplies only
+        // the backward); only a non-finite gradient under a finite loss is an f16 overflow to
+        // skip. Stopping here keeps a diverged model out of every later checkpoint.
+        self.check_finite(self.step + 1, &[("loss", step.loss)])?;
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
-        let finite = step.loss.is_finite() && grad_norm.is_finite();
-        let applied = update_loss_scale(&mut self.loss_scale, self.step + 1, finite)?;
+        let applied =
+            update_loss_scale(&mut self.loss_scale, self.step + 1, grad_norm.is_finite())?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
         let mean_eps = totals.mean_eps();
         if applied {
@@ -364,6 +378,7 @@ impl Session {
             self.initial_eval,
             &self.history,
             self.started.elapsed().as_secs_f64(),
+            !self.eval_samples.is_empty(),
         );
         if root {
             crate::util::write_atomic(
@@ -453,6 +468,7 @@ impl Session {
             ranks: Some(self.cluster.size()),
             batch_size: Some(self.config.batch_size),
             loss_scale: self.loss_scale,
+            data: self.fingerprints.clone(),
         };
         checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)
     }
@@ -466,7 +482,10 @@ impl Session {
             .map_err(|e| anyhow!("{}: {e:?}", file.display()))?;
         self.stream.seek(saved.epoch, saved.position);
         self.step = saved.step;
-        self.initial_eval = saved.initial_eval();
+        // A resume without the held-out set (`--set eval_data=`) has no evaluation to report.
+        self.initial_eval = saved
+            .initial_eval()
+            .filter(|_| !self.eval_samples.is_empty());
         if self.loss_scale.is_some() {
             self.loss_scale = Some(saved.loss_scale.unwrap_or_default());
         }
@@ -529,6 +548,14 @@ fn claim_run_dir(run_dir: &Path, start: Start) -> Result<File> {
         _ => {}
     }
     Ok(lock)
+}
+
+/// The training and held-out files' fingerprints, in that order.
+fn data_fingerprints(config: &TrainConfig) -> Result<Vec<checkpoint::Fingerprint>> {
+    std::iter::once(&config.train_data)
+        .chain(config.eval_data.as_ref())
+        .map(|p| checkpoint::Fingerprint::of(p))
+        .collect()
 }
 
 /// Removes a run directory that this process created for a run that failed before its first

@@ -51,7 +51,11 @@ impl BatchStream {
     pub(crate) fn seek(&mut self, epoch: u64, position: usize) {
         self.epoch = epoch;
         self.shuffle();
-        self.position = position;
+        // Data that shrank since the checkpoint (`--allow-data-change`) ends the epoch here.
+        self.position = match self.replacement {
+            Some(_) => position,
+            None => position.min(self.order.len()),
+        };
     }
 
     /// The sample indices of the next micro-batch.
