@@ -703,3 +703,46 @@ fn a_stalled_body_is_a_timeout_and_is_retried() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(read(&output)[0]["uncertainty"].as_f64().unwrap(), 3.0);
 }
+
+/// What cannot be meant stops before any request, in one line: a URL that is not http(s)
+/// (once retried for 39 s), no request at a time, an output that is the input itself.
+#[test]
+fn settings_that_cannot_be_meant_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, "{\"instruction\":\"Hi\",\"output\":\"Hello\"}\n").unwrap();
+    let output = tmp.path().join("out.jsonl");
+    let run = |endpoint: &str, output: &Path, extra: &[&str]| {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+            .args(["annotate", "--endpoint", endpoint, "--model", "m"])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(output)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{endpoint}: refused at once"
+        );
+        assert!(!out.status.success(), "{endpoint} {extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for bad in ["not a url", "ftp://example.com/v1", "http://"] {
+        let stderr = run(bad, &output, &[]);
+        assert!(
+            stderr.contains("--endpoint") && stderr.contains("http"),
+            "{bad}: {stderr}"
+        );
+    }
+    let stderr = run("http://127.0.0.1:9", &output, &["--concurrency", "0"]);
+    assert!(stderr.contains("concurrency"), "{stderr}");
+    let stderr = run("http://127.0.0.1:9", &input, &[]);
+    assert!(stderr.contains("--input itself"), "{stderr}");
+    assert!(
+        std::fs::read_to_string(&input).unwrap().contains("Hello"),
+        "the input is untouched"
+    );
+}

@@ -298,3 +298,50 @@ fn answers_compare_with_references_and_mismatched_sets_are_refused() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// A judge that answers every request with HTTP 500: the error names the cause (it once said
+/// only "no prompt was judged", pointing at a file of empty replies), and every judgment line
+/// records why its orders got no verdict.
+#[test]
+fn a_judge_that_fails_every_request_says_why() {
+    let mock = mock::serve(|_, _| Reply::Status(500, None));
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = answers(tmp.path(), 2, 3, 3);
+    let out = tmp.path().join("judge");
+    let run = judge(&mock, &a, &b, &out, &["--max-retries", "0"]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("no prompt was judged") && stderr.contains("500"),
+        "{stderr}"
+    );
+    for j in judgments(&out) {
+        let failures = j["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), 2, "{j}");
+        assert!(failures[0].as_str().unwrap().contains("500"), "{j}");
+    }
+    assert!(
+        summary(&out)["failure_reasons"][0][0]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+}
+
+/// Two empty answer files judge nothing: refused, as the other evaluations refuse empty input
+/// (it once printed "NaN% [NaN, NaN]" and exited 0).
+#[test]
+fn empty_answer_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
+    std::fs::write(&a, "").unwrap();
+    std::fs::write(&b, "").unwrap();
+    let mock = mock::serve(|_, _| Reply::Score("Judgment: 1".into()));
+    let run = judge(&mock, &a, &b, &tmp.path().join("judge"), &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("no answers"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("NaN"), "{stderr}");
+}

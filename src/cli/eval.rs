@@ -245,8 +245,12 @@ fn judge(args: JudgeArgs) -> Result<()> {
     eprintln!("wrote {}", options.output.display());
     println!("{}", serde_json::to_string(&summary)?);
     if summary.prompts > 0 && summary.judged == 0 {
+        let cause = match summary.failure_reasons.first() {
+            Some((reason, n)) => format!("; most often ({n}×): {reason}"),
+            None => String::new(),
+        };
         bail!(
-            "no prompt was judged ({} failed; the replies are in {})",
+            "no prompt was judged ({} failed{cause}; every reply and reason is in {})",
             summary.failed,
             options.output.join("judgments.jsonl").display()
         );

@@ -210,10 +210,11 @@ pub fn prepare(
 ) -> Result<(Vec<Sample>, DataSummary)> {
     let mut summary = DataSummary::default();
     let mut samples = Vec::with_capacity(examples.len());
-    for example in examples {
-        let (mut ids, mut loss_mask) =
-            encode_example(tokenizer, template, example, eos, rules.max_seq_len)
-                .with_context(|| format!("line {}", example.line))?;
+    for (example, encoded) in examples
+        .iter()
+        .zip(encode_all(examples, tokenizer, template, eos, rules))
+    {
+        let (mut ids, mut loss_mask) = encoded.with_context(|| format!("line {}", example.line))?;
         if rules.loss_on == LossOn::All {
             loss_mask.fill(true);
         }
@@ -250,6 +251,47 @@ pub fn prepare(
     }
     summary.samples = samples.len();
     Ok((samples, summary))
+}
+
+/// Every example's ids and labelled positions, in order, on every core; a bar on stderr once
+/// it has taken a second (a 200 MB file once tokenised for 7 minutes on one thread, silently).
+fn encode_all(
+    examples: &[Example],
+    tokenizer: &Tokenizer,
+    template: &Template,
+    eos: u32,
+    rules: &SampleRules,
+) -> Vec<Result<(Vec<u32>, Vec<bool>)>> {
+    use rayon::prelude::*;
+    use std::sync::Once;
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(examples.len() as u64),
+        indicatif::ProgressDrawTarget::hidden(),
+    )
+    .with_message("tokenising");
+    let shown = Once::new();
+    let encoded = examples
+        .par_iter()
+        .map(|example| {
+            let out = encode_example(tokenizer, template, example, eos, rules.max_seq_len);
+            bar.inc(1);
+            if started.elapsed().as_secs_f64() > 1.0 {
+                shown.call_once(|| {
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {wide_bar} {pos}/{len} lines, {eta} left",
+                        )
+                        .expect("a valid template"),
+                    );
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                });
+            }
+            out
+        })
+        .collect();
+    bar.finish_and_clear();
+    encoded
 }
 
 /// One example's ids and labelled positions under `template`.

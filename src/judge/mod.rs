@@ -109,6 +109,10 @@ pub struct Judgment {
     pub b_first_reply: String,
     /// Both orders combined; `None` when an order got no verdict.
     pub outcome: Option<Outcome>,
+    /// Why an order got no verdict (a timeout, an HTTP status, a refused connection, replies
+    /// without a digit), for each order that got none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// `summary.json`: the counts and the rates.
@@ -142,6 +146,8 @@ pub struct JudgeSummary {
     pub cached: usize,
     /// Requests sent.
     pub requested: usize,
+    /// Why requests got no verdict, each reason with its count, the most common first.
+    pub failure_reasons: Vec<(String, usize)>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -197,7 +203,23 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
             connection.endpoint
         );
     }
-    let judgments = judgments(&pairs, &keys, &cache);
+    let reasons: Vec<Option<String>> = asked
+        .iter()
+        .map(|a| match a {
+            Some(Asked::Failed(reason)) => Some(reason.clone()),
+            Some(_) => None,
+            None => Some("not asked (the run stopped first)".into()),
+        })
+        .collect();
+    let mut judgments = judgments(&pairs, &keys, &cache);
+    for j in &mut judgments {
+        let orders = ["a first", "b first"].iter();
+        for (order, reason) in orders.zip(&reasons[2 * j.index..2 * j.index + 2]) {
+            if let Some(reason) = reason {
+                j.failures.push(format!("{order}: {reason}"));
+            }
+        }
+    }
     let outcomes: Vec<Outcome> = judgments.iter().filter_map(|j| j.outcome).collect();
     let count = |o: Outcome| outcomes.iter().filter(|&&x| x == o).count();
     let summary = JudgeSummary {
@@ -218,6 +240,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
         bootstrap: (options.resamples, options.seed),
         cached,
         requested,
+        failure_reasons: most_common(reasons.into_iter().flatten()),
         seconds: started.elapsed().as_secs_f64(),
     };
     write_outputs(&options.output, &judgments, &summary)?;
@@ -286,9 +309,21 @@ fn judgments(pairs: &[(Response, Response)], keys: &[String], cache: &Cache) -> 
                 a_first_reply,
                 b_first,
                 b_first_reply,
+                failures: Vec::new(),
             }
         })
         .collect()
+}
+
+/// Each distinct reason with its count, the most common first.
+fn most_common(reasons: impl Iterator<Item = String>) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in reasons {
+        *counts.entry(r).or_insert(0usize) += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
 }
 
 fn write_outputs(dir: &Path, judgments: &[Judgment], summary: &JudgeSummary) -> Result<()> {

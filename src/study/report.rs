@@ -218,10 +218,13 @@ impl Results {
 
 fn summarise(metric: &Metric, study: &StudyConfig, records: &[RunRecord]) -> MetricSummary {
     let value = |arm: LossKind, seed: u64| {
-        records
-            .iter()
-            .find(|r| r.arm == arm && r.seed == seed)
-            .and_then(metric.value)
+        let record = records.iter().find(|r| r.arm == arm && r.seed == seed)?;
+        // SFT judged against itself is an even split: the 0.5 every preference is read
+        // against, so that "ual − sft" is the preference's distance from a tie.
+        if metric.key == "judged_win_rate" && arm == LossKind::Sft {
+            return Some(0.5);
+        }
+        (metric.value)(record)
     };
     let values = |arm| -> Vec<f64> { study.seeds.iter().filter_map(|&s| value(arm, s)).collect() };
     let sft = Spread::of(&values(LossKind::Sft));
@@ -561,6 +564,42 @@ mod tests {
         assert!((s.sd - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert!(Spread::of(&[7.0]).unwrap().sd.is_nan());
         assert!(Spread::of(&[]).is_none());
+    }
+
+    /// A judged study reports the preference beside SFT's even split: the "ual − sft" cell
+    /// and the sentence once said "not judged" while the ual column showed 0.5000.
+    #[test]
+    fn a_judged_win_rate_is_read_against_an_even_split() {
+        let study = StudyConfig::load(std::path::Path::new("studies/mixed-tiny.toml")).unwrap();
+        let metrics = crate::study::evaluate::RunMetrics {
+            low_accuracy: 0.5,
+            low_nll: 1.0,
+            low_ece: 0.1,
+            high_nll: 2.0,
+            distinct_1: 0.5,
+            distinct_2: 0.5,
+            silhouette: None,
+        };
+        let records: Vec<RunRecord> = study
+            .arms
+            .iter()
+            .flat_map(|&arm| study.seeds.iter().map(move |&seed| (arm, seed)))
+            .map(|(arm, seed)| RunRecord {
+                arm,
+                seed,
+                metrics: metrics.clone(),
+                judged_win_rate: (arm != LossKind::Sft).then_some(0.625),
+                curve: Vec::new(),
+            })
+            .collect();
+        let metric = METRICS.iter().find(|m| m.key == "judged_win_rate").unwrap();
+        let summary = summarise(metric, &study, &records);
+        for arm in summary.arms.iter().filter(|a| a.arm != "sft") {
+            let diff = arm.vs_sft.expect("judged against SFT");
+            assert!((diff.mean - 0.125).abs() < 1e-12, "{}", diff.mean);
+            assert_eq!(cell(&summary, &arm.vs_sft), number(&arm.vs_sft));
+            assert!(!sentence(&summary, arm).contains("not judged"));
+        }
     }
 
     #[test]
