@@ -868,3 +868,48 @@ fn a_prompt_too_long_for_the_model_is_named_or_handled_as_asked() {
         }
     }
 }
+
+/// LoRA settings that cannot be meant are refused before any work: a rank above what a
+/// projection holds (once still setting up after 60 s, silently), and α that is zero (training
+/// with no effect), negative or not a number.
+#[test]
+fn lora_settings_that_cannot_be_meant_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stderr) = train(tmp.path(), &["lora.r=100000", "steps=1"]);
+    assert!(
+        !ok && stderr.contains("lora.r = 100000") && stderr.contains("min(in, out)"),
+        "{stderr}"
+    );
+    for alpha in ["0", "-16", "nan"] {
+        let (ok, stderr) = train(tmp.path(), &[&format!("lora.alpha={alpha}"), "steps=1"]);
+        assert!(!ok && stderr.contains("lora.alpha"), "{alpha}: {stderr}");
+        assert!(
+            stderr.contains("--set lora.alpha"),
+            "blamed on --set: {stderr}"
+        );
+    }
+}
+
+/// Tokenising runs on every core and keeps the file's order: 3000 lines come back as 3000
+/// samples, line by line (a 200 MB file once took 7 minutes on one thread).
+#[test]
+fn tokenising_in_parallel_keeps_the_files_order() {
+    let p = Pretrained::load(&fixture_model("llama-gqa"), &burn::tensor::Device::flex()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("many.jsonl");
+    let text: String = (0..3000)
+        .map(|i| serde_json::json!({"instruction": format!("Add {i} and {}.", i % 7), "output": format!("{}", i + i % 7)}).to_string() + "\n")
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    let template = ual::data::template::Template::Alpaca;
+    let (_, samples, _) = ual::data::batch::Prepare::new(&p.tokenizer, &template, 2, 64)
+        .file(&path)
+        .unwrap();
+    assert_eq!(samples.len(), 3000);
+    assert!(samples.iter().enumerate().all(|(i, s)| s.line == i + 1));
+    let one = ual::data::batch::Prepare::new(&p.tokenizer, &template, 2, 64)
+        .examples(&ual::data::formats::read_jsonl(&path).unwrap()[1234..1235])
+        .unwrap()
+        .0;
+    assert_eq!(one[0].ids, samples[1234].ids, "each sample as it is alone");
+}
