@@ -143,6 +143,18 @@ fn cli_scores_json() {
     assert!(lps[0].is_null() && lps[1].as_f64().unwrap() < 0.0);
 }
 
+/// A writable copy of the PEFT adapter fixture for `llama-gqa`.
+fn copy_adapter() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for entry in std::fs::read_dir(common::fixtures().join("adapters/llama-gqa-peft")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
+    }
+    (tmp, adapter)
+}
+
 /// Rewrites the first element of one f32 or f64 tensor of a copied checkpoint with `value`.
 fn poke(path: &Path, tensor: &str, value: f32) {
     let bytes = std::fs::read(path).unwrap();
@@ -183,14 +195,7 @@ fn a_non_finite_weight_is_named() {
 
 #[test]
 fn a_non_finite_adapter_weight_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    let adapter = tmp.path().join("adapter");
-    std::fs::create_dir(&adapter).unwrap();
-    let source = common::fixtures().join("adapters/llama-gqa-peft");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
-    }
+    let (_tmp, adapter) = copy_adapter();
     let tensor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
     poke(&adapter.join("adapter_model.safetensors"), tensor, f32::NAN);
     let err = match Pretrained::load_with_adapter(
@@ -239,14 +244,7 @@ fn checkpoint_tensors_the_config_does_not_use_are_an_error() {
 
 #[test]
 fn an_adapter_missing_a_layer_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let adapter = tmp.path().join("adapter");
-    std::fs::create_dir(&adapter).unwrap();
-    let source = common::fixtures().join("adapters/llama-gqa-peft");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
-    }
+    let (_tmp, adapter) = copy_adapter();
     let path = adapter.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
