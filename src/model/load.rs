@@ -407,7 +407,7 @@ impl Loader<'_> {
     ) -> Result<LoraLinear> {
         let name = format!("{prefix}.weight");
         let (format, scales) = match self.frozen {
-            Frozen::Packed(format, scales) if d_in % BLOCK == 0 => (format, scales),
+            Frozen::Packed(format, scales) if d_in.is_multiple_of(BLOCK) => (format, scales),
             Frozen::Packed(_, dense) => {
                 // As llama.cpp's quantizer does with such a tensor: another type, said aloud.
                 self.unpacked.borrow_mut().push(name);

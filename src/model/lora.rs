@@ -177,6 +177,9 @@ pub struct LoraAdapter {
 }
 
 /// The weight of a projection.
+// One per projection, so the size of the packed variant's handles costs nothing worth a Box
+// (which burn's Module derive does not see through).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Weight {
     /// `[in, out]`: trained by a full fine-tune, or frozen in f32, f16 or bf16.

@@ -98,12 +98,7 @@ impl RunSummary {
         initial: Option<Evaluation>,
         history: &[StepMetrics],
         seconds: f64,
-        held_out: bool,
     ) -> Self {
-        // A run resumed without its held-out set (`--set eval_data=`) reports none: an earlier
-        // step's evaluation is not the final one.
-        let initial = initial.filter(|_| held_out);
-        let history_evals = history.iter().rev().filter(|_| held_out);
         Self {
             run_dir: run_dir.display().to_string(),
             device,
@@ -113,8 +108,8 @@ impl RunSummary {
             initial_eval_nll: initial.map(|e| e.nll),
             first_loss: history.first().map(|m| m.loss).unwrap_or(f64::NAN),
             last_loss: history.last().map(|m| m.loss).unwrap_or(f64::NAN),
-            final_eval_loss: history_evals.clone().find_map(|m| m.eval_loss),
-            final_eval_nll: history_evals.clone().find_map(|m| m.eval_nll),
+            final_eval_loss: history.iter().rev().find_map(|m| m.eval_loss),
+            final_eval_nll: history.iter().rev().find_map(|m| m.eval_nll),
             mean_tokens_per_s: history.iter().map(|m| m.tokens_per_s).sum::<f64>()
                 / history.len().max(1) as f64,
             seconds,

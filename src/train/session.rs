@@ -370,7 +370,7 @@ impl Session {
             export(&mut self.model, &self.config, &run_dir)?;
             report::plot_losses(&self.history, self.initial_eval, &run_dir.join("loss.svg"))?;
         }
-        let summary = RunSummary::new(
+        let mut summary = RunSummary::new(
             &run_dir,
             self.description,
             self.data,
@@ -378,8 +378,13 @@ impl Session {
             self.initial_eval,
             &self.history,
             self.started.elapsed().as_secs_f64(),
-            !self.eval_samples.is_empty(),
         );
+        // A run resumed without its held-out set (`--set eval_data=`) reports none: an earlier
+        // step's evaluation is not the final one.
+        if self.eval_samples.is_empty() {
+            (summary.initial_eval_loss, summary.initial_eval_nll) = (None, None);
+            (summary.final_eval_loss, summary.final_eval_nll) = (None, None);
+        }
         if root {
             crate::util::write_atomic(
                 &run_dir.join("summary.json"),

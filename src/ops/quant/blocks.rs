@@ -4,9 +4,9 @@
 //!
 //! A block is 32 consecutive values of a row with one f16 scale `d`:
 //! - Q8_0: `d = amax / 127`, `q = roundf(x / d)` in −127..127, value `d·q`; 34 bytes.
-//! - Q4_0: `d = max / −8` where `max` is the value of largest magnitude, `q = min(15, (int)(x/d
-//!   + 8.5))` in 0..15, value `d·(q − 8)`; 18 bytes, the low nibbles holding values 0..15 of
-//!   the block and the high nibbles values 16..31.
+//! - Q4_0: `d = max / −8` where `max` is the value of largest magnitude,
+//!   `q = min(15, (int)(x/d + 8.5))` in 0..15, value `d·(q − 8)`; 18 bytes, the low nibbles
+//!   holding values 0..15 of the block and the high nibbles values 16..31.
 //!
 //! Both quantize with the reciprocal of the unrounded f32 scale and store the scale rounded to
 //! f16, as the reference does; dequantization is one f32 product, `f32(d)·q`.
@@ -148,7 +148,7 @@ impl Block {
 /// the blocks of row 0, then of row 1, and so on, as a GGUF tensor stores them.
 pub fn quantize_rows(format: BlockFormat, values: &[f32], cols: usize) -> Vec<Block> {
     assert!(
-        cols % BLOCK == 0,
+        cols.is_multiple_of(BLOCK),
         "rows of {cols} values are not whole blocks"
     );
     values
