@@ -88,14 +88,12 @@ impl LoraConfig {
     /// Refuses a rank above what a targeted projection of `model` can hold: min(in, out).
     pub fn validate_for(&self, model: &super::ModelConfig) -> Result<()> {
         let shapes = super::llama::DecoderLayer::projection_shapes(model);
-        for (name, (d_in, d_out, _)) in PROJECTIONS.iter().zip(shapes) {
-            let target = name.rsplit('.').next().expect("a name");
-            if self.target_modules.iter().any(|t| t == target) && self.r > d_in.min(d_out) {
+        for (target, (d_in, d_out, _)) in targets().into_iter().zip(shapes) {
+            let bound = d_in.min(d_out);
+            if self.target_modules.iter().any(|t| t == target) && self.r > bound {
                 bail!(
-                    "lora.r = {} exceeds {target}'s rank bound min(in, out) = {}; choose lora.r <= {}",
-                    self.r,
-                    d_in.min(d_out),
-                    d_in.min(d_out)
+                    "lora.r = {} exceeds {target}'s rank bound min(in, out) = {bound}; choose lora.r <= {bound}",
+                    self.r
                 );
             }
         }
@@ -246,8 +244,11 @@ impl LoraLinear {
             }
             Weight::Packed(w) => (quant::linear(x, w), dtype),
         };
-        let y = match &self.bias {
-            Some(b) => y + b.val().cast(stored).unsqueeze(),
+        // The bias is in the dense weight's type already; only a packed base's (f32) may need
+        // narrowing to the compute type.
+        let y = match self.bias.as_ref().map(|b| b.val()) {
+            Some(b) if b.dtype() == stored => y + b.unsqueeze(),
+            Some(b) => y + b.cast(stored).unsqueeze(),
             None => y,
         };
         if stored == dtype { y } else { y.cast(dtype) }
