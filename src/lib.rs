@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod gguf;
 pub mod judge;
 pub mod loss;
 pub mod model;

@@ -331,6 +331,9 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Reads `chat_template` from `tokenizer_config.json`, or `chat_template.jinja`.
     pub fn load(model_dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(model_dir) {
+            return Self::from_gguf(&crate::gguf::GgufFile::open(model_dir)?);
+        }
         let config_path = model_dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text)
@@ -369,6 +372,29 @@ impl ChatTemplate {
             source,
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
+            origin,
+        };
+        template.render(&[Message::new("user", "x")], true)?;
+        Ok(template)
+    }
+
+    /// `tokenizer.chat_template` of a GGUF file, its BOS and EOS strings from the vocabulary.
+    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self> {
+        let origin = format!("{}: `tokenizer.chat_template`", file.path().display());
+        let source = file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{origin} is missing; use template = \"alpaca\""))?;
+        let tokens = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+        let token = |key: &str| -> String {
+            let id = file.get(key).and_then(|v| v.as_u64());
+            id.and_then(|id| tokens?.get(id as usize)?.as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        let template = Self {
+            source: source.to_string(),
+            bos_token: token("tokenizer.ggml.bos_token_id"),
+            eos_token: token("tokenizer.ggml.eos_token_id"),
             origin,
         };
         template.render(&[Message::new("user", "x")], true)?;

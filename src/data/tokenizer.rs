@@ -15,6 +15,21 @@ impl Tokenizer {
     pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        Self::checked(inner, path.to_path_buf(), vocab_size)
+    }
+
+    /// The tokenizer a GGUF file's metadata describes.
+    pub fn from_gguf(file: &crate::gguf::GgufFile, vocab_size: usize) -> Result<Self> {
+        let json = crate::gguf::tokenizer::tokenizer_json(file)?;
+        let path = file.path().to_path_buf();
+        let inner: tokenizers::Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("{}: cannot build its tokenizer: {e}", path.display()))?;
+        Self::checked(inner, path, vocab_size)
+    }
+
+    fn checked(inner: tokenizers::Tokenizer, path: PathBuf, vocab_size: usize) -> Result<Self> {
         let vocab = inner.get_vocab_size(true);
         if vocab > vocab_size {
             bail!(
@@ -22,10 +37,7 @@ impl Tokenizer {
                 path.display()
             );
         }
-        Ok(Self {
-            inner,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { inner, path })
     }
 
     /// Token ids of `text` with the tokenizer's own special tokens (e.g. Llama's BOS).

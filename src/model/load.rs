@@ -20,6 +20,7 @@ use super::lora::{LoraLinear, Weight};
 use super::param::param;
 use super::precision::Frozen;
 use super::rope::RotaryHalf;
+use crate::ops::quant::blocks::{Block, BlockFormat};
 use crate::ops::quant::{BLOCK, PackedWeight, blocks};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -200,6 +201,17 @@ fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
 pub trait Weights {
     /// Tensor `name` as f32, which must have `shape`.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+
+    /// Tensor `name` as `format` blocks, row by row, if it is stored in exactly that format
+    /// (a GGUF file's Q8_0 projection read for a `q8_0` base), so that it is not requantized.
+    fn blocks(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _format: BlockFormat,
+    ) -> Result<Option<Vec<Block>>> {
+        Ok(None)
+    }
 }
 
 impl Weights for SafetensorsFile {
@@ -311,7 +323,7 @@ pub fn load_llama(
     };
     let c = config;
     let layers = (0..c.num_hidden_layers)
-        .map(|i| loader.layer(c, &format!("model.layers.{i}")))
+        .map(|i| loader.layer(c, &super::names::layer(i)))
         .collect::<Result<Vec<_>>>()?;
     let lm_head = if c.tie_word_embeddings {
         None
@@ -415,9 +427,12 @@ impl Loader<'_> {
             }
             Frozen::Dense(dtype) => return self.dense_projection(prefix, d_in, d_out, bias, dtype),
         };
-        let hf = self.checkpoint.read(&name, &[d_out, d_in])?;
-        let packed = blocks::quantize_rows(format, &hf, d_in);
-        drop(hf);
+        let packed = match self.checkpoint.blocks(&name, &[d_out, d_in], format)? {
+            Some(stored) => stored,
+            None => {
+                blocks::quantize_rows(format, &self.checkpoint.read(&name, &[d_out, d_in])?, d_in)
+            }
+        };
         let weight = PackedWeight::new(format, &packed, [d_out, d_in], scales, self.device);
         let bias = match bias {
             true => {

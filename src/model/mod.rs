@@ -1,10 +1,12 @@
-//! LLaMA-family models loaded from Hugging Face directories.
+//! LLaMA-family models loaded from Hugging Face directories or GGUF files.
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod names;
 pub mod param;
 pub mod peft;
 pub mod precision;
@@ -22,7 +24,7 @@ pub use llama::Llama;
 
 /// A model directory loaded onto a device: the decoder and its tokenizer.
 pub struct Pretrained {
-    /// The directory it was loaded from.
+    /// The directory (or GGUF file) it was loaded from.
     pub dir: PathBuf,
     /// Its `config.json`.
     pub config: ModelConfig,
@@ -40,6 +42,9 @@ impl Pretrained {
 
     /// Loads `dir` with its projections stored and its decoder computing as `types` says.
     pub fn load_as(dir: &Path, device: &Device, types: precision::Resolved) -> Result<Self> {
+        if gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, device, types);
+        }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
         let checkpoint = load::SafetensorsFile::open(dir)?;
@@ -51,6 +56,23 @@ impl Pretrained {
             dir: dir.to_path_buf(),
             config,
             model,
+            tokenizer,
+        })
+    }
+
+    /// Loads a GGUF file: its metadata gives the config, tokenizer and chat template, and its
+    /// tensors are decoded one at a time into the types `types` says.
+    fn load_gguf(path: &Path, device: &Device, types: precision::Resolved) -> Result<Self> {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let config = gguf::model_config(&file)?;
+        let tokenizer = Tokenizer::from_gguf(&file, config.vocab_size)?;
+        let reading = gguf::GgufWeights::new(&file, &config);
+        let model = load::load_llama(&config, &reading, device, types.frozen)?;
+        reading.check_all_used()?;
+        Ok(Self {
+            dir: path.to_path_buf(),
+            config,
+            model: precision::prepare(model, types),
             tokenizer,
         })
     }
