@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Result;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
@@ -15,6 +14,7 @@ use crate::loss::Batch;
 use crate::loss::linear::default_chunk_rows;
 use crate::loss::objective::{HeadPlan, response_loss};
 use crate::model::{Llama, Pretrained, Tokenizer};
+use crate::ops::lanes;
 use crate::train::TrainConfig;
 
 /// One scored text: `logprobs[j] = log p(ids[j] | ids[<j])`, and `None` for the first token.
@@ -49,22 +49,28 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
     );
     // Only the first n-1 positions predict a token that exists.
     let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
-    let block = default_chunk_rows(model.config.vocab_size);
+    let vocab = model.config.vocab_size;
+    let block = default_chunk_rows(vocab);
     let mut values = Vec::with_capacity(n - 1);
     for start in (0..n - 1).step_by(block) {
         let len = block.min(n - 1 - start);
-        let targets: Vec<i64> = ids[start + 1..start + 1 + len]
-            .iter()
-            .map(|&i| i as i64)
-            .collect();
-        let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, len, 1]), &device);
+        let targets = &ids[start + 1..start + 1 + len];
         let logits = model.logits(hidden.clone().narrow(1, start, len));
-        let logprobs = log_softmax(logits, 2).gather(2, targets);
-        values.extend(logprobs.into_data().convert::<f32>().iter::<f32>());
+        let logits = logits.into_data().convert::<f32>();
+        let rows = logits.as_slice::<f32>().expect("f32 logits");
+        values.extend(targets.iter().zip(rows.chunks_exact(vocab)).map(|(&t, z)| logprob(z, t)));
     }
     std::iter::once(None)
         .chain(values.into_iter().map(Some))
         .collect()
+}
+
+/// `log softmax(z)[target]`, its normaliser summed in f64: an f32 sum over a 49k vocabulary
+/// drifts by ~1e-4, which is what a 30-layer model's log-probs were off by against float64.
+fn logprob(z: &[f32], target: u32) -> f32 {
+    let max = lanes::row_max(z);
+    let log_sum = lanes::exp_sum(z, max).ln();
+    ((z[target as usize] - max) as f64 - log_sum) as f32
 }
 
 /// One scored data line: the mean response-token NLL and the UAL loss with the line's ε.
