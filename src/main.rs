@@ -26,8 +26,10 @@ enum Command {
     Score(cli::score::Args),
     /// Fine-tune with the UAL loss. With no arguments: UAL-LoRA on the bundled tiny model.
     Train(cli::train::Args),
-    /// Fold a LoRA adapter into its base model and write a Hugging Face directory.
+    /// Fold a LoRA adapter into its base model and write a Hugging Face directory or a GGUF file.
     Merge(cli::merge::Args),
+    /// Write a PEFT LoRA adapter as llama.cpp's LoRA GGUF (llama-cli --lora, Ollama's ADAPTER).
+    Export(cli::export::Args),
     /// Continue prompts with a model, streaming the text as it is produced.
     Generate(cli::generate::Args),
     /// Add an `uncertainty` score to each JSONL line, from an LLM endpoint or a local model.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Score(args) => cli::score::main(args),
         Command::Train(args) => cli::train::main(args),
         Command::Merge(args) => cli::merge::main(args),
+        Command::Export(args) => cli::export::main(args),
         Command::Generate(args) => cli::generate::main(args),
         Command::Annotate(args) => cli::annotate::main(args),
         Command::Eval(command) => cli::eval::main(command),

@@ -7,6 +7,7 @@ pub mod annotate;
 pub mod bench;
 pub mod devices;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod score;

@@ -401,6 +401,11 @@ impl ChatTemplate {
         Ok(template)
     }
 
+    /// The Jinja source, as the model ships it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Renders `messages` as transformers' `apply_chat_template(..., tokenize=False)` does.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();

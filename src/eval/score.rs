@@ -58,7 +58,12 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
         let logits = model.logits(hidden.clone().narrow(1, start, len));
         let logits = logits.into_data().convert::<f32>();
         let rows = logits.as_slice::<f32>().expect("f32 logits");
-        values.extend(targets.iter().zip(rows.chunks_exact(vocab)).map(|(&t, z)| logprob(z, t)));
+        values.extend(
+            targets
+                .iter()
+                .zip(rows.chunks_exact(vocab))
+                .map(|(&t, z)| logprob(z, t)),
+        );
     }
     std::iter::once(None)
         .chain(values.into_iter().map(Some))

@@ -8,14 +8,21 @@ use serde_json::{Value as Json, json};
 use super::file::{GgufFile, Value};
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
-const CONTROL: i64 = 3;
-const USER_DEFINED: i64 = 4;
-const UNKNOWN: i64 = 2;
+/// An ordinary piece.
+pub const NORMAL: i64 = 1;
+/// The unknown token.
+pub const UNKNOWN: i64 = 2;
+/// A special token (BOS, `<|im_end|>`): matched whole, left out when decoding.
+pub const CONTROL: i64 = 3;
+/// An added token that is not special.
+pub const USER_DEFINED: i64 = 4;
+/// A byte-fallback piece, `<0x0A>`.
+pub const BYTE: i64 = 6;
 
 /// Llama 3's split (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
-const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split: Llama 3's with single digits.
-const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The tokenizer of `file` as `tokenizer.json`, and the ids of its BOS and EOS tokens.
 pub fn tokenizer_json(file: &GgufFile) -> Result<Json> {
@@ -182,7 +189,7 @@ fn sentencepiece(file: &GgufFile, tokens: &[String], types: &[i64]) -> Result<Js
     let vocab = vocab(tokens);
     let mut merges: Vec<(f64, usize, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if types.get(id) != Some(&1) {
+        if types.get(id) != Some(&NORMAL) {
             continue;
         }
         for (split, _) in piece.char_indices().skip(1) {
@@ -202,7 +209,14 @@ fn sentencepiece(file: &GgufFile, tokens: &[String], types: &[i64]) -> Result<Js
         .get("tokenizer.ggml.add_space_prefix")
         .and_then(Value::as_bool)
         .unwrap_or(true);
-    let scheme = if prefix { "first" } else { "never" };
+    // As llama.cpp does, a space is prepended to every stretch of text (after each special
+    // token too): Llama 2's own `tokenizer.json` normaliser.
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
         json!({"type": "ByteFallback"}),
@@ -212,8 +226,8 @@ fn sentencepiece(file: &GgufFile, tokens: &[String], types: &[i64]) -> Result<Js
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
     Ok(json!({
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false},
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,

@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashSet;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -14,7 +15,8 @@ use serde_json::json;
 use super::config::ModelConfig;
 use super::load::Weights;
 use super::names;
-use crate::gguf::{GgmlType, GgufFile};
+use crate::gguf::write::Meta;
+use crate::gguf::{GgmlType, GgufFile, GgufWriter};
 use crate::ops::quant::blocks::{Block, BlockFormat};
 
 /// The architectures whose GGUF files ual reads, with transformers' class for each.
@@ -78,6 +80,38 @@ pub fn config_json(file: &GgufFile) -> Result<serde_json::Value> {
         "eos_token_id": token("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }))
+}
+
+/// The Hugging Face files a GGUF file's metadata stands for: `config.json`, and
+/// `tokenizer.json` and `tokenizer_config.json` (with the chat template), as (name, bytes).
+pub fn hf_files(file: &GgufFile) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+    let config = config_json(file)?;
+    let tokenizer = crate::gguf::tokenizer::tokenizer_json(file)?;
+    let tokens = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+    let token = |key: &str| {
+        let id = file.get(key).and_then(|v| v.as_u64());
+        id.and_then(|id| tokens?.get(id as usize)?.as_str().map(str::to_string))
+    };
+    let mut tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "pad_token": token("tokenizer.ggml.padding_token_id"),
+    });
+    if let Some(template) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+        tokenizer_config["chat_template"] = json!(template);
+    }
+    Ok((
+        config,
+        vec![
+            ("tokenizer.json".into(), serde_json::to_vec(&tokenizer)?),
+            (
+                "tokenizer_config.json".into(),
+                serde_json::to_vec_pretty(&tokenizer_config)?,
+            ),
+        ],
+    ))
 }
 
 /// The decoder's architecture from a GGUF file's metadata.
@@ -245,4 +279,234 @@ mod tests {
         assert_eq!(gguf, [0, 2, 1, 3, 4, 6, 5, 7]);
         assert_eq!(unpermute_rows(&gguf, 8, 2), hf);
     }
+}
+
+/// The types a model is written to GGUF in: norms stay f32, as llama.cpp's converter keeps
+/// them, and a matrix whose rows are not whole 32-value blocks falls back to f16.
+pub const WRITE_TYPES: [GgmlType; 3] = [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0];
+
+/// Writes `model` (adapters merged) as a GGUF file llama.cpp and Ollama load: the decoder's
+/// metadata, the tokenizer and chat template of `source` (a GGUF file or a Hugging Face
+/// directory), and every tensor in `ggml_type`.
+pub fn write_model(
+    model: &super::Llama,
+    source: &Path,
+    out: &Path,
+    ggml_type: GgmlType,
+) -> Result<()> {
+    if !WRITE_TYPES.contains(&ggml_type) {
+        bail!(
+            "GGUF models are written as f16, q8_0 or q4_0, not {}",
+            ggml_type.name()
+        );
+    }
+    let config = &model.config;
+    let mut writer = GgufWriter::new();
+    decoder_metadata(&mut writer, config, ggml_type)?;
+    tokenizer_metadata(&mut writer, source)?;
+    let permuted = (config.model_type != "qwen2")
+        .then_some((config.num_attention_heads, config.num_key_value_heads));
+    for tensor in super::save::named_tensors(model) {
+        let name = names::to_gguf(&tensor.name)
+            .with_context(|| format!("no GGUF name for tensor `{}`", tensor.name))?;
+        let shape = tensor.shape.clone();
+        let cols = *shape.last().expect("a tensor has a shape");
+        let stored = match ggml_type {
+            _ if shape.len() == 1 => GgmlType::F32,
+            GgmlType::F16 => GgmlType::F16,
+            quantized if cols.is_multiple_of(quantized.block_size()) => quantized,
+            _ => GgmlType::F16,
+        };
+        let heads = match permuted {
+            Some((q, _)) if tensor.name.contains("self_attn.q_proj.") => Some(q),
+            Some((_, kv)) if tensor.name.contains("self_attn.k_proj.") => Some(kv),
+            _ => None,
+        };
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        writer.tensor(&name, dims, stored, move || {
+            let values = (tensor.values)();
+            let values = match heads {
+                Some(heads) => permute_rows(&values, shape[0], heads),
+                None => values,
+            };
+            encode(stored, &values, cols)
+        });
+    }
+    writer.write(out)
+}
+
+/// `values` (rows of `cols`) in `ggml_type`'s bytes.
+fn encode(ggml_type: GgmlType, values: &[f32], cols: usize) -> Result<Vec<u8>> {
+    use crate::ops::quant::blocks;
+    Ok(match ggml_type {
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 | GgmlType::Q4_0 => {
+            let format = match ggml_type {
+                GgmlType::Q8_0 => BlockFormat::Q8_0,
+                _ => BlockFormat::Q4_0,
+            };
+            blocks::to_bytes(format, &blocks::quantize_rows(format, values, cols))
+        }
+        other => bail!("cannot encode {}", other.name()),
+    })
+}
+
+/// `general.*` and `{arch}.*`, with the exact types llama.cpp's loader reads them as.
+fn decoder_metadata(w: &mut GgufWriter, c: &ModelConfig, ggml_type: GgmlType) -> Result<()> {
+    if c.rope_scaling.is_some() {
+        bail!("writing Llama 3 RoPE scaling (`rope_scaling`) to GGUF is not supported");
+    }
+    let arch = if c.model_type == "qwen2" {
+        "qwen2"
+    } else {
+        "llama"
+    };
+    let u32_of = |v: usize| Meta::U32(v as u32);
+    let file_type = match ggml_type {
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q4_0 => 2,
+        _ => 1,
+    };
+    w.meta("general.architecture", Meta::Str(arch.into()))
+        .meta("general.type", Meta::Str("model".into()))
+        .meta("general.name", Meta::Str("ual merged model".into()))
+        .meta("general.file_type", Meta::U32(file_type))
+        .meta("general.quantization_version", Meta::U32(2));
+    let key = |k: &str| format!("{arch}.{k}");
+    w.meta(&key("vocab_size"), u32_of(c.vocab_size))
+        .meta(&key("context_length"), u32_of(c.max_position_embeddings))
+        .meta(&key("embedding_length"), u32_of(c.hidden_size))
+        .meta(&key("feed_forward_length"), u32_of(c.intermediate_size))
+        .meta(&key("block_count"), u32_of(c.num_hidden_layers))
+        .meta(&key("attention.head_count"), u32_of(c.num_attention_heads))
+        .meta(
+            &key("attention.head_count_kv"),
+            u32_of(c.num_key_value_heads),
+        )
+        .meta(&key("attention.key_length"), u32_of(c.head_dim))
+        .meta(&key("attention.value_length"), u32_of(c.head_dim))
+        .meta(&key("rope.dimension_count"), u32_of(c.head_dim))
+        .meta(&key("rope.freq_base"), Meta::F32(c.rope_theta as f32))
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            Meta::F32(c.rms_norm_eps as f32),
+        );
+    Ok(())
+}
+
+/// `tokenizer.*`: copied from a GGUF source, or converted from a directory's tokenizer.
+fn tokenizer_metadata(w: &mut GgufWriter, source: &Path) -> Result<()> {
+    if crate::gguf::is_gguf(source) {
+        let file = GgufFile::open(source)?;
+        for (key, value) in file.metadata() {
+            if key.starts_with("tokenizer.") {
+                w.meta(key, retyped(value));
+            }
+        }
+        return Ok(());
+    }
+    super::gguf_vocab::from_directory(w, source)
+}
+
+/// A value read from GGUF, in the type llama.cpp reads that key as: 32-bit numbers, arrays
+/// of i32 (token types) or f32 (scores).
+fn retyped(value: &crate::gguf::Value) -> Meta {
+    use crate::gguf::Value;
+    match value {
+        Value::U64(v) => Meta::U32(*v as u32),
+        Value::I64(v) => Meta::I32(*v as i32),
+        Value::F64(v) => Meta::F32(*v as f32),
+        Value::Bool(b) => Meta::Bool(*b),
+        Value::Str(s) => Meta::Str(s.clone()),
+        Value::Array(items) => match items.first() {
+            Some(Value::F64(_)) => Meta::F32s(
+                items
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+                    .collect(),
+            ),
+            Some(Value::U64(_) | Value::I64(_)) => Meta::I32s(
+                items
+                    .iter()
+                    .map(|v| match v {
+                        Value::I64(i) => *i as i32,
+                        Value::U64(u) => *u as i32,
+                        _ => 0,
+                    })
+                    .collect(),
+            ),
+            _ => Meta::Strs(
+                items
+                    .iter()
+                    .map(|v| v.as_str().unwrap_or_default().to_string())
+                    .collect(),
+            ),
+        },
+    }
+}
+
+/// Writes the LoRA adapter applied to `model` as llama.cpp's LoRA GGUF (`general.type =
+/// adapter`): `blk.N.attn_q.weight.lora_a` holds PEFT's `lora_A` (`[r, in]`) and `.lora_b` its
+/// `lora_B` (`[out, r]`, rows permuted as the base's q and k are), with `adapter.lora.alpha`.
+pub fn write_adapter(model: &super::Llama, out: &Path) -> Result<()> {
+    let c = &model.config;
+    let arch = if c.model_type == "qwen2" {
+        "qwen2"
+    } else {
+        "llama"
+    };
+    let mut writer = GgufWriter::new();
+    writer
+        .meta("general.architecture", Meta::Str(arch.into()))
+        .meta("general.type", Meta::Str("adapter".into()))
+        .meta("general.name", Meta::Str("ual LoRA adapter".into()))
+        .meta("adapter.type", Meta::Str("lora".into()));
+    let mut alpha = None;
+    for (name, proj) in model.projections() {
+        let Some(lora) = &proj.lora else { continue };
+        let [d_in, r] = lora.a.dims();
+        let [_, d_out] = lora.b.dims();
+        alpha.get_or_insert(lora.scale * r as f64);
+        let gguf = names::to_gguf(&format!("{name}.weight"))
+            .with_context(|| format!("no GGUF name for `{name}`"))?;
+        let heads = match (arch, name.contains("q_proj"), name.contains("k_proj")) {
+            ("llama", true, _) => Some(c.num_attention_heads),
+            ("llama", _, true) => Some(c.num_key_value_heads),
+            _ => None,
+        };
+        let host = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 factors")
+        };
+        // burn's [in, r]·[r, out]; PEFT's lora_A is [r, in] and lora_B [out, r].
+        let a = host(lora.a.val().transpose());
+        let b = host(lora.b.val().transpose());
+        let b = match heads {
+            Some(heads) => permute_rows(&b, d_out, heads),
+            None => b,
+        };
+        writer.tensor(
+            &format!("{gguf}.lora_a"),
+            vec![d_in as u64, r as u64],
+            GgmlType::F32,
+            move || encode(GgmlType::F32, &a, d_in),
+        );
+        writer.tensor(
+            &format!("{gguf}.lora_b"),
+            vec![r as u64, d_out as u64],
+            GgmlType::F32,
+            move || encode(GgmlType::F32, &b, r),
+        );
+    }
+    let Some(alpha) = alpha else {
+        bail!("the model carries no LoRA adapter to export");
+    };
+    writer.meta("adapter.lora.alpha", Meta::F32(alpha as f32));
+    writer.write(out)
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_vocab;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -21,6 +22,24 @@ use burn::tensor::Device;
 pub use crate::data::tokenizer::Tokenizer;
 pub use config::ModelConfig;
 pub use llama::Llama;
+
+/// The architecture of the model at `path`: a directory's `config.json`, or a GGUF file's
+/// metadata.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    if gguf::is_gguf(path) {
+        return gguf::model_config(&crate::gguf::GgufFile::open(path)?);
+    }
+    ModelConfig::from_file(&path.join("config.json"))
+}
+
+/// The dtype a model's own weights are kept in, which merges and full fine-tunes write back:
+/// its embedding's for a directory; f16 for a GGUF file, as llama.cpp's converter writes.
+pub fn saved_dtype(path: &Path) -> Result<safetensors::Dtype> {
+    if gguf::is_gguf(path) {
+        return Ok(safetensors::Dtype::F16);
+    }
+    load::SafetensorsFile::open(path)?.dtype("model.embed_tokens.weight")
+}
 
 /// A model directory loaded onto a device: the decoder and its tokenizer.
 pub struct Pretrained {

@@ -141,6 +141,16 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
     Ok((model, config))
 }
 
+/// The adapter's `base_model_name_or_path`, if it names one.
+pub fn base_model_of(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let file: AdapterConfigFile = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid adapter config", config_path.display()))?;
+    Ok(file.base_model_name_or_path.map(Into::into))
+}
+
 /// `adapter_config.json`, checked for what ual supports.
 fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let config_path = dir.join("adapter_config.json");

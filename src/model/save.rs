@@ -14,19 +14,20 @@ use super::llama::Llama;
 use super::lora::LoraLinear;
 
 /// Files copied unchanged from the source model directory, when present.
-const COMPANION_FILES: [&str; 4] = [
+const COMPANION_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
     "generation_config.json",
 ];
 
 /// One tensor to write: its HF name, its shape, and how to compute its f32 values, so that
 /// only one tensor's values exist at a time.
-struct Named<'a> {
-    name: String,
-    shape: Vec<usize>,
-    values: Box<dyn Fn() -> Vec<f32> + 'a>,
+pub(super) struct Named<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Box<dyn Fn() -> Vec<f32> + 'a>,
 }
 
 /// Parses a `torch_dtype` string (`float32`, `float16`, `bfloat16`); `None` means float32.
@@ -129,24 +130,40 @@ fn write_directory(model: &Llama, source_dir: &Path, dir: &Path, dtype: Dtype) -
     let weights = dir.join("model.safetensors");
     write_safetensors(&named_tensors(model), dtype, &weights)
         .with_context(|| format!("cannot write {}", weights.display()))?;
-    let config_path = source_dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    let mut config: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let (mut config, companions) = source_files(source_dir)?;
     config["torch_dtype"] = torch_name(dtype).into();
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
-    for file in COMPANION_FILES {
-        let from = source_dir.join(file);
-        if from.exists() {
-            std::fs::copy(&from, dir.join(file))
-                .with_context(|| format!("cannot copy {}", from.display()))?;
-        }
+    for (file, bytes) in companions {
+        std::fs::write(dir.join(&file), bytes)
+            .with_context(|| format!("cannot write {}", dir.join(&file).display()))?;
     }
     Ok(())
+}
+
+/// The source model's `config.json` and its tokenizer and template files: copied from a
+/// directory, or written from a GGUF file's metadata.
+fn source_files(source: &Path) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+    if crate::gguf::is_gguf(source) {
+        return super::gguf::hf_files(&crate::gguf::GgufFile::open(source)?);
+    }
+    let config_path = source.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let mut companions = Vec::new();
+    for file in COMPANION_FILES {
+        let from = source.join(file);
+        if from.exists() {
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            companions.push((file.to_string(), bytes));
+        }
+    }
+    Ok((config, companions))
 }
 
 /// Moves the finished `tmp` to `out`: whole when `out` is missing or empty, else file by file.
@@ -197,7 +214,7 @@ fn write_safetensors(tensors: &[Named], dtype: Dtype, path: &Path) -> Result<()>
 }
 
 /// Every weight of `model` under its HF name, projections merged and back in `[out, in]`.
-fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
+pub(super) fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
     let mut out = Vec::new();
     let embedding = &model.embed_tokens.weight;
     push(
@@ -207,7 +224,7 @@ fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
         move || embedding.val(),
     );
     for (i, layer) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
+        let p = super::names::layer(i);
         for (name, norm) in [
             ("input_layernorm", &layer.input_layernorm),
             ("post_attention_layernorm", &layer.post_attention_layernorm),

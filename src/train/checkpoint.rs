@@ -431,13 +431,10 @@ pub fn metrics_until(path: &Path, step: usize) -> Result<(Vec<StepMetrics>, Stri
 pub fn export_dtype(config: &TrainConfig) -> Result<safetensors::Dtype> {
     match &config.export_dtype {
         Some(name) => save::dtype_from_torch(Some(name)),
-        None => {
-            let checkpoint = crate::model::load::SafetensorsFile::open(&config.model)?;
-            Ok(match checkpoint.dtype("model.embed_tokens.weight")? {
-                d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16) => d,
-                _ => safetensors::Dtype::F32,
-            })
-        }
+        None => Ok(match crate::model::saved_dtype(&config.model)? {
+            d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16) => d,
+            _ => safetensors::Dtype::F32,
+        }),
     }
 }
 

@@ -588,9 +588,7 @@ fn load_model(
     if config.mode == Mode::Lora {
         config
             .lora
-            .validate_for(&crate::model::ModelConfig::from_file(
-                &source.join("config.json"),
-            )?)?;
+            .validate_for(&crate::model::read_config(&source)?)?;
     }
     // Stored as the run says while it loads: a quantized base never exists in f32 as a whole.
     let types = config.dtypes().resolve(selected.types())?;
