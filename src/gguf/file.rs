@@ -113,6 +113,7 @@ pub struct GgufFile {
     /// The format version (2 or 3).
     pub version: u32,
     metadata: Vec<(String, Value)>,
+    kinds: Vec<Kind>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
     data_start: usize,
@@ -129,7 +130,7 @@ impl GgufFile {
         let parsed = Parser { bytes: &map, at: 0 }
             .header()
             .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
-        let (version, metadata, tensors, data_start) = parsed;
+        let (version, metadata, kinds, tensors, data_start) = parsed;
         let by_name = tensors
             .iter()
             .enumerate()
@@ -140,6 +141,7 @@ impl GgufFile {
             map,
             version,
             metadata,
+            kinds,
             tensors,
             by_name,
             data_start,
@@ -156,6 +158,14 @@ impl GgufFile {
     /// Metadata in file order.
     pub fn metadata(&self) -> &[(String, Value)] {
         &self.metadata
+    }
+
+    /// The GGUF type of `key`'s value and, for an array, of its items, as gguf-py names them
+    /// (`UINT32`, `ARRAY` of `STRING`).
+    pub fn value_type(&self, key: &str) -> Option<(&'static str, Option<&'static str>)> {
+        let i = self.metadata.iter().position(|(k, _)| k == key)?;
+        let (kind, item) = self.kinds[i];
+        Some((type_name(kind), item.map(type_name)))
     }
 
     /// The value of `key`, if present.
@@ -256,7 +266,19 @@ impl GgufFile {
     }
 }
 
-type Header = (u32, Vec<(String, Value)>, Vec<TensorInfo>, usize);
+type Header = (u32, Vec<(String, Value)>, Vec<Kind>, Vec<TensorInfo>, usize);
+
+/// A value's GGUF type id, and its items' for an array.
+type Kind = (u32, Option<u32>);
+
+/// gguf-py's name of GGUF value type `id` (`GGUFValueType`).
+pub fn type_name(id: u32) -> &'static str {
+    const NAMES: [&str; 13] = [
+        "UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING",
+        "ARRAY", "UINT64", "INT64", "FLOAT64",
+    ];
+    NAMES.get(id as usize).copied().unwrap_or("UNKNOWN")
+}
 
 struct Parser<'a> {
     bytes: &'a [u8],
@@ -272,6 +294,12 @@ impl Parser<'_> {
         let out = &self.bytes[self.at..end];
         self.at = end;
         Ok(out)
+    }
+
+    fn peek(&self, n: usize) -> Result<&[u8]> {
+        self.bytes
+            .get(self.at..self.at + n)
+            .with_context(|| format!("unexpected end of file at byte {}", self.at))
     }
 
     fn u32(&mut self) -> Result<u32> {
@@ -301,9 +329,15 @@ impl Parser<'_> {
         let n_tensors = self.u64()?;
         let n_kv = self.u64()?;
         let mut metadata = Vec::new();
+        let mut kinds = Vec::new();
         for _ in 0..n_kv {
             let key = self.string()?;
             let kind = self.u32()?;
+            let item = match kind {
+                9 => Some(u32::from_le_bytes(self.peek(4)?.try_into()?)),
+                _ => None,
+            };
+            kinds.push((kind, item));
             let value = self
                 .value(kind)
                 .with_context(|| format!("metadata key `{key}`"))?;
@@ -337,7 +371,7 @@ impl Parser<'_> {
             bail!("metadata key `general.alignment` is 0");
         }
         let data_start = (self.at as u64).div_ceil(alignment) * alignment;
-        Ok((version, metadata, tensors, data_start as usize))
+        Ok((version, metadata, kinds, tensors, data_start as usize))
     }
 
     fn value(&mut self, kind: u32) -> Result<Value> {

