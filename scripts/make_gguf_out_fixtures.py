@@ -14,6 +14,9 @@ Writes tests/fixtures/smollm2/:
   llama.cpp's Q8_1 activations against Q4_1 weights, ~0.2 nats of its own, do not hide the
   adapter) with the adapter exported as LoRA GGUF applied by llama.cpp (`lora_path`, scale 1);
   and (c) that f16 base alone. With llama-cpp-python's version.
+- llama_cpp_llama_gqa.json: the same for tests/fixtures/models/llama-gqa (a safetensors model
+  with Llama 2's SentencePiece tokenizer) merged with tests/fixtures/adapters/llama-gqa-peft
+  as f16 GGUF: ual's conversion of a Hugging Face tokenizer, read back by llama.cpp.
 - gguf_py_view.json: gguf-py's reading of both files: every metadata key with its value type
   (and scalar value), every tensor's name, type and shape.
 """
@@ -40,6 +43,17 @@ TEXTS = [
 
 def logprobs(model: llama_cpp.Llama, text: str) -> dict:
     ids = model.tokenize(text.encode(), add_bos=False, special=True)
+    model.reset()
+    model.eval(ids)
+    logits = np.array(model.scores[: len(ids)], dtype=np.float64)
+    z = logits - logits.max(-1, keepdims=True)
+    lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return {"text": text, "ids": ids, "logprobs": [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]}
+
+
+def logprobs_bos(model: llama_cpp.Llama, text: str) -> dict:
+    """As `logprobs`, with the BOS that the file's add_bos_token asks for."""
+    ids = model.tokenize(text.encode(), add_bos=True, special=True)
     model.reset()
     model.eval(ids)
     logits = np.array(model.scores[: len(ids)], dtype=np.float64)
@@ -88,6 +102,16 @@ def main() -> None:
         "merged_f16": [logprobs(merged_model, t) for t in TEXTS],
         "base_f16_with_lora": [logprobs(lora_model, t) for t in TEXTS],
         "base_f16": [logprobs(base_model, t) for t in TEXTS],
+    }, indent=1) + "\n")
+    gqa = tmp / "llama-gqa-f16.gguf"
+    subprocess.run([ual, "merge", "--device", "cpu", "--model", str(ROOT / "tests/fixtures/models/llama-gqa"),
+                    "--adapter", str(ROOT / "tests/fixtures/adapters/llama-gqa-peft"),
+                    "--format", "gguf", "--dtype", "f16", "--output", str(gqa)], check=True)
+    gqa_model = llama_cpp.Llama(str(gqa), **common)
+    gqa_texts = ["Hello world, this is a test.", "Below is an instruction.\n\n### Response:\n  12 345 café 東京 </s> done"]
+    (OUT / "llama_cpp_llama_gqa.json").write_text(json.dumps({
+        "llama_cpp_python": llama_cpp.__version__,
+        "merged_f16": [dict(logprobs_bos(gqa_model, t)) for t in gqa_texts],
     }, indent=1) + "\n")
     (OUT / "gguf_py_view.json").write_text(json.dumps({
         "gguf_py": getattr(gguf, "__version__", "unknown"),

@@ -5,7 +5,8 @@
 //! Language Model Alignment", ACL 2024), on any wgpu adapter or on the CPU.
 //!
 //! Each module depends only on those before it here: `ops` (the hand-written kernels),
-//! `device` and `cluster` (the ranks of an `mpirun` job) at the bottom; then `uncertainty` (a score becomes ε), `data` (examples become
+//! `gguf` (llama.cpp's file format), `device` and `cluster` (the ranks of an `mpirun` job) at the
+//! bottom; then `uncertainty` (a score becomes ε), `data` (examples become
 //! samples), `model`, `loss` (the UAL loss and the training objective), `train`; and the
 //! commands' libraries on top: `eval`, `annotate`, `bench`.
 #![warn(missing_docs)]

@@ -23,7 +23,7 @@ pub enum Command {
 /// `ual analyze features`.
 #[derive(clap::Args)]
 pub struct FeaturesArgs {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// A PEFT adapter; with --protocol paper repeat it for one row each (base first).

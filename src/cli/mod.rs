@@ -72,7 +72,7 @@ impl DtypeArgs {
 /// A model directory, an optional adapter, the prompt template and the device.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory to apply (unmerged).

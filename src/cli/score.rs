@@ -13,7 +13,7 @@ use super::{DeviceArg, DtypeArgs};
 /// `ual score`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
+    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors) or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// A PEFT LoRA adapter directory to apply (unmerged).

@@ -213,7 +213,7 @@ impl OptimConfig {
 pub struct TrainConfig {
     /// The run's directory is `runs/<name>`.
     pub name: String,
-    /// The Hugging Face model directory trained.
+    /// The model trained: a Hugging Face directory or a GGUF file.
     pub model: PathBuf,
     /// Training JSONL (Alpaca, chat, ShareGPT or prompt/completion lines).
     pub train_data: PathBuf,
