@@ -4,6 +4,7 @@ LoRA configuration and UAL loss, timed the same way, printed as the same JSON.
 
     pip install torch transformers peft
     python scripts/bench_torch.py --preset small [--device cpu|cuda] [--steps 5]
+    python scripts/bench_torch.py --model HF_DIR --preset small   # a real model; the preset's batch
 
 Presets must match `Preset::shape` in src/bench/step.rs.
 """
@@ -39,6 +40,7 @@ def ual_loss_sum(logits, labels, smoothing):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small", choices=PRESETS)
+    p.add_argument("--model", help="a Hugging Face directory instead of random weights (as `ual bench step --model`)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)
@@ -58,7 +60,14 @@ def main():
         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.base_dtype]
-    model = transformers.LlamaForCausalLM(config).to(device=a.device, dtype=dtype)
+    if a.model:
+        model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        config = model.config
+        hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        heads, kv, tied = config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings
+        model = model.to(device=a.device, dtype=dtype)
+    else:
+        model = transformers.LlamaForCausalLM(config).to(device=a.device, dtype=dtype)
     parameters = sum(p.numel() for p in model.parameters())
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -72,7 +81,7 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 32000, (batch, seq), generator=g)
+    ids = torch.randint(3, config.vocab_size, (batch, seq), generator=g)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     eps = torch.tensor([0.05 if b % 2 == 0 else 0.2 for b in range(batch)])
@@ -111,7 +120,7 @@ def main():
         engine=f"torch {torch.__version__} + transformers {transformers.__version__} + peft {peft.__version__}",
         preset=a.preset, device=a.device if a.device == "cpu" else torch.cuda.get_device_name(),
         shape=dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                   num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
+                   num_attention_heads=heads, num_key_value_heads=kv, vocab_size=config.vocab_size,
                    tie_word_embeddings=tied, batch_size=batch, seq_len=seq),
         options=dict(base_dtype=a.base_dtype, gradient_checkpointing=a.gradient_checkpointing,
                      lora_r=a.lora_r, warmup_steps=a.warmup, steps=a.steps,

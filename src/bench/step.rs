@@ -88,6 +88,20 @@ impl Preset {
 }
 
 impl PresetShape {
+    /// This batch shape on a real model's architecture.
+    fn of_model(self, c: &ModelConfig) -> Self {
+        Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            vocab_size: c.vocab_size,
+            tie_word_embeddings: c.tie_word_embeddings,
+            ..self
+        }
+    }
+
     /// The shape as a Hugging Face `config.json`, which is what both benches build from.
     pub fn config_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -133,6 +147,8 @@ pub struct StepOptions {
     pub batch_size: Option<usize>,
     /// Overrides the preset's sequence length.
     pub seq_len: Option<usize>,
+    /// A real model to train instead of the preset's random weights.
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// The JSON line `ual bench step` and `scripts/bench_torch.py` both print.
@@ -212,6 +228,9 @@ pub struct ScalingPoint {
 /// optimizer, clipping and schedule `ual train` uses) and reports the timed ones.
 pub fn run(preset: Preset, options: StepOptions, selected: &Selected) -> Result<StepBench> {
     let mut shape = preset.shape();
+    if let Some(model) = &options.model {
+        shape = shape.of_model(&crate::model::read_config(model)?);
+    }
     shape.batch_size = options.batch_size.unwrap_or(shape.batch_size);
     shape.seq_len = options.seq_len.unwrap_or(shape.seq_len);
     let config = session_config(&options, &shape);
@@ -278,6 +297,7 @@ pub fn run(preset: Preset, options: StepOptions, selected: &Selected) -> Result<
 fn session_config(options: &StepOptions, shape: &PresetShape) -> TrainConfig {
     TrainConfig {
         name: "bench-step".into(),
+        model: options.model.clone().unwrap_or_else(|| BENCH_RANDOM.into()),
         train_data: "(random tokens)".into(),
         eval_data: None,
         steps: options.warmup_steps + options.steps,
@@ -314,9 +334,16 @@ fn parts(shape: &PresetShape, config: &TrainConfig, selected: &Selected) -> Resu
         .autodiff_device(&selected.device);
     device.seed(0);
     let types = config.dtypes().resolve(selected.types())?;
-    let weights = RandomWeights { seed: 0, std: 0.02 };
-    let model = load_llama(&model_config, &weights, &device, types.frozen)?;
-    let model = precision::prepare(model, types);
+    let model = match &config_model(config) {
+        Some(path) => crate::model::Pretrained::load_as(path, &device, types)?.model,
+        None => {
+            let weights = RandomWeights { seed: 0, std: 0.02 };
+            precision::prepare(
+                load_llama(&model_config, &weights, &device, types.frozen)?,
+                types,
+            )
+        }
+    };
     let model = match config.mode {
         Mode::Full => model,
         Mode::Lora => lora::attach(model, &config.lora, 0, &device),
@@ -333,6 +360,14 @@ fn parts(shape: &PresetShape, config: &TrainConfig, selected: &Selected) -> Resu
         eval_samples: Vec::new(),
     })
 }
+
+/// The real model a measurement trains, if any (`TrainConfig::model` is the bench's marker).
+fn config_model(config: &TrainConfig) -> Option<std::path::PathBuf> {
+    (config.model.as_os_str() != BENCH_RANDOM).then(|| config.model.clone())
+}
+
+/// `TrainConfig::model` of a measurement on random weights.
+const BENCH_RANDOM: &str = "(random weights)";
 
 /// Values of the projections held packed (quantized bases).
 fn packed_values(model: &crate::model::Llama) -> usize {

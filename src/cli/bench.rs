@@ -76,6 +76,10 @@ pub struct StepArgs {
     /// The model size.
     #[arg(long, value_enum, default_value = "small")]
     preset: Preset,
+    /// A real model (a Hugging Face directory or a GGUF file) instead of the preset's random
+    /// weights; the preset still gives the batch shape unless --batch-size/--seq-len do.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Compute the logits, then the loss, instead of the fused linear cross-entropy.
     #[arg(long)]
     unfused_head: bool,
@@ -210,6 +214,7 @@ fn step(a: StepArgs) -> Result<()> {
         steps: a.steps.max(1),
         batch_size: a.batch_size,
         seq_len: a.seq_len,
+        model: a.model,
     };
     let report = ual::bench::step::run(a.preset, options, &selected)?;
     if ual::cluster::world().is_root() {
