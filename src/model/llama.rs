@@ -9,20 +9,9 @@ use burn::tensor::{DType, Device, Int, Tensor};
 
 use super::config::ModelConfig;
 use super::lora::LoraLinear;
+use super::names::{self, PROJECTIONS};
 use super::rope::RotaryHalf;
 use crate::ops::attention;
-
-/// A decoder layer's projections by their Hugging Face names: the one place they are written.
-/// Loading, LoRA, PEFT export and saving all go through [`DecoderLayer::projections`].
-pub const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// Self-attention with `num_key_value_heads` shared by groups of query heads.
 #[derive(Module, Debug)]
@@ -227,7 +216,7 @@ impl DecoderLayer {
             &m.up_proj,
             &m.down_proj,
         ];
-        let mut names = PROJECTIONS.into_iter();
+        let mut names = PROJECTIONS.iter().map(|p| p.hf);
         all.map(|p| (names.next().expect("seven names"), p))
     }
 
@@ -243,25 +232,8 @@ impl DecoderLayer {
             &mut m.up_proj,
             &mut m.down_proj,
         ];
-        let mut names = PROJECTIONS.into_iter();
+        let mut names = PROJECTIONS.iter().map(|p| p.hf);
         all.map(|p| (names.next().expect("seven names"), p))
-    }
-
-    /// Each projection's `[in, out]` and whether it has a bias, in [`PROJECTIONS`] order.
-    pub fn projection_shapes(c: &ModelConfig) -> [(usize, usize, bool); 7] {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let q = c.num_attention_heads * c.head_dim;
-        let kv = c.num_key_value_heads * c.head_dim;
-        let bias = c.attention_bias;
-        [
-            (h, q, bias),
-            (h, kv, bias),
-            (h, kv, bias),
-            (q, h, false),
-            (h, i, false),
-            (h, i, false),
-            (i, h, false),
-        ]
     }
 }
 
@@ -341,7 +313,7 @@ impl Llama {
         self.layers.iter().enumerate().flat_map(|(i, layer)| {
             layer
                 .projections()
-                .map(|(name, p)| (format!("model.layers.{i}.{name}"), p))
+                .map(|(name, p)| (format!("{}.{name}", names::layer(i)), p))
         })
     }
 
@@ -350,7 +322,7 @@ impl Llama {
         self.layers.iter_mut().enumerate().flat_map(|(i, layer)| {
             layer
                 .projections_mut()
-                .map(|(name, p)| (format!("model.layers.{i}.{name}"), p))
+                .map(|(name, p)| (format!("{}.{name}", names::layer(i)), p))
         })
     }
 

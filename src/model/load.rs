@@ -15,8 +15,9 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
 
 use super::config::ModelConfig;
-use super::llama::{Attention, DecoderLayer, Llama, Mlp, PROJECTIONS};
+use super::llama::{Attention, DecoderLayer, Llama, Mlp};
 use super::lora::{LoraLinear, Weight};
+use super::names::{self, PROJECTIONS};
 use super::param::param;
 use super::precision::Frozen;
 use super::rope::RotaryHalf;
@@ -246,7 +247,7 @@ impl<'a> Recorded<'a> {
             .checkpoint
             .names()
             .filter(|n| !read.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
-            .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
+            .filter(|n| !(config.tie_word_embeddings && *n == format!("{}.weight", names::HEAD)))
             .collect();
         stray.sort();
         if let Some(first) = stray.first() {
@@ -328,18 +329,19 @@ pub fn load_llama(
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(loader.linear("lm_head", c.hidden_size, c.vocab_size, false)?)
+        Some(loader.linear(names::HEAD, c.hidden_size, c.vocab_size, false)?)
     };
     loader.say_unpacked();
+    let embed = format!("{}.weight", names::EMBED);
     Ok(Llama {
         embed_tokens: Embedding {
             weight: param(
-                "model.embed_tokens.weight",
-                loader.tensor2("model.embed_tokens.weight", [c.vocab_size, c.hidden_size])?,
+                &embed,
+                loader.tensor2(&embed, [c.vocab_size, c.hidden_size])?,
             ),
         },
         layers,
-        norm: loader.rms_norm("model.norm", c)?,
+        norm: loader.rms_norm(names::NORM, c)?,
         lm_head,
         config: c.clone(),
         activations: burn::tensor::DType::F32,
@@ -474,10 +476,10 @@ impl Loader<'_> {
     /// Decoder layer `prefix`, its projections named by [`PROJECTIONS`].
     fn layer(&self, c: &ModelConfig, prefix: &str) -> Result<DecoderLayer> {
         let mut projections = Vec::with_capacity(PROJECTIONS.len());
-        for (name, (d_in, d_out, bias)) in
-            PROJECTIONS.iter().zip(DecoderLayer::projection_shapes(c))
-        {
-            projections.push(self.projection(&format!("{prefix}.{name}"), d_in, d_out, bias)?);
+        for projection in PROJECTIONS {
+            let (d_in, d_out, bias) = projection.shape(c);
+            let name = format!("{prefix}.{}", projection.hf);
+            projections.push(self.projection(&name, d_in, d_out, bias)?);
         }
         let Ok(
             [
@@ -494,7 +496,7 @@ impl Loader<'_> {
             unreachable!("one projection per name");
         };
         Ok(DecoderLayer {
-            input_layernorm: self.rms_norm(&format!("{prefix}.input_layernorm"), c)?,
+            input_layernorm: self.rms_norm(&format!("{prefix}.{}", names::INPUT_NORM), c)?,
             self_attn: Attention {
                 q_proj,
                 k_proj,
@@ -505,7 +507,7 @@ impl Loader<'_> {
                 head_dim: c.head_dim,
             },
             post_attention_layernorm: self
-                .rms_norm(&format!("{prefix}.post_attention_layernorm"), c)?,
+                .rms_norm(&format!("{prefix}.{}", names::POST_ATTENTION_NORM), c)?,
             mlp: Mlp {
                 gate_proj,
                 up_proj,

@@ -12,17 +12,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::llama::{Llama, PROJECTIONS};
+use super::llama::Llama;
+use super::names::PROJECTIONS;
 use super::param::{param, stable_id};
 use crate::ops::quant::{self, PackedWeight};
 
 /// The projections LoRA may target: PEFT's `target_modules` names, the last part of each of
 /// [`PROJECTIONS`].
 pub fn targets() -> Vec<&'static str> {
-    PROJECTIONS
-        .iter()
-        .map(|p| p.rsplit('.').next().expect("a name"))
-        .collect()
+    PROJECTIONS.iter().map(|p| p.module()).collect()
 }
 
 /// LoRA hyper-parameters, named as in PEFT's `LoraConfig`.
@@ -87,8 +85,8 @@ impl LoraConfig {
 
     /// Refuses a rank above what a targeted projection of `model` can hold: min(in, out).
     pub fn validate_for(&self, model: &super::ModelConfig) -> Result<()> {
-        let shapes = super::llama::DecoderLayer::projection_shapes(model);
-        for (target, (d_in, d_out, _)) in targets().into_iter().zip(shapes) {
+        for projection in PROJECTIONS {
+            let (target, (d_in, d_out, _)) = (projection.module(), projection.shape(model));
             let bound = d_in.min(d_out);
             if self.target_modules.iter().any(|t| t == target) && self.r > bound {
                 bail!(

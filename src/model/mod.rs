@@ -38,7 +38,7 @@ pub fn saved_dtype(path: &Path) -> Result<safetensors::Dtype> {
     if gguf::is_gguf(path) {
         return Ok(safetensors::Dtype::F16);
     }
-    load::SafetensorsFile::open(path)?.dtype("model.embed_tokens.weight")
+    load::SafetensorsFile::open(path)?.dtype(&format!("{}.weight", names::EMBED))
 }
 
 /// A model directory loaded onto a device: the decoder and its tokenizer.

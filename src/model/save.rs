@@ -12,6 +12,7 @@ use safetensors::Dtype;
 
 use super::llama::Llama;
 use super::lora::LoraLinear;
+use super::names;
 
 /// Files copied unchanged from the source model directory, when present.
 const COMPANION_FILES: [&str; 5] = [
@@ -219,15 +220,15 @@ pub(super) fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
     let embedding = &model.embed_tokens.weight;
     push(
         &mut out,
-        "model.embed_tokens.weight",
+        &format!("{}.weight", names::EMBED),
         embedding.dims().to_vec(),
         move || embedding.val(),
     );
     for (i, layer) in model.layers.iter().enumerate() {
-        let p = super::names::layer(i);
+        let p = names::layer(i);
         for (name, norm) in [
-            ("input_layernorm", &layer.input_layernorm),
-            ("post_attention_layernorm", &layer.post_attention_layernorm),
+            (names::INPUT_NORM, &layer.input_layernorm),
+            (names::POST_ATTENTION_NORM, &layer.post_attention_layernorm),
         ] {
             push(
                 &mut out,
@@ -243,15 +244,18 @@ pub(super) fn named_tensors(model: &Llama) -> Vec<Named<'_>> {
     let norm = &model.norm.gamma;
     push(
         &mut out,
-        "model.norm.weight",
+        &format!("{}.weight", names::NORM),
         norm.dims().to_vec(),
         move || norm.val(),
     );
     if let Some(head) = &model.lm_head {
         let [d_in, d_out] = head.weight.dims();
-        push(&mut out, "lm_head.weight", vec![d_out, d_in], move || {
-            head.weight.val().transpose()
-        });
+        push(
+            &mut out,
+            &format!("{}.weight", names::HEAD),
+            vec![d_out, d_in],
+            move || head.weight.val().transpose(),
+        );
     }
     out
 }
