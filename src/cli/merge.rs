@@ -14,9 +14,9 @@ pub struct Args {
     /// The base model: a Hugging Face directory or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// The PEFT adapter directory.
-    #[arg(long)]
-    adapter: PathBuf,
+    /// The PEFT adapter directory. Without one, `--format gguf` converts the model as it is.
+    #[arg(long, required_unless_present = "format")]
+    adapter: Option<PathBuf>,
     /// The new model directory, or with `--format gguf` the new file (written whole, or not at
     /// all); never the model itself.
     #[arg(long)]
@@ -50,8 +50,11 @@ pub fn main(args: Args) -> Result<()> {
         "merging onto {}'s own weights (read in f32, whatever base_dtype the adapter trained on)",
         args.model.display()
     );
+    if args.adapter.is_none() && args.format != "gguf" {
+        bail!("--adapter is required, except with --format gguf (which then converts the model)");
+    }
     let pretrained =
-        Pretrained::load_with_adapter(&args.model, Some(&args.adapter), &selected.device)?;
+        Pretrained::load_with_adapter(&args.model, args.adapter.as_deref(), &selected.device)?;
     if args.format == "gguf" {
         let ggml_type = match args.dtype.as_str() {
             "q8_0" => GgmlType::Q8_0,

@@ -301,6 +301,13 @@ pub fn write_model(
         );
     }
     let config = &model.config;
+    if let Some(window) = config.sliding_window {
+        // llama.cpp's `llama` architecture has no sliding window (as its converter, which
+        // writes Mistral as `llama`, drops it).
+        eprintln!(
+            "note: the {window}-token sliding window is not written: llama.cpp attends to every earlier position, which differs only past {window} tokens"
+        );
+    }
     let mut writer = GgufWriter::new();
     decoder_metadata(&mut writer, config, ggml_type)?;
     tokenizer_metadata(&mut writer, source)?;
