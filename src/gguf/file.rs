@@ -252,7 +252,7 @@ impl GgufFile {
                     self.map.len()
                 );
             }
-            if t.len() as u64 % t.ggml_type.block_size() as u64 != 0 {
+            if !t.len().is_multiple_of(t.ggml_type.block_size()) {
                 bail!(
                     "{}: tensor `{}` has {} values, not a whole number of {:?} blocks",
                     self.path.display(),

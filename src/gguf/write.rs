@@ -108,7 +108,7 @@ impl<'a> GgufWriter<'a> {
         let mut offsets = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
             let len = t.dims.iter().product::<u64>() as usize;
-            if len % t.ggml_type.block_size() != 0 {
+            if !len.is_multiple_of(t.ggml_type.block_size()) {
                 bail!(
                     "tensor `{}` has {len} values, not whole {} blocks",
                     t.name,

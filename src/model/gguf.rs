@@ -84,7 +84,7 @@ pub fn config_json(file: &GgufFile) -> Result<serde_json::Value> {
 
 /// The Hugging Face files a GGUF file's metadata stands for: `config.json`, and
 /// `tokenizer.json` and `tokenizer_config.json` (with the chat template), as (name, bytes).
-pub fn hf_files(file: &GgufFile) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+pub fn hf_files(file: &GgufFile) -> Result<super::save::SourceFiles> {
     let config = config_json(file)?;
     let tokenizer = crate::gguf::tokenizer::tokenizer_json(file)?;
     let tokens = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
@@ -264,21 +264,6 @@ fn reorder_rows<T: Copy>(
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permutation_is_llama_cpp_s() {
-        // llama.cpp: w.reshape(heads, 2, d/2, width).swapaxes(1, 2): HF row half·d/2 + i goes
-        // to 2i + half. Two heads of width-1 rows 0..8.
-        let hf: Vec<u32> = (0..8).collect();
-        let gguf = permute_rows(&hf, 8, 2);
-        assert_eq!(gguf, [0, 2, 1, 3, 4, 6, 5, 7]);
-        assert_eq!(unpermute_rows(&gguf, 8, 2), hf);
-    }
 }
 
 /// The types a model is written to GGUF in: norms stay f32, as llama.cpp's converter keeps
@@ -516,4 +501,19 @@ pub fn write_adapter(model: &super::Llama, out: &Path) -> Result<()> {
     };
     writer.meta("adapter.lora.alpha", Meta::F32(alpha as f32));
     writer.write(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_llama_cpp_s() {
+        // llama.cpp: w.reshape(heads, 2, d/2, width).swapaxes(1, 2): HF row half·d/2 + i goes
+        // to 2i + half. Two heads of width-1 rows 0..8.
+        let hf: Vec<u32> = (0..8).collect();
+        let gguf = permute_rows(&hf, 8, 2);
+        assert_eq!(gguf, [0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(unpermute_rows(&gguf, 8, 2), hf);
+    }
 }

@@ -144,9 +144,12 @@ fn write_directory(model: &Llama, source_dir: &Path, dir: &Path, dtype: Dtype) -
     Ok(())
 }
 
+/// A model's `config.json`, and its other files as (name, bytes).
+pub type SourceFiles = (serde_json::Value, Vec<(String, Vec<u8>)>);
+
 /// The source model's `config.json` and its tokenizer and template files: copied from a
 /// directory, or written from a GGUF file's metadata.
-fn source_files(source: &Path) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+fn source_files(source: &Path) -> Result<SourceFiles> {
     if crate::gguf::is_gguf(source) {
         return super::gguf::hf_files(&crate::gguf::GgufFile::open(source)?);
     }
