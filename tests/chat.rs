@@ -123,3 +123,149 @@ fn alpaca_renders_conversations_with_loss_on_assistant_turns() {
     assert!(mask.last().copied().unwrap(), "EOS is a response token");
     assert!(!mask[0]);
 }
+
+/// `ual` with `args`, which must succeed: (stdout, stderr).
+fn ual(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "ual {}: {stderr}", args.join(" "));
+    (stdout, stderr)
+}
+
+#[test]
+fn the_model_s_own_chat_format_is_used_without_a_flag() {
+    // SmolLM2 ships a ChatML template: training, the adapter and generation use it unasked.
+    let model = common::smollm2();
+    let model = model.to_str().unwrap();
+    let runs = std::env::temp_dir().join(format!("ual-test-auto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runs);
+    let data = fixtures().join("smollm2/score.jsonl");
+    let (_, said) = ual(&[
+        "train",
+        "--device",
+        "cpu",
+        "--set",
+        &format!("model={model}"),
+        "--set",
+        &format!("train_data={}", data.display()),
+        "--set",
+        "steps=2",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "lora.r=2",
+        "--set",
+        "eval_every=0",
+        "--set",
+        &format!("output_dir={}", runs.display()),
+        "--set",
+        "name=auto",
+    ]);
+    assert!(said.contains("template: chat_template"), "{said}");
+    let adapter = runs.join("auto/adapter");
+    for file in [
+        "ual_adapter.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(adapter.join(file).exists(), "the adapter carries {file}");
+    }
+    let adapter = adapter.to_str().unwrap();
+    let prompts = runs.join("prompts.json");
+    std::fs::write(&prompts, r#"["What is the capital of France?"]"#).unwrap();
+    let prompt_with = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            model,
+            "--adapter",
+            adapter,
+            "--input",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let (out, said) = ual(&args);
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (line["prompt"].as_str().unwrap().to_string(), said)
+    };
+    let (unasked, _) = prompt_with(&[]);
+    let (chat, _) = prompt_with(&["--template", "chat_template"]);
+    let (alpaca, warned) = prompt_with(&["--template", "alpaca"]);
+    assert!(unasked.starts_with("<|im_start|>system"), "{unasked}");
+    assert_eq!(
+        unasked, chat,
+        "no flag means the adapter's recorded template"
+    );
+    assert!(alpaca.starts_with("Below is an instruction"), "{alpaca}");
+    assert!(
+        warned.contains("differs from the chat_template"),
+        "{warned}"
+    );
+    let (eval, _) = ual(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--input",
+        prompts.to_str().unwrap(),
+        "--format",
+        "alpaca-eval",
+        "--max-new-tokens",
+        "4",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(&eval).unwrap();
+    assert_eq!(
+        eval[0]["generator"], "auto",
+        "a run's adapter answers under the run's name"
+    );
+
+    // A merged model keeps the template: scoring it unasked renders as transformers'
+    // apply_chat_template did for the fixture (tests/fixtures/smollm2/score_expected.json).
+    let merged = runs.join("merged");
+    ual(&[
+        "merge",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(merged.join("tokenizer_config.json").exists());
+    let (scored, _) = ual(&[
+        "score",
+        "--json",
+        "--device",
+        "cpu",
+        "--model",
+        merged.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2/score_expected.json")).unwrap(),
+    )
+    .unwrap();
+    for (line, want) in scored.lines().zip(expected["lines"].as_array().unwrap()) {
+        let got: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            got["response_tokens"], want["response_tokens"],
+            "the chat rendering"
+        );
+    }
+}

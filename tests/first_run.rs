@@ -133,3 +133,58 @@ fn devices_name_each_adapters_compiler() {
         }
     }
 }
+
+#[test]
+fn train_takes_the_common_settings_as_flags() {
+    // The flags are the config's keys: what they set is what config.toml records.
+    let out_dir = std::env::temp_dir().join(format!("ual-test-flags-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--model",
+            "models/tiny",
+            "--data",
+            "models/tiny/data/train.jsonl",
+            "--template",
+            "alpaca",
+            "--steps",
+            "2",
+            "--lr",
+            "3e-4",
+            "--name",
+            "flag run",
+            "--output-dir",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    // stderr is not a terminal here: progress comes as plain lines, the last step's included.
+    assert!(
+        said.contains("step 1/2: loss ") && said.contains("step 2/2: loss "),
+        "{said}"
+    );
+    assert!(said.contains("ETA"), "{said}");
+    let written = std::fs::read_to_string(out_dir.join("flag run/config.toml")).unwrap();
+    let config: toml::Value = toml::from_str(&written).unwrap();
+    assert_eq!(config["steps"].as_integer(), Some(2));
+    assert_eq!(config["optim"]["lr"].as_float(), Some(3e-4));
+    assert_eq!(config["template"].as_str(), Some("alpaca"));
+    assert_eq!(
+        config["train_data"].as_str(),
+        Some("models/tiny/data/train.jsonl")
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("flag run/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["nll_window"], 1);
+    assert!(summary["train_nll_first"].as_f64().unwrap() > 0.0);
+    let plot = std::fs::read_to_string(out_dir.join("flag run/loss.svg")).unwrap();
+    assert!(plot.contains("<circle"), "held-out evaluations are marked");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

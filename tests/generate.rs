@@ -226,3 +226,73 @@ fn file_mode_renders_lines_as_training_does() {
     assert_eq!(line["prompt"], expected.as_str());
     assert!(expected.contains("### Input:\n3 and 4"));
 }
+
+/// `generate --input` answers prompt-only lines in every schema training reads, bare strings
+/// and a JSON array (AlpacaEval's `alpaca_eval.json`), batched with the same greedy text as one
+/// at a time; `--format alpaca-eval` keeps each item's other fields.
+#[test]
+fn prompt_only_input_in_every_shape_and_batched_as_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = [
+        r#"{"messages": [{"role": "user", "content": "Name a colour."}]}"#,
+        r#"{"instruction": "Add the numbers.", "input": "3 and 4"}"#,
+        r#"{"prompt": "Once upon a time"}"#,
+        r#""What is 2 + 2?""#,
+        r#"{"conversations": ["Say hi."]}"#,
+        r#"{"instruction": "A much longer instruction, so that the batch holds prompts of very different lengths and left padding matters.", "dataset": "helpful_base"}"#,
+    ];
+    let jsonl = tmp.path().join("prompts.jsonl");
+    std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
+    let array = tmp.path().join("alpaca_eval.json");
+    std::fs::write(&array, format!("[{}]", lines.join(",\n"))).unwrap();
+    let run = |input: &std::path::Path, extra: &[&str]| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "generate",
+                "--model",
+                "models/tiny",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "6",
+            ])
+            .args(extra)
+            .arg("--input")
+            .arg(input)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let generations = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["generation"].to_string()
+            })
+            .collect()
+    };
+    let alone = generations(&run(&jsonl, &["--batch-size", "1"]));
+    assert_eq!(alone.len(), lines.len());
+    assert_eq!(generations(&run(&jsonl, &["--batch-size", "6"])), alone);
+    assert_eq!(
+        generations(&run(&array, &[])),
+        alone,
+        "a JSON array reads as the JSONL"
+    );
+
+    let eval: serde_json::Value = serde_json::from_str(&run(
+        &array,
+        &["--format", "alpaca-eval", "--generator", "mine"],
+    ))
+    .unwrap();
+    let items = eval.as_array().unwrap();
+    assert_eq!(items.len(), lines.len());
+    assert_eq!(items[5]["dataset"], "helpful_base");
+    assert_eq!(items[3]["instruction"], "What is 2 + 2?");
+    assert!(items.iter().all(|i| i["generator"] == "mine"));
+}

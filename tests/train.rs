@@ -423,6 +423,39 @@ fn quick_config(dir: &std::path::Path, device: &str, steps: usize) -> TrainConfi
     quick_config_with(dir, device, steps, &[])
 }
 
+/// `config`'s run again in `dir/stopped`, stopped after step 2 (and checkpointed there), with
+/// the uninterrupted run's later metrics lines appended as a crash may leave them: the run
+/// directory and its first metrics as written.
+fn stopped_after_step_2(
+    config: &TrainConfig,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, String) {
+    struct StopAfter(usize);
+    impl ual::train::Reporter for StopAfter {
+        fn stepped(&mut self, m: &ual::train::StepMetrics) {
+            self.0 = m.step;
+        }
+        fn should_stop(&mut self) -> bool {
+            self.0 >= 2
+        }
+    }
+    let whole = config.run_dir().join("metrics.jsonl");
+    let whole = std::fs::read_to_string(whole).unwrap();
+    let mut stopped = config.clone();
+    stopped.output_dir = dir.join("stopped");
+    let err = ual::train::run_with(&stopped, ual::train::Start::Fresh, &mut StopAfter(0));
+    assert!(err.is_err(), "the run stops after step 2");
+    let run = stopped.run_dir();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 2);
+    let written = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let later: String = whole.lines().skip(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(run.join("metrics.jsonl"), written.clone() + &later).unwrap();
+    (run, written)
+}
+
 fn quick_config_with(
     dir: &std::path::Path,
     device: &str,
@@ -577,19 +610,12 @@ fn resume_reproduces_the_uninterrupted_run() {
         let mut config = quick_config_with(tmp.path(), device, 4, &extra);
         config.eval_data = None; // held-out loss plays no part in resuming; skip its cost
         let full = ual::train::run(&config, false).unwrap();
-        let run = std::path::PathBuf::from(&full.run_dir);
-        let uninterrupted = losses(&run);
+        let uninterrupted = losses(std::path::Path::new(&full.run_dir));
         assert_eq!(uninterrupted.len(), 4);
 
         // The checkpoint of step 2 is what a run killed during step 3 or later leaves behind.
         // A crashed run may also have logged steps past it; resume must drop them.
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(state["step"], 2, "{device} {mode}");
-        std::fs::remove_file(run.join("summary.json")).unwrap();
-        let written = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let (run, written) = stopped_after_step_2(&config, tmp.path());
         let kept: Vec<&str> = written.lines().take(2).collect();
         let args = ["train", "--device", device, "--resume"];
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
@@ -866,7 +892,7 @@ fn a_q4_0_base_trains_and_resumes_with_its_base_type() {
         assert!(written.contains("base_dtype = \"q4_0\""), "{written}");
         let uninterrupted = losses(&run);
 
-        std::fs::remove_file(run.join("summary.json")).unwrap();
+        let (run, _) = stopped_after_step_2(&config, tmp.path());
         let ual = env!("CARGO_BIN_EXE_ual");
         let refused = std::process::Command::new(ual)
             .args([
@@ -905,4 +931,27 @@ fn a_q4_0_base_trains_and_resumes_with_its_base_type() {
             );
         }
     }
+}
+
+/// A finished run's last step is checkpointed, so `--resume --set steps=M` extends it: steps
+/// 1..N stay byte for byte as they were and the run goes on from step N, saying so.
+#[test]
+fn a_finished_run_extends_from_its_last_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = quick_config_with(tmp.path(), "cpu", 2, &[]);
+    config.eval_data = None;
+    let summary = ual::train::run(&config, false).unwrap();
+    let run = std::path::PathBuf::from(&summary.run_dir);
+    let before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args(["train", "--device", "cpu", "--set", "steps=4", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("resuming from step 2 of 4"), "{said}");
+    let after = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(after.lines().count(), 4);
+    assert!(after.starts_with(&before), "steps 1-2 byte for byte");
 }

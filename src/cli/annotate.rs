@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use ual::annotate::{self, ApiOptions, PromptPreset};
-use ual::data::template::{Template, TemplateKind};
+use ual::data::template::TemplateKind;
 use ual::model::Pretrained;
 
 use super::{ConnectionArgs, DeviceArg, DtypeArgs};
@@ -47,8 +47,9 @@ pub struct Args {
     /// A PEFT adapter for --from-model.
     #[arg(long, requires = "from_model")]
     adapter: Option<PathBuf>,
-    /// How --from-model renders the lines: alpaca, chat_template, vicuna or vicuna_lima.
-    #[arg(long, default_value = "alpaca", requires = "from_model")]
+    /// How --from-model renders the lines: auto (the adapter's recorded template, else the
+    /// model's chat template, else alpaca), alpaca, chat_template, vicuna or vicuna_lima.
+    #[arg(long, default_value = "auto", requires = "from_model")]
     template: TemplateKind,
     #[command(flatten)]
     dtypes: DtypeArgs,
@@ -74,7 +75,7 @@ pub fn main(args: Args) -> Result<()> {
                 &selected.device,
                 types,
             )?;
-            let template = Template::load(args.template, dir)?;
+            let template = super::template_for(args.template, dir, args.adapter.as_deref())?;
             annotate::local::run_local(&args.input, &args.output, &model, &template, args.limit)?
         }
         None => annotate::run_api(&api_options(&args)?)?,

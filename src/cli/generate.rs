@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use ual::data::formats::{Message, read_jsonl};
+use ual::data::formats::{Message, read_prompt_lines};
 use ual::data::template::Template;
 use ual::eval::answers::{self, Answer, LongPrompt, Provenance};
 use ual::model::Pretrained;
@@ -30,8 +30,9 @@ pub struct Args {
     /// A prompt, asked in the training template unless --raw.
     #[arg(long, required_unless_present = "input", conflicts_with = "input")]
     prompt: Option<String>,
-    /// A JSONL file of Alpaca, chat, ShareGPT or prompt/completion lines; each is asked as
-    /// training renders it.
+    /// Prompts to answer: a JSONL file (or a JSON array, such as AlpacaEval's
+    /// `alpaca_eval.json`) in any training schema with or without responses, or bare strings;
+    /// each is asked as training renders it.
     #[arg(long)]
     input: Option<PathBuf>,
     /// Where file mode writes its output, atomically (default: stdout).
@@ -45,8 +46,12 @@ pub struct Args {
     /// File mode's output format.
     #[arg(long, value_enum, default_value = "jsonl", requires = "input")]
     format: OutputFormat,
-    /// The `generator` name of `--format alpaca-eval` (default: the adapter's or model's
-    /// directory name).
+    /// File mode: prompts decoded together (greedy decoding gives the same text at any batch
+    /// size; sampling decodes one at a time so that a seed does too).
+    #[arg(long, default_value_t = 8, requires = "input")]
+    batch_size: usize,
+    /// The `generator` name of `--format alpaca-eval` (default: the run's name for a run's
+    /// adapter, else the adapter's or model's file name).
     #[arg(long, requires = "input")]
     generator: Option<String>,
     /// Use --prompt as it is, without the template.
@@ -123,7 +128,10 @@ fn answer_file(
     input: &Path,
     config: &GenerationConfig,
 ) -> Result<()> {
-    let examples = read_jsonl(input)?;
+    let lines = read_prompt_lines(input)?;
+    let (examples, fields): (Vec<_>, Vec<_>) =
+        lines.into_iter().map(|l| (l.example, l.fields)).unzip();
+    let started = std::time::Instant::now();
     let provenance = Provenance {
         model: args.model.model.display().to_string(),
         adapter: args.model.adapter.as_ref().map(|a| a.display().to_string()),
@@ -134,15 +142,31 @@ fn answer_file(
     let progress = indicatif::ProgressBar::new(examples.len() as u64);
     let streaming = args.output.is_none() && args.format == OutputFormat::Jsonl;
     let long = args.on_long_prompt;
-    let answers = answers::answer_all(pretrained, template, &examples, config, long, |answer| {
-        if streaming {
-            progress.suspend(|| println!("{}", jsonl_line(answer)));
-        }
-        progress.inc(1);
-        Ok(())
-    })
+    let batch = args.batch_size;
+    let answers = answers::answer_all(
+        pretrained,
+        template,
+        &examples,
+        config,
+        long,
+        batch,
+        |answer| {
+            if streaming {
+                progress.suspend(|| println!("{}", jsonl_line(answer)));
+            }
+            progress.inc(1);
+            Ok(())
+        },
+    )
     .map_err(|e| anyhow::anyhow!("{}: {e:#}", input.display()))?;
     progress.finish_and_clear();
+    let tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} answers, {tokens} tokens in {seconds:.1} s ({:.1} tokens/s, batches of {batch})",
+        answers.len(),
+        tokens as f64 / seconds.max(1e-9)
+    );
     let text = match args.format {
         OutputFormat::Jsonl => answers.iter().map(|a| jsonl_line(a) + "\n").collect(),
         OutputFormat::AlpacaEval => {
@@ -150,7 +174,8 @@ fn answer_file(
                 .generator
                 .clone()
                 .unwrap_or_else(|| generator_name(&args.model));
-            serde_json::to_string_pretty(&answers::alpaca_eval(&answers, &generator))? + "\n"
+            serde_json::to_string_pretty(&answers::alpaca_eval(&answers, &fields, &generator))?
+                + "\n"
         }
     };
     match &args.output {
@@ -164,11 +189,16 @@ fn answer_file(
     Ok(())
 }
 
-/// The adapter's directory name, else the model's.
+/// The run's name for a run's `adapter/`, else the adapter's or model's file name.
 fn generator_name(model: &ModelArgs) -> String {
     let dir = model.adapter.as_ref().unwrap_or(&model.model);
     let dir = dir.canonicalize().unwrap_or(dir.clone());
-    dir.file_name()
+    let named = match dir.file_name() {
+        Some(n) if n == "adapter" => dir.parent().unwrap_or(&dir),
+        _ => &dir,
+    };
+    named
+        .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "ual".into())
 }

@@ -78,9 +78,9 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply (unmerged).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// How prompts are written: alpaca (as `ual train` by default), chat_template, vicuna or
-    /// vicuna_lima.
-    #[arg(long, default_value = "alpaca")]
+    /// How prompts are written: auto (the adapter's recorded template, else the model's chat
+    /// template, else alpaca), alpaca, chat_template, vicuna or vicuna_lima.
+    #[arg(long, default_value = "auto")]
     pub template: TemplateKind,
     #[command(flatten)]
     pub dtypes: DtypeArgs,
@@ -98,9 +98,35 @@ impl ModelArgs {
             &selected.device,
             self.dtypes.resolve(&selected)?,
         )?;
-        let template = Template::load(self.template, &self.model)?;
+        let template = template_for(self.template, &self.model, self.adapter.as_deref())?;
         Ok((pretrained, template))
     }
+}
+
+/// The template a command prompts with: an explicit `--template` (warning once when the
+/// adapter recorded another), else the adapter's recorded one, else `auto` for the model.
+pub fn template_for(
+    asked: TemplateKind,
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<Template> {
+    let recorded = match adapter {
+        Some(dir) => ual::model::peft::recorded_template(dir)?,
+        None => None,
+    };
+    let kind = match (asked, recorded) {
+        (TemplateKind::Auto, Some(recorded)) => recorded,
+        (asked, Some(recorded)) if asked != recorded => {
+            eprintln!(
+                "warning: --template {} differs from the {} the adapter was trained with",
+                asked.name(),
+                recorded.name()
+            );
+            asked
+        }
+        (asked, _) => asked,
+    };
+    Template::load(kind, model)
 }
 
 /// An OpenAI-compatible endpoint and the client's settings (`annotate`, `eval judge`).

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use ual::data::template::{Template, TemplateKind};
+use ual::data::template::TemplateKind;
 use ual::eval::score::{self, TokenScores};
 use ual::model::Pretrained;
 use ual::train::TrainConfig;
@@ -32,8 +32,9 @@ pub struct Args {
     /// Samples longer than this are truncated at the response end, as in training.
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
-    /// The template for Alpaca and chat lines: alpaca, chat_template, vicuna or vicuna_lima.
-    #[arg(long, default_value = "alpaca")]
+    /// The template for Alpaca and chat lines: auto (the adapter's recorded template, else the
+    /// model's chat template, else alpaca), alpaca, chat_template, vicuna or vicuna_lima.
+    #[arg(long, default_value = "auto")]
     template: TemplateKind,
     /// With --data: prepare and score the lines as this training configuration would
     /// (template, loss_on, smoothing mapping over the file, spread, reduction, max_seq_len).
@@ -66,7 +67,8 @@ pub fn main(args: Args) -> Result<()> {
             score::score_file(&pretrained, &config, data, print_line)
         }
         (Some(data), None) => {
-            let template = Template::load(args.template, &args.model)?;
+            let template =
+                super::template_for(args.template, &args.model, args.adapter.as_deref())?;
             score::score_data(&pretrained, &template, data, args.max_seq_len, print_line)
         }
         (None, _) => {

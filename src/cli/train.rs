@@ -19,6 +19,34 @@ pub struct Args {
     /// Override one key, e.g. --set optim.lr=1e-3 --set smoothing.loss=sft.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// The model to fine-tune: a Hugging Face directory or a GGUF file (`model`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training JSONL: Alpaca, chat, ShareGPT or prompt/completion lines (`train_data`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out JSONL, evaluated every `eval_every` steps (`eval_data`).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// auto (the model's chat template if it has one, else alpaca), alpaca, chat_template,
+    /// vicuna or vicuna_lima (`template`).
+    #[arg(long)]
+    template: Option<String>,
+    /// Optimizer steps (`steps`).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    /// Passes over the training set, instead of --steps (`epochs`).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Peak learning rate (`optim.lr`).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Where run directories are made (`output_dir`).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// The run's name: it is written to <output-dir>/<name> (`name`).
+    #[arg(long)]
+    name: Option<String>,
     /// Shorthand for --set device=...
     #[arg(long)]
     device: Option<DeviceSpec>,
@@ -40,14 +68,20 @@ pub struct Args {
 
 /// Trains, then prints the run's summary as JSON on stdout.
 pub fn main(mut args: Args) -> Result<()> {
-    if let Some(d) = args.device {
-        args.overrides.push(format!("device={d}"));
-    }
-    if let Some(b) = args.base_dtype {
-        args.overrides.push(format!("base_dtype={b}"));
-    }
+    let shorthands = args.shorthands();
+    args.overrides.extend(shorthands);
     let config = match &args.resume {
-        Some(dir) => TrainConfig::for_resume(dir, &args.overrides)?,
+        Some(dir) => {
+            let config = TrainConfig::for_resume(dir, &args.overrides)?;
+            let planned = TrainConfig::for_resume(dir, &[])?;
+            if (planned.steps, planned.epochs) != (config.steps, config.epochs) {
+                eprintln!(
+                    "the run's length changes (steps {} → {}, epochs {} → {}): the learning-rate schedule of the steps still to take follows the new length; the steps taken keep theirs",
+                    planned.steps, config.steps, planned.epochs, config.epochs
+                );
+            }
+            config
+        }
         None => TrainConfig::resolve(args.config.as_deref(), &args.overrides)?,
     };
     let start = match (&args.resume, args.overwrite) {
@@ -60,6 +94,50 @@ pub fn main(mut args: Args) -> Result<()> {
     let mut progress = Progress::new(&config);
     let summary = ual::train::run_with(&config, start, &mut progress)?;
     super::print_json(&summary)
+}
+
+impl Args {
+    /// The flags as `--set` overrides of their keys, applied after the explicit ones.
+    fn shorthands(&self) -> Vec<String> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| toml_string(&p.display().to_string()));
+        let keys = [
+            ("model", path(&self.model)),
+            ("train_data", path(&self.data)),
+            ("eval_data", path(&self.eval_data)),
+            ("template", self.template.clone()),
+            ("steps", self.steps.map(|s| s.to_string())),
+            ("epochs", self.epochs.map(|e| format!("{e:?}"))),
+            ("optim.lr", self.lr.map(|l| format!("{l:e}"))),
+            ("output_dir", path(&self.output_dir)),
+            ("name", self.name.as_deref().map(toml_string)),
+            ("device", self.device.map(|d| d.to_string())),
+            ("base_dtype", self.base_dtype.map(|b| b.to_string())),
+        ];
+        let mut sets: Vec<String> = keys
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
+            .collect();
+        if self.steps.is_some() {
+            // --steps counts even where the config file counts in epochs.
+            sets.push("epochs=0.0".into());
+        }
+        sets
+    }
+}
+
+/// `text` as a TOML string, so that any path or name survives `--set`'s parsing.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// `seconds` as `1h02m`, `3m20s` or `45s`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
 }
 
 /// Ctrl-C presses so far.
@@ -77,11 +155,30 @@ fn stop_on_ctrl_c() -> Result<()> {
     .map_err(|e| anyhow::anyhow!("cannot handle Ctrl-C: {e}"))
 }
 
-/// A progress bar over the steps, and the run told in words at both ends.
+/// A progress bar over the steps on a terminal; elsewhere (a log file, CI, nohup) a line
+/// every [`LOG_EVERY_STEPS`]th of the run or [`LOG_EVERY`], and at every evaluation. The run
+/// is told in words at both ends.
 struct Progress {
     bar: ProgressBar,
     output: &'static str,
+    /// Lines instead of a bar: stderr is not a terminal.
+    lines: Option<Lines>,
 }
+
+/// The plain-line log's clock.
+struct Lines {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    /// Steps this process has taken (a resumed run's ETA counts only these).
+    taken: usize,
+    total: usize,
+    done_before: usize,
+}
+
+/// Without a terminal: a line each twentieth of the run...
+const LOG_EVERY_STEPS: usize = 20;
+/// ...or each half minute, whichever comes first.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Progress {
     fn new(config: &TrainConfig) -> Self {
@@ -94,7 +191,15 @@ impl Progress {
             Mode::Lora => "adapter",
             Mode::Full => "model",
         };
-        Self { bar, output }
+        use std::io::IsTerminal;
+        let lines = (!std::io::stderr().is_terminal()).then(|| Lines {
+            started: std::time::Instant::now(),
+            last: std::time::Instant::now(),
+            taken: 0,
+            total: 0,
+            done_before: 0,
+        });
+        Self { bar, output, lines }
     }
 }
 
@@ -124,8 +229,20 @@ impl Reporter for Progress {
             d.response_tokens,
             session.eval_samples()
         );
+        if session.steps_done() > 0 {
+            eprintln!(
+                "resuming from step {} of {}",
+                session.steps_done(),
+                session.steps()
+            );
+        }
         if let Some(eval) = session.initial_eval() {
             eprintln!("held-out NLL before training: {:.3}", eval.nll);
+        }
+        if let Some(lines) = &mut self.lines {
+            lines.total = session.steps();
+            lines.done_before = session.steps_done();
+            return;
         }
         self.bar.set_length(session.steps() as u64);
         self.bar.set_position(session.steps_done() as u64);
@@ -138,6 +255,30 @@ impl Reporter for Progress {
             .eval_nll
             .map(|v| format!(", held-out {v:.3}"))
             .unwrap_or_default();
+        if let Some(lines) = &mut self.lines {
+            lines.taken += 1;
+            let every = lines.total.div_ceil(LOG_EVERY_STEPS).max(1);
+            let due = m.step.is_multiple_of(every)
+                || m.step == lines.total
+                || m.step == lines.done_before + 1
+                || m.eval_nll.is_some()
+                || lines.last.elapsed() >= LOG_EVERY;
+            if due && ual::cluster::world().is_root() {
+                let per_step = lines.started.elapsed().as_secs_f64() / lines.taken as f64;
+                let eta = per_step * lines.total.saturating_sub(m.step) as f64;
+                eprintln!(
+                    "step {}/{}: loss {:.3}, nll {:.3}{eval}, {:.0} tok/s, ETA {}",
+                    m.step,
+                    lines.total,
+                    m.loss,
+                    m.nll,
+                    m.tokens_per_s,
+                    clock(eta)
+                );
+                lines.last = std::time::Instant::now();
+            }
+            return;
+        }
         self.bar.set_message(format!(
             "nll {:.3}{eval}, {:.0} tok/s",
             m.nll, m.tokens_per_s
@@ -161,7 +302,10 @@ impl Reporter for Progress {
         let held_out = match (s.initial_eval_nll, s.final_eval_nll) {
             (Some(a), Some(b)) if a.is_finite() => format!("held-out NLL {a:.2} → {b:.2}"),
             (_, Some(b)) => format!("held-out NLL {b:.2}"),
-            _ => "no held-out set".to_string(),
+            _ => format!(
+                "training NLL {:.2} → {:.2} (means of the first and last {} steps)",
+                s.train_nll_first, s.train_nll_last, s.nll_window
+            ),
         };
         eprintln!(
             "{held_out} over {} steps ({:.1} min, {:.0} tok/s); {}: {}/{}",

@@ -159,6 +159,104 @@ fn prompt_of(line: &str) -> Result<String> {
     bail!("missing field: expected `instruction`, `prompt`, `conversations` or `messages`")
 }
 
+/// A prompt to answer: its example (the response, if any, unused) and every field of its
+/// item, which AlpacaEval's output keeps (`dataset`, ids).
+#[derive(Debug, Clone)]
+pub struct PromptLine {
+    /// The prompt as an example of its schema.
+    pub example: Example,
+    /// The item's fields (empty for a bare string).
+    pub fields: Map<String, Value>,
+}
+
+/// The prompts of a JSONL file, or of a JSON array such as AlpacaEval's `alpaca_eval.json`:
+/// every schema training reads with its response optional (user-only `messages`, `instruction`
+/// without `output`, `prompt` without `completion`), and bare strings. Errors name the file and
+/// the line (or the array's item).
+pub fn read_prompt_lines(path: &Path) -> Result<Vec<PromptLine>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if text.trim_start().starts_with('[') {
+        let items: Vec<Value> = serde_json::from_str(text)
+            .map_err(|e| anyhow!("{}: malformed JSON array: {e}", path.display()))?;
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                prompt_line(v, i + 1).with_context(|| format!("{}: item {}", path.display(), i + 1))
+            })
+            .collect();
+    }
+    text_lines(path)?
+        .into_iter()
+        .map(|(n, l)| {
+            let value = serde_json::from_str(&l).map_err(|e| anyhow!("malformed JSON: {e}"));
+            value
+                .and_then(|v| prompt_line(v, n))
+                .with_context(|| format!("{}:{n}", path.display()))
+        })
+        .collect()
+}
+
+fn prompt_line(value: Value, number: usize) -> Result<PromptLine> {
+    let obj = match value {
+        Value::String(s) => {
+            return Ok(PromptLine {
+                example: Example {
+                    body: Body::Alpaca {
+                        instruction: s,
+                        input: String::new(),
+                        output: String::new(),
+                    },
+                    uncertainty: None,
+                    line: number,
+                },
+                fields: Map::new(),
+            });
+        }
+        Value::Object(obj) => obj,
+        _ => bail!("expected a JSON object or string"),
+    };
+    let body = if obj.contains_key("instruction") {
+        Body::Alpaca {
+            instruction: string(&obj, "instruction")?,
+            input: optional_string(&obj, "input")?,
+            output: optional_string(&obj, "output")?,
+        }
+    } else if obj.contains_key("prompt") {
+        Body::Completion {
+            prompt: string(&obj, "prompt")?,
+            completion: optional_string(&obj, "completion")?,
+        }
+    } else if let Some(messages) = obj.get("messages") {
+        Body::Chat {
+            messages: messages_of(messages)?,
+        }
+    } else if let Some(turns) = obj.get("conversations") {
+        Body::Chat {
+            messages: sharegpt_turns(turns)?,
+        }
+    } else {
+        bail!(
+            "missing field: expected `instruction`, `messages`, `conversations` or `prompt`, or a JSON string"
+        );
+    };
+    if let Body::Chat { messages } = &body
+        && !messages.iter().any(|m| m.role == "user")
+    {
+        bail!("the conversation has no user turn to answer");
+    }
+    Ok(PromptLine {
+        example: Example {
+            body,
+            uncertainty: None,
+            line: number,
+        },
+        fields: obj,
+    })
+}
+
 /// Parses one line; the caller adds the file and line to errors.
 pub fn parse_line(line: &str, number: usize) -> Result<Example> {
     let value: Value = serde_json::from_str(line).map_err(|e| anyhow!("malformed JSON: {e}"))?;
@@ -190,11 +288,11 @@ pub fn parse_line(line: &str, number: usize) -> Result<Example> {
         }
     } else if let Some(messages) = obj.get("messages") {
         Body::Chat {
-            messages: messages_of(messages)?,
+            messages: with_assistant(messages_of(messages)?, "messages")?,
         }
     } else if let Some(turns) = obj.get("conversations") {
         Body::Chat {
-            messages: sharegpt_turns(turns)?,
+            messages: with_assistant(sharegpt_turns(turns)?, "conversations")?,
         }
     } else {
         bail!(
@@ -227,8 +325,13 @@ fn messages_of(value: &Value) -> Result<Vec<Message>> {
             content: field("content")?,
         });
     }
+    Ok(messages)
+}
+
+/// Training needs an assistant turn to learn from.
+fn with_assistant(messages: Vec<Message>, field: &str) -> Result<Vec<Message>> {
     if !messages.iter().any(|m| m.role == "assistant") {
-        bail!("field `messages` has no assistant turn, so nothing to learn from");
+        bail!("field `{field}` has no assistant turn, so nothing to learn from");
     }
     Ok(messages)
 }
@@ -278,9 +381,6 @@ fn sharegpt_turns(value: &Value) -> Result<Vec<Message>> {
             ),
         };
         messages.push(message);
-    }
-    if !messages.iter().any(|m| m.role == "assistant") {
-        bail!("field `conversations` has no assistant turn, so nothing to learn from");
     }
     Ok(messages)
 }

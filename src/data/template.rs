@@ -1,7 +1,8 @@
 //! Prompt templates: how an example becomes text, cut into segments that either carry loss (the
 //! response, assistant turns) or are context (prompts, user and system turns, template markup).
 //!
-//! Four templates exist. `alpaca` is the Stanford Alpaca format, ual's default. `chat_template`
+//! Four templates exist, and `auto` (the default) picks the model's own chat template when it
+//! ships one and Alpaca otherwise. `alpaca` is the Stanford Alpaca format. `chat_template`
 //! is the Jinja template in the model's `tokenizer_config.json` (or `chat_template.jinja`),
 //! rendered with minijinja as transformers renders it. `vicuna` and `vicuna_lima` are the
 //! authors' turn format (`generate_prompt` in their `scripts/prepare_llama2.py` and
@@ -23,8 +24,10 @@ const ALPACA_INPUT_PREAMBLE: &str = "Below is an instruction that describes a ta
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
-    /// The Alpaca prompt (ual's default).
+    /// The model's `chat_template` if it has one, else Alpaca (the default).
     #[default]
+    Auto,
+    /// The Alpaca prompt.
     Alpaca,
     /// The model's own `chat_template`, from `tokenizer_config.json`.
     ChatTemplate,
@@ -38,13 +41,36 @@ impl std::str::FromStr for TemplateKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "alpaca" => Ok(Self::Alpaca),
             "chat_template" => Ok(Self::ChatTemplate),
             "vicuna" => Ok(Self::Vicuna),
             "vicuna_lima" => Ok(Self::VicunaLima),
             other => Err(format!(
-                "unknown template {other:?}; choose alpaca, chat_template, vicuna or vicuna_lima"
+                "unknown template {other:?}; choose auto, alpaca, chat_template, vicuna or vicuna_lima"
             )),
+        }
+    }
+}
+
+impl TemplateKind {
+    /// The setting's name, as `--template` and the TOML key spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Alpaca => "alpaca",
+            Self::ChatTemplate => "chat_template",
+            Self::Vicuna => "vicuna",
+            Self::VicunaLima => "vicuna_lima",
+        }
+    }
+
+    /// `auto` made concrete for the model at `model`: its chat template if it ships one.
+    pub fn resolve(self, model: &Path) -> Self {
+        match self {
+            Self::Auto if ChatTemplate::exists(model) => Self::ChatTemplate,
+            Self::Auto => Self::Alpaca,
+            kind => kind,
         }
     }
 }
@@ -89,8 +115,8 @@ pub enum Template {
 impl Template {
     /// The template of `kind` for the model in `model_dir`.
     pub fn load(kind: TemplateKind, model_dir: &Path) -> Result<Self> {
-        Ok(match kind {
-            TemplateKind::Alpaca => Self::Alpaca,
+        Ok(match kind.resolve(model_dir) {
+            TemplateKind::Alpaca | TemplateKind::Auto => Self::Alpaca,
             TemplateKind::ChatTemplate => Self::Chat(ChatTemplate::load(model_dir)?),
             TemplateKind::Vicuna => Self::Vicuna { lead: "\n\n" },
             TemplateKind::VicunaLima => Self::Vicuna { lead: "\n" },
@@ -329,6 +355,19 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// Whether the model at `model` (a directory or a GGUF file) ships a chat template.
+    pub fn exists(model: &Path) -> bool {
+        if crate::gguf::is_gguf(model) {
+            return crate::gguf::GgufFile::open(model)
+                .is_ok_and(|f| f.get("tokenizer.chat_template").is_some());
+        }
+        let config = std::fs::read_to_string(model.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        config.is_some_and(|c| !c["chat_template"].is_null())
+            || model.join("chat_template.jinja").exists()
+    }
+
     /// Reads `chat_template` from `tokenizer_config.json`, or `chat_template.jinja`.
     pub fn load(model_dir: &Path) -> Result<Self> {
         if crate::gguf::is_gguf(model_dir) {

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::data::formats::{Body, Example, user_text};
 use crate::data::template::Template;
 use crate::model::Pretrained;
-use crate::model::generate::{Finish, GenerationConfig};
+use crate::model::generate::{Finish, Generation, GenerationConfig, generate};
 
 /// One example's prompt, as the model saw it, and the model's answer.
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +21,9 @@ pub struct Answer {
     pub generation: String,
     /// Why decoding stopped.
     pub finish: Finish,
+    /// Tokens generated.
+    #[serde(skip)]
+    pub tokens: usize,
 }
 
 /// What to do with a prompt that alone fills the model's positions.
@@ -36,54 +39,96 @@ pub enum LongPrompt {
 }
 
 /// Answers each example's prompt, rendered as training renders it ([`Template::prompt_of`]),
-/// calling `on_answer` as each one is ready. A prompt too long for the model is handled as
-/// `long` says; an error names the example's line.
+/// `batch` prompts decoded together under greedy decoding (one at a time when sampling, so a
+/// seed gives the same text at any batch size), calling `on_answer` as each one is ready. A
+/// prompt too long for the model is handled as `long` says; an error names the example's line.
 pub fn answer_all(
     pretrained: &Pretrained,
     template: &Template,
     examples: &[Example],
     config: &GenerationConfig,
     long: LongPrompt,
+    batch: usize,
     mut on_answer: impl FnMut(&Answer) -> Result<()>,
 ) -> Result<Vec<Answer>> {
+    let batch = if config.temperature > 0.0 {
+        1
+    } else {
+        batch.max(1)
+    };
+    let eos = &pretrained.config.eos_token_ids;
     let mut answers = Vec::with_capacity(examples.len());
-    let positions = pretrained.config.max_position_embeddings;
-    for (index, example) in examples.iter().enumerate() {
-        let (prompt, special) = template.prompt_of(&example.body)?;
-        let mut ids = pretrained.tokenizer.encode_with(&prompt, special)?;
-        let skip = ids.len() >= positions;
-        if skip && long == LongPrompt::Error {
-            bail!(
-                "line {}: the prompt has {} tokens; the model has {positions} positions (--on-long-prompt skip or truncate-left)",
-                example.line,
-                ids.len()
-            );
+    for (chunk_index, chunk) in examples.chunks(batch).enumerate() {
+        let asked = chunk
+            .iter()
+            .map(|example| prompt_ids(pretrained, template, example, config, long))
+            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<Vec<u32>> = asked.iter().filter_map(|(_, ids)| ids.clone()).collect();
+        let mut generations = match ids.is_empty() {
+            true => Vec::new(),
+            false => generate(
+                &pretrained.model,
+                &pretrained.tokenizer,
+                eos,
+                &ids,
+                config,
+                |_, _| {},
+            )?,
         }
-        if skip && long == LongPrompt::TruncateLeft {
+        .into_iter();
+        for (offset, (example, (prompt, ids))) in chunk.iter().zip(asked).enumerate() {
+            let generation = match ids {
+                Some(_) => generations.next().expect("one generation per prompt asked"),
+                None => Generation {
+                    ids: Vec::new(),
+                    text: String::new(),
+                    finish: Finish::Skipped,
+                },
+            };
+            let answer = Answer {
+                index: chunk_index * batch + offset,
+                instruction: instruction(&example.body),
+                prompt,
+                generation: generation.text,
+                finish: generation.finish,
+                tokens: generation.ids.len(),
+            };
+            on_answer(&answer)?;
+            answers.push(answer);
+        }
+    }
+    Ok(answers)
+}
+
+/// An example's rendered prompt and its ids, `None` when `long` skips it.
+fn prompt_ids(
+    pretrained: &Pretrained,
+    template: &Template,
+    example: &Example,
+    config: &GenerationConfig,
+    long: LongPrompt,
+) -> Result<(String, Option<Vec<u32>>)> {
+    let positions = pretrained.config.max_position_embeddings;
+    let (prompt, special) = template.prompt_of(&example.body)?;
+    let mut ids = pretrained.tokenizer.encode_with(&prompt, special)?;
+    if ids.len() < positions {
+        return Ok((prompt, Some(ids)));
+    }
+    match long {
+        LongPrompt::Error => bail!(
+            "line {}: the prompt has {} tokens; the model has {positions} positions (--on-long-prompt skip or truncate-left)",
+            example.line,
+            ids.len()
+        ),
+        LongPrompt::Skip => Ok((prompt, None)),
+        LongPrompt::TruncateLeft => {
             let keep = positions
                 .saturating_sub(config.max_new_tokens)
                 .max(positions / 2);
             ids.drain(..ids.len() - keep);
+            Ok((prompt, Some(ids)))
         }
-        let generation = match skip && long == LongPrompt::Skip {
-            true => crate::model::generate::Generation {
-                ids: Vec::new(),
-                text: String::new(),
-                finish: Finish::Skipped,
-            },
-            false => pretrained.continue_ids(ids, config)?,
-        };
-        let answer = Answer {
-            index,
-            instruction: instruction(&example.body),
-            prompt,
-            generation: generation.text,
-            finish: generation.finish,
-        };
-        on_answer(&answer)?;
-        answers.push(answer);
     }
-    Ok(answers)
 }
 
 /// What produced a set of answers, recorded in each of its lines so that a file of answers
@@ -110,14 +155,24 @@ pub fn answer_line(answer: &Answer, provenance: &Provenance) -> String {
     line.to_string()
 }
 
-/// AlpacaEval's model outputs: a JSON array of `{"instruction", "output", "generator"}`.
-pub fn alpaca_eval(answers: &[Answer], generator: &str) -> serde_json::Value {
+/// AlpacaEval's model outputs: a JSON array of `{"instruction", "output", "generator"}`, each
+/// with the other fields of its input item (`dataset`, ids) kept as they were.
+pub fn alpaca_eval(
+    answers: &[Answer],
+    fields: &[serde_json::Map<String, serde_json::Value>],
+    generator: &str,
+) -> serde_json::Value {
     answers
         .iter()
-        .map(|a| {
-            serde_json::json!({
-                "instruction": a.instruction, "output": a.generation.trim(), "generator": generator,
-            })
+        .zip(fields)
+        .map(|(a, fields)| {
+            let mut item = fields.clone();
+            item.retain(|k, _| !matches!(k.as_str(), "output" | "generator"));
+            item.entry("instruction")
+                .or_insert_with(|| a.instruction.clone().into());
+            item.insert("output".into(), a.generation.trim().into());
+            item.insert("generator".into(), generator.into());
+            serde_json::Value::Object(item)
         })
         .collect()
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::llama::Llama;
 use super::load::SafetensorsFile;
 use super::lora::{LoraConfig, adapter, for_each_named, targets};
+use crate::data::template::TemplateKind;
 
 /// PEFT's `adapter_config.json`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,6 +140,41 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
         );
     }
     Ok((model, config))
+}
+
+/// The file in which ual records, beside PEFT's own, how the adapter was trained (PEFT
+/// ignores files it does not know).
+const RECORD_FILE: &str = "ual_adapter.json";
+
+/// Writes into the adapter directory `dir` the template it was trained with (resolved, never
+/// `auto`), and the base's tokenizer and template files, so that the adapter alone says how
+/// to prompt it (as TRL's saved adapters carry their tokenizer).
+pub fn save_companions(dir: &Path, base: &Path, template: TemplateKind) -> Result<()> {
+    let record = serde_json::json!({ "template": template.name() });
+    std::fs::write(
+        dir.join(RECORD_FILE),
+        serde_json::to_string_pretty(&record)?,
+    )
+    .with_context(|| format!("cannot write {}", dir.join(RECORD_FILE).display()))?;
+    for (name, bytes) in super::save::source_files(base)?.1 {
+        std::fs::write(dir.join(&name), bytes)
+            .with_context(|| format!("cannot write {}", dir.join(&name).display()))?;
+    }
+    Ok(())
+}
+
+/// The template the adapter in `dir` recorded, if it recorded one.
+pub fn recorded_template(dir: &Path) -> Result<Option<TemplateKind>> {
+    let path = dir.join(RECORD_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let record: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let name = record["template"].as_str().unwrap_or_default();
+    name.parse()
+        .map(Some)
+        .map_err(|e: String| anyhow::anyhow!("{}: field `template`: {e}", path.display()))
 }
 
 /// The adapter's `base_model_name_or_path`, if it names one.

@@ -15,10 +15,14 @@ use super::lora::LoraLinear;
 use super::names;
 
 /// Files copied unchanged from the source model directory, when present.
-const COMPANION_FILES: [&str; 5] = [
+const COMPANION_FILES: [&str; 9] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
     "special_tokens_map.json",
     "generation_config.json",
 ];
@@ -149,7 +153,7 @@ pub type SourceFiles = (serde_json::Value, Vec<(String, Vec<u8>)>);
 
 /// The source model's `config.json` and its tokenizer and template files: copied from a
 /// directory, or written from a GGUF file's metadata.
-fn source_files(source: &Path) -> Result<SourceFiles> {
+pub(crate) fn source_files(source: &Path) -> Result<SourceFiles> {
     if crate::gguf::is_gguf(source) {
         return super::gguf::hf_files(&crate::gguf::GgufFile::open(source)?);
     }

@@ -188,6 +188,7 @@ pub fn evaluate_run(
         &run.splits.high,
         &greedy,
         Default::default(),
+        1,
         |_| {
             tick();
             Ok(())
@@ -237,6 +238,7 @@ fn exact_match(
         &run.splits.low,
         greedy,
         Default::default(),
+        1,
         |_| {
             tick();
             Ok(())
@@ -298,6 +300,7 @@ fn sample_answers(
                 one,
                 &config,
                 Default::default(),
+                1,
                 |_| Ok(()),
             )?
             .remove(0);

@@ -306,7 +306,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             max_seq_len: 384,
             overflow: Overflow::Truncate,
-            template: TemplateKind::Alpaca,
+            template: TemplateKind::Auto,
             loss_on: LossOn::Response,
             reduction: Reduction::Tokens,
             eval_every: 10,
@@ -600,6 +600,23 @@ fn merge(base: &mut toml::Value, user: toml::Value) {
     }
 }
 
+/// The known name nearest to `unknown`, if one is near: one contains the other (`max_steps`
+/// → `steps`), or they are a few edits apart.
+fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    let contains = known
+        .iter()
+        .filter(|k| k.len() >= 3 && (unknown.contains(**k) || k.contains(unknown)))
+        .max_by_key(|k| k.len());
+    contains.copied().or_else(|| {
+        known
+            .iter()
+            .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+            .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+            .min()
+            .map(|(_, k)| k)
+    })
+}
+
 fn parse_value(text: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {text}"))
         .ok()
@@ -616,7 +633,19 @@ fn set(tree: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
             .with_context(|| format!("`{}` is not a section", parts[..i].join(".")))?;
         if i + 1 == parts.len() {
             if !table.contains_key(*part) && !matches!(*part, "eval_data" | "export_dtype") {
-                bail!("unknown key `{key}`");
+                let known: Vec<&str> = table.keys().map(String::as_str).collect();
+                match closest(part, &known) {
+                    Some(near) => bail!(
+                        "unknown key `{key}`; did you mean `{}`?",
+                        parts[..i]
+                            .iter()
+                            .chain([&near])
+                            .copied()
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    ),
+                    None => bail!("unknown key `{key}`; known here: {}", known.join(", ")),
+                }
             }
             table.insert(part.to_string(), value);
             return Ok(());
@@ -648,6 +677,17 @@ mod tests {
         assert_eq!(c.name, "x");
         let err = TrainConfig::resolve(None, &["optim.lrr=1".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("optim.lrr"));
+        assert!(
+            format!("{err:#}").contains("did you mean `optim.lr`?"),
+            "{err:#}"
+        );
+        let err = TrainConfig::resolve(None, &["max_steps=3".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did you mean `steps`?"),
+            "{err:#}"
+        );
+        let err = TrainConfig::resolve(None, &["lora.rank=3".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("known here:"), "{err:#}");
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
     }

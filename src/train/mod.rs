@@ -75,10 +75,17 @@ pub struct RunSummary {
     pub initial_eval_loss: Option<f64>,
     /// Held-out NLL of the model before the first step.
     pub initial_eval_nll: Option<f64>,
-    /// The first step's training loss.
+    /// The first step's training loss (one micro-batch: see `train_nll_first`).
     pub first_loss: f64,
-    /// The last step's training loss.
+    /// The last step's training loss (one micro-batch: see `train_nll_last`).
     pub last_loss: f64,
+    /// The training NLL's mean over the first `nll_window` steps: with length-bucketed or
+    /// mixed batches a single step says little.
+    pub train_nll_first: f64,
+    /// The training NLL's mean over the last `nll_window` steps.
+    pub train_nll_last: f64,
+    /// Steps in each of those means: a tenth of the run, between 1 and 50.
+    pub nll_window: usize,
     /// The last held-out loss.
     pub final_eval_loss: Option<f64>,
     /// The last held-out NLL.
@@ -99,6 +106,7 @@ impl RunSummary {
         history: &[StepMetrics],
         seconds: f64,
     ) -> Self {
+        let window = (history.len() / 10).clamp(1, 50).min(history.len());
         Self {
             run_dir: run_dir.display().to_string(),
             device,
@@ -108,6 +116,9 @@ impl RunSummary {
             initial_eval_nll: initial.map(|e| e.nll),
             first_loss: history.first().map(|m| m.loss).unwrap_or(f64::NAN),
             last_loss: history.last().map(|m| m.loss).unwrap_or(f64::NAN),
+            train_nll_first: mean_nll(&history[..window]),
+            train_nll_last: mean_nll(&history[history.len() - window..]),
+            nll_window: window,
             final_eval_loss: history.iter().rev().find_map(|m| m.eval_loss),
             final_eval_nll: history.iter().rev().find_map(|m| m.eval_nll),
             mean_tokens_per_s: history.iter().map(|m| m.tokens_per_s).sum::<f64>()
@@ -115,6 +126,11 @@ impl RunSummary {
             seconds,
         }
     }
+}
+
+/// The mean training NLL of `steps` (NaN for none).
+fn mean_nll(steps: &[StepMetrics]) -> f64 {
+    steps.iter().map(|m| m.nll).sum::<f64>() / steps.len() as f64
 }
 
 /// How a run begins in its directory.

@@ -76,6 +76,10 @@ pub fn plot_losses(
         .map_err(|e| err(&e))?
         .label("training NLL (smoothed)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    // Each evaluation marked: a line through three points hides that there are three.
+    chart
+        .draw_series(held_out.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+        .map_err(|e| err(&e))?;
     chart
         .draw_series(LineSeries::new(held_out, RED.stroke_width(2)))
         .map_err(|e| err(&e))?

@@ -125,7 +125,11 @@ impl Session {
                 config.model.display()
             );
         }
-        let template = Template::load(config.template, &config.model)?;
+        let kind = config.template.resolve(&config.model);
+        if config.template == crate::data::template::TemplateKind::Auto {
+            eprintln!("template: {} (template = \"auto\")", kind.name());
+        }
+        let template = Template::load(kind, &config.model)?;
         let rules = config.sample_rules(pretrained.config.vocab_size);
         let eos = pretrained.config.eos_token_id()?;
         let read = |path: &Path| -> Result<(Vec<Sample>, DataSummary)> {
@@ -449,8 +453,10 @@ impl Session {
         };
         writeln!(file, "{}", serde_json::to_string(metrics)?)?;
         file.flush()?;
+        // The last step too: `--resume` of a finished run (to extend it) then continues from
+        // where it ended instead of redoing steps under another schedule.
         let every = self.config.checkpoint_every;
-        if every > 0 && self.step.is_multiple_of(every) && self.step < self.steps {
+        if every > 0 && (self.step.is_multiple_of(every) || self.step == self.steps) {
             self.checkpoint()?;
         }
         Ok(())
@@ -697,7 +703,8 @@ fn export(model: &mut Llama, config: &TrainConfig, run_dir: &Path) -> Result<()>
                 &config.lora,
                 &config.model.display().to_string(),
                 dir,
-            )
+            )?;
+            peft::save_companions(dir, &config.model, config.template.resolve(&config.model))
         }),
         Mode::Full => {
             let dtype = checkpoint::export_dtype(config)?;

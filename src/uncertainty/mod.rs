@@ -81,6 +81,9 @@ pub struct SmoothingConfig {
     pub default_score: f64,
     /// Whether ε covers all V tokens or the V − 1 others.
     pub spread: Spread,
+    /// `linear`: a sample without a score is an error naming its line, instead of a warning
+    /// and `default_score`.
+    pub require_uncertainty: bool,
 }
 
 impl Default for SmoothingConfig {
@@ -96,6 +99,7 @@ impl Default for SmoothingConfig {
             eps_fixed: 0.1,
             default_score: 5.5,
             spread: Spread::All,
+            require_uncertainty: false,
         }
     }
 }
@@ -156,10 +160,13 @@ impl SmoothingConfig {
         match (self.loss, self.mapping) {
             (LossKind::Sft, _) => Ok(vec![0.0; scores.len()]),
             (LossKind::Ls, _) => Ok(vec![self.eps_fixed; scores.len()]),
-            (LossKind::Ual, Mapping::Linear) => Ok(scores
-                .iter()
-                .map(|s| self.linear(s.unwrap_or(self.default_score)))
-                .collect()),
+            (LossKind::Ual, Mapping::Linear) => {
+                self.say_missing(scores, lines)?;
+                Ok(scores
+                    .iter()
+                    .map(|s| self.linear(s.unwrap_or(self.default_score)))
+                    .collect())
+            }
             (LossKind::Ual, Mapping::MeanNormalised) => {
                 let scores = scores
                     .iter()
@@ -175,6 +182,36 @@ impl SmoothingConfig {
                 mean_normalised(&scores, self.target_mean, self.cap)
             }
         }
+    }
+
+    /// Samples without a score: an error under `require_uncertainty`, else one warning
+    /// naming their lines and the ε they get.
+    fn say_missing(&self, scores: &[Option<f64>], lines: &[usize]) -> Result<()> {
+        let missing: Vec<usize> = scores
+            .iter()
+            .zip(lines)
+            .filter(|(s, _)| s.is_none())
+            .map(|(_, &line)| line)
+            .collect();
+        let Some(&first) = missing.first() else {
+            return Ok(());
+        };
+        if self.require_uncertainty {
+            bail!(
+                "line {first}: missing field `uncertainty` (smoothing.require_uncertainty = true; {} line(s) lack one)",
+                missing.len()
+            );
+        }
+        let shown: Vec<String> = missing.iter().take(8).map(|l| l.to_string()).collect();
+        let more = if missing.len() > 8 { ", …" } else { "" };
+        eprintln!(
+            "warning: {} line(s) carry no `uncertainty` (line {}{more}); each gets ε = {:.4} from smoothing.default_score = {} (smoothing.require_uncertainty = true makes this an error)",
+            missing.len(),
+            shown.join(", "),
+            self.linear(self.default_score),
+            self.default_score
+        );
+        Ok(())
     }
 
     /// ual's linear mapping of one (validated) score.
@@ -326,5 +363,21 @@ mod tests {
         // q(target) = 1 − e + e/V must be 1 − 0.3; q(other) = e/V must be 0.3/(V − 1).
         assert!((1.0 - e + e / v as f64 - 0.7).abs() < 1e-7);
         assert!((e / v as f64 - 0.1).abs() < 1e-7);
+    }
+
+    #[test]
+    fn a_missing_score_gets_the_default_or_is_refused_when_required() {
+        let c = SmoothingConfig::default();
+        let eps = c.epsilons(&[Some(10.0), None], &[1, 2]).unwrap();
+        assert_eq!(eps[1], c.linear(c.default_score));
+        let strict = SmoothingConfig {
+            require_uncertainty: true,
+            ..Default::default()
+        };
+        let err = strict.epsilons(&[Some(10.0), None], &[1, 7]).unwrap_err();
+        assert!(
+            format!("{err}").starts_with("line 7: missing field `uncertainty`"),
+            "{err}"
+        );
     }
 }
