@@ -188,3 +188,47 @@ fn train_takes_the_common_settings_as_flags() {
     assert!(plot.contains("<circle"), "held-out evaluations are marked");
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+#[test]
+fn print_config_lists_every_key_and_outside_a_clone_the_defaults_ask_for_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .args([
+            "train",
+            "--print-config",
+            "--lr",
+            "1e-4",
+            "--set",
+            "lora.r=4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("optim.lr = 0.0001  # The peak learning rate."),
+        "{text}"
+    );
+    assert!(text.contains("lora.r = 4  # "), "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.contains(" = ") && l.contains("  # ")),
+        "{text}"
+    );
+    assert!(text.lines().count() >= 40, "every key: {text}");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(elsewhere.path())
+        .args(["train", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("pass --model"),
+        "{err}"
+    );
+}

@@ -579,7 +579,9 @@ fn a_damaged_checkpoint_is_not_resumed_from() {
     assert!(ok, "{stderr}");
     let state = tmp.path().join("tiny-ual/checkpoint/state.json");
     let text = std::fs::read_to_string(&state).unwrap();
-    std::fs::write(&state, text.replace("\"step\": 1", "\"step\": 9")).unwrap();
+    // The last step is checkpointed too: the checkpoint is step 2's.
+    assert!(text.contains("\"step\": 2"), "{text}");
+    std::fs::write(&state, text.replace("\"step\": 2", "\"step\": 9")).unwrap();
     let (ok, stderr) = train_env(tmp.path(), &[], None, true);
     assert!(!ok);
     assert!(stderr.contains("no complete checkpoint"), "{stderr}");

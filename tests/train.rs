@@ -938,7 +938,8 @@ fn a_q4_0_base_trains_and_resumes_with_its_base_type() {
 #[test]
 fn a_finished_run_extends_from_its_last_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut config = quick_config_with(tmp.path(), "cpu", 2, &[]);
+    // Checkpoints every 10 steps: the last step (2) is checkpointed all the same.
+    let mut config = quick_config_with(tmp.path(), "cpu", 2, &["checkpoint_every=10".into()]);
     config.eval_data = None;
     let summary = ual::train::run(&config, false).unwrap();
     let run = std::path::PathBuf::from(&summary.run_dir);

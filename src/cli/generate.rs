@@ -135,7 +135,7 @@ fn answer_file(
     let provenance = Provenance {
         model: args.model.model.display().to_string(),
         adapter: args.model.adapter.as_ref().map(|a| a.display().to_string()),
-        template: args.model.template,
+        template: template.kind(),
         decoding: config.clone(),
     };
     let jsonl_line = |a: &Answer| answers::answer_line(a, &provenance);

@@ -98,18 +98,33 @@ impl ModelArgs {
             &selected.device,
             self.dtypes.resolve(&selected)?,
         )?;
-        let template = template_for(self.template, &self.model, self.adapter.as_deref())?;
+        let template = Template::load(self.template_kind()?, &self.model)?;
         Ok((pretrained, template))
+    }
+
+    /// The template the prompts are written in, resolved ([`template_kind`]).
+    pub fn template_kind(&self) -> Result<TemplateKind> {
+        template_kind(self.template, &self.model, self.adapter.as_deref())
     }
 }
 
-/// The template a command prompts with: an explicit `--template` (warning once when the
-/// adapter recorded another), else the adapter's recorded one, else `auto` for the model.
+/// The template a command prompts with, loaded ([`template_kind`]).
 pub fn template_for(
     asked: TemplateKind,
     model: &std::path::Path,
     adapter: Option<&std::path::Path>,
 ) -> Result<Template> {
+    Template::load(template_kind(asked, model, adapter)?, model)
+}
+
+/// The template a command prompts with: an explicit `--template` (warning once when the
+/// adapter recorded another), else the adapter's recorded one, else the model's own chat
+/// template, else Alpaca. Never `auto`.
+pub fn template_kind(
+    asked: TemplateKind,
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<TemplateKind> {
     let recorded = match adapter {
         Some(dir) => ual::model::peft::recorded_template(dir)?,
         None => None,
@@ -126,7 +141,7 @@ pub fn template_for(
         }
         (asked, _) => asked,
     };
-    Template::load(kind, model)
+    Ok(kind.resolve(model))
 }
 
 /// An OpenAI-compatible endpoint and the client's settings (`annotate`, `eval judge`).

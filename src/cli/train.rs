@@ -64,6 +64,10 @@ pub struct Args {
     /// Start the run again in a directory that already holds one (its checkpoints are removed).
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
+    /// Print every configuration key with its value (after --config, --set and the flags) and
+    /// one line of help, then exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 /// Trains, then prints the run's summary as JSON on stdout.
@@ -84,6 +88,13 @@ pub fn main(mut args: Args) -> Result<()> {
         }
         None => TrainConfig::resolve(args.config.as_deref(), &args.overrides)?,
     };
+    if args.print_config {
+        for (key, value, help) in ual::train::keys::keys(&config) {
+            println!("{key} = {value}  # {help}");
+        }
+        return Ok(());
+    }
+    outside_a_clone(&config)?;
     let start = match (&args.resume, args.overwrite) {
         (Some(_), _) if args.allow_data_change => Start::ResumeOnChangedData,
         (Some(_), _) => Start::Resume,
@@ -128,6 +139,33 @@ impl Args {
 /// `text` as a TOML string, so that any path or name survives `--set`'s parsing.
 fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
+}
+
+/// The defaults `model` and `train_data` point into ual's repository (the bundled tiny run);
+/// elsewhere they do not exist, and the error says which setting to give rather than which
+/// file is missing.
+fn outside_a_clone(config: &TrainConfig) -> Result<()> {
+    let defaults = TrainConfig::default();
+    for (given, default, flag) in [
+        (
+            &config.model,
+            &defaults.model,
+            "--model (or --set model=...)",
+        ),
+        (
+            &config.train_data,
+            &defaults.train_data,
+            "--data (or --set train_data=...)",
+        ),
+    ] {
+        if given == default && !given.exists() {
+            anyhow::bail!(
+                "no model or data given: pass {flag}; the default {} is the bundled tiny run, found only in a clone of ual",
+                default.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `seconds` as `1h02m`, `3m20s` or `45s`.

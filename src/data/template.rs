@@ -123,6 +123,16 @@ impl Template {
         })
     }
 
+    /// Which template this is (never `auto`).
+    pub fn kind(&self) -> TemplateKind {
+        match self {
+            Self::Alpaca => TemplateKind::Alpaca,
+            Self::Chat(_) => TemplateKind::ChatTemplate,
+            Self::Vicuna { lead: "\n" } => TemplateKind::VicunaLima,
+            Self::Vicuna { .. } => TemplateKind::Vicuna,
+        }
+    }
+
     /// The turns of an example for templates that tokenise each turn on its own: each turn is
     /// its prompt (context) and its response. `None` for the other templates, and for
     /// `prompt`/`completion` lines, which use no template.

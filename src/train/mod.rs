@@ -5,6 +5,7 @@
 
 mod checkpoint;
 pub mod config;
+pub mod keys;
 pub mod loss_scale;
 pub mod optim;
 pub mod recompute;
