@@ -284,15 +284,17 @@ fn resuming_on_another_number_of_ranks_needs_the_same_global_batch() {
         &mpirun(2, &train_args(tmp.path(), "whole", 4, &[]), &[]),
         "two ranks",
     );
-    // A finished run keeps its last checkpoint (step 2 of 4): a copy resumes from there.
+    // The same run cut short after step 2 (rank 1 hangs in step 3; the collective times out),
+    // which leaves its checkpoint of step 2. A finished run checkpoints its last step, so a
+    // copy of `whole` would have nothing left to resume.
     let cut = tmp.path().join("cut");
-    let copied = Command::new("cp")
-        .arg("-r")
-        .arg(&whole)
-        .arg(&cut)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let hung = mpirun(
+        2,
+        &train_args(tmp.path(), "cut", 4, &[]),
+        &[("UAL_TEST_HANG_RANK", "1:3"), ("UAL_MPI_TIMEOUT", "5")],
+    );
+    assert!(!hung.status.success());
+    assert_eq!(checkpoint_step(&whole), 4, "the finished run's last step");
     assert_eq!(checkpoint_step(&cut), 2);
     let resume = |batch: &str| {
         let mut args = vec![
