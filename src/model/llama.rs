@@ -343,8 +343,25 @@ impl Llama {
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embedding_transposed::<D>()),
+            None => self.tied_logits(hidden),
         }
+    }
+
+    /// `hidden · Eᵀ` for the tied head, computed as `(E · hiddenᵀ)ᵀ`: the `[V, H]` embedding
+    /// stays the contiguous left operand, and only the `[rows, H]` hidden states and the
+    /// `[rows, V]` result are transposed. The direct form made flex copy the whole transposed
+    /// embedding on every call: 61% of a decoding step on SmolLM2 (49,152 × 576).
+    fn tied_logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        let dims = hidden.dims();
+        let h = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let flat: Tensor<2> = hidden.reshape([rows, h]);
+        let embedding = self.embed_tokens.weight.val();
+        let vocab = embedding.dims()[0];
+        let logits = embedding.matmul(flat.transpose()).transpose();
+        let mut shape = dims;
+        shape[D - 1] = vocab;
+        logits.reshape(shape)
     }
 
     /// The head as one `[hidden, vocab]` matrix (the embedding transposed when tied), or `None`
@@ -373,16 +390,6 @@ impl Llama {
             self.lm_head = Some(Linear { weight, ..head });
         }
         self
-    }
-
-    /// The embedding matrix as a `[1, .., hidden, vocab]` head weight.
-    fn embedding_transposed<const D: usize>(&self) -> Tensor<D> {
-        let w = self.embed_tokens.weight.val().transpose();
-        let [h, v] = w.dims();
-        let mut shape = [1usize; D];
-        shape[D - 2] = h;
-        shape[D - 1] = v;
-        w.reshape(shape)
     }
 
     /// Final-norm hidden states `[batch, n, hidden]` of `n` new tokens stored at cache slots
