@@ -41,19 +41,9 @@ TEXTS = [
 ]
 
 
-def logprobs(model: llama_cpp.Llama, text: str) -> dict:
-    ids = model.tokenize(text.encode(), add_bos=False, special=True)
-    model.reset()
-    model.eval(ids)
-    logits = np.array(model.scores[: len(ids)], dtype=np.float64)
-    z = logits - logits.max(-1, keepdims=True)
-    lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return {"text": text, "ids": ids, "logprobs": [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]}
-
-
-def logprobs_bos(model: llama_cpp.Llama, text: str) -> dict:
-    """As `logprobs`, with the BOS that the file's add_bos_token asks for."""
-    ids = model.tokenize(text.encode(), add_bos=True, special=True)
+def logprobs(model: llama_cpp.Llama, text: str, add_bos: bool = False) -> dict:
+    """Per-token log-probs of `text` (with a BOS where the file's add_bos_token asks for one)."""
+    ids = model.tokenize(text.encode(), add_bos=add_bos, special=True)
     model.reset()
     model.eval(ids)
     logits = np.array(model.scores[: len(ids)], dtype=np.float64)
@@ -111,7 +101,7 @@ def main() -> None:
     gqa_texts = ["Hello world, this is a test.", "Below is an instruction.\n\n### Response:\n  12 345 café 東京 </s> done"]
     (OUT / "llama_cpp_llama_gqa.json").write_text(json.dumps({
         "llama_cpp_python": llama_cpp.__version__,
-        "merged_f16": [dict(logprobs_bos(gqa_model, t)) for t in gqa_texts],
+        "merged_f16": [logprobs(gqa_model, t, add_bos=True) for t in gqa_texts],
     }, indent=1) + "\n")
     (OUT / "gguf_py_view.json").write_text(json.dumps({
         "gguf_py": getattr(gguf, "__version__", "unknown"),

@@ -124,20 +124,6 @@ fn alpaca_renders_conversations_with_loss_on_assistant_turns() {
     assert!(!mask[0]);
 }
 
-/// `ual` with `args`, which must succeed: (stdout, stderr).
-fn ual(args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    );
-    assert!(out.status.success(), "ual {}: {stderr}", args.join(" "));
-    (stdout, stderr)
-}
-
 #[test]
 fn the_model_s_own_chat_format_is_used_without_a_flag() {
     // SmolLM2 ships a ChatML template: training, the adapter and generation use it unasked.
@@ -146,7 +132,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
     let runs = std::env::temp_dir().join(format!("ual-test-auto-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&runs);
     let data = fixtures().join("smollm2/score.jsonl");
-    let (_, said) = ual(&[
+    let (_, said) = common::ual_run(&[
         "train",
         "--device",
         "cpu",
@@ -194,7 +180,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
             "2",
         ];
         args.extend_from_slice(extra);
-        let (out, said) = ual(&args);
+        let (out, said) = common::ual_run(&args);
         let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         (line["prompt"].as_str().unwrap().to_string(), said)
     };
@@ -211,7 +197,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
         warned.contains("differs from the chat_template"),
         "{warned}"
     );
-    let (eval, _) = ual(&[
+    let (eval, _) = common::ual_run(&[
         "generate",
         "--device",
         "cpu",
@@ -235,7 +221,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
     // A merged model keeps the template: scoring it unasked renders as transformers'
     // apply_chat_template did for the fixture (tests/fixtures/smollm2/score_expected.json).
     let merged = runs.join("merged");
-    ual(&[
+    common::ual_run(&[
         "merge",
         "--device",
         "cpu",
@@ -247,7 +233,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
         merged.to_str().unwrap(),
     ]);
     assert!(merged.join("tokenizer_config.json").exists());
-    let (scored, _) = ual(&[
+    let (scored, _) = common::ual_run(&[
         "score",
         "--json",
         "--device",

@@ -2,6 +2,8 @@
 //! data. It must end without an `error:` line (the Vulkan loader's window-system probe on a
 //! headless machine included), say in words what happened, and visibly learn.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -139,30 +141,25 @@ fn train_takes_the_common_settings_as_flags() {
     // The flags are the config's keys: what they set is what config.toml records.
     let out_dir = std::env::temp_dir().join(format!("ual-test-flags-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--model",
-            "models/tiny",
-            "--data",
-            "models/tiny/data/train.jsonl",
-            "--template",
-            "alpaca",
-            "--steps",
-            "2",
-            "--lr",
-            "3e-4",
-            "--name",
-            "flag run",
-            "--output-dir",
-        ])
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let (_, said) = common::ual_run(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        "models/tiny",
+        "--data",
+        "models/tiny/data/train.jsonl",
+        "--template",
+        "alpaca",
+        "--steps",
+        "2",
+        "--lr",
+        "3e-4",
+        "--name",
+        "flag run",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
     // stderr is not a terminal here: progress comes as plain lines, the last step's included.
     assert!(
         said.contains("step 1/2: loss ") && said.contains("step 2/2: loss "),
@@ -191,23 +188,14 @@ fn train_takes_the_common_settings_as_flags() {
 
 #[test]
 fn print_config_lists_every_key_and_outside_a_clone_the_defaults_ask_for_flags() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args([
-            "train",
-            "--print-config",
-            "--lr",
-            "1e-4",
-            "--set",
-            "lora.r=4",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let (text, _) = common::ual_run(&[
+        "train",
+        "--print-config",
+        "--lr",
+        "1e-4",
+        "--set",
+        "lora.r=4",
+    ]);
     assert!(
         text.contains("optim.lr = 0.0001  # The peak learning rate."),
         "{text}"

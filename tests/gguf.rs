@@ -63,6 +63,26 @@ fn score_texts(texts: &[&str], extra: &[&str]) -> Vec<(Vec<u32>, Vec<f64>)> {
         .collect()
 }
 
+/// `ual COMMAND --format gguf` (merge or export) of `model` with `adapter`, if any, into `out`
+/// on the CPU: its stderr.
+fn write_gguf(
+    command: &str,
+    model: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    extra: &[&str],
+) -> String {
+    let (model, out) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![
+        command, "--device", "cpu", "--format", "gguf", "--model", model, "--output", out,
+    ];
+    if let Some(adapter) = adapter {
+        args.extend(["--adapter", adapter.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    common::ual_run(&args).1
+}
+
 fn max_gap(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -374,25 +394,13 @@ fn merged_gguf_is_what_llama_cpp_and_gguf_py_read() {
     let dir = tempdir("gguf-merge");
     let merged = dir.join("merged.gguf");
     let adapter = smollm2_fixture("adapter");
-    let args = |out: &Path, dtype: &str| {
-        vec![
-            "merge".to_string(),
-            "--device".into(),
-            "cpu".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--adapter".into(),
-            adapter.display().to_string(),
-            "--format".into(),
-            "gguf".into(),
-            "--dtype".into(),
-            dtype.into(),
-            "--output".into(),
-            out.display().to_string(),
-        ]
-    };
-    let run = |a: Vec<String>| common::ual_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    run(args(&merged, "f16"));
+    write_gguf(
+        "merge",
+        &model,
+        Some(&adapter),
+        &merged,
+        &["--dtype", "f16"],
+    );
     let reference = json(&smollm2_fixture("gguf_py_view.json"));
     assert_eq!(
         view(&merged),
@@ -400,11 +408,20 @@ fn merged_gguf_is_what_llama_cpp_and_gguf_py_read() {
         "the file as gguf-py reads it"
     );
     // Written once, never over an existing file without --force.
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(args(&merged, "f16"))
-        .output()
-        .unwrap();
-    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let again = common::ual_err(&[
+        "merge",
+        "--device",
+        "cpu",
+        "--format",
+        "gguf",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(again.contains("--force"), "{again}");
 
     let llama_cpp = json(&smollm2_fixture("llama_cpp.json"));
     for case in llama_cpp["merged_f16"].as_array().unwrap() {
@@ -423,7 +440,7 @@ fn merged_gguf_is_what_llama_cpp_and_gguf_py_read() {
     // q8_0: read back into a q8_0 base, the blocks are used as stored (no requantizing), so the
     // packed and the dequantized f32 readings of the file agree to float rounding.
     let q8 = dir.join("merged-q8_0.gguf");
-    run(args(&q8, "q8_0"));
+    write_gguf("merge", &model, Some(&adapter), &q8, &["--dtype", "q8_0"]);
     let text = llama_cpp["merged_f16"][0]["text"].as_str().unwrap();
     let dense = score_text(text, &["--model", q8.to_str().unwrap(), "--device", "cpu"]).1;
     let packed = score_text(
@@ -457,19 +474,7 @@ fn exported_adapter_is_what_llama_cpp_applies() {
     let dir = tempdir("gguf-export");
     let out = dir.join("adapter.gguf");
     let adapter = smollm2_fixture("adapter");
-    common::ual_ok(&[
-        "export",
-        "--device",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--format",
-        "gguf",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    write_gguf("export", &model, Some(&adapter), &out, &[]);
     let reference = json(&smollm2_fixture("gguf_py_view.json"));
     assert_eq!(view(&out), reference["adapter"]);
     let llama_cpp = json(&smollm2_fixture("llama_cpp.json"));
@@ -501,19 +506,7 @@ fn a_safetensors_model_written_as_gguf_is_what_llama_cpp_reads() {
     let out = dir.join("llama-gqa.gguf");
     let model = common::fixture_model("llama-gqa");
     let adapter = common::fixtures().join("adapters/llama-gqa-peft");
-    common::ual_ok(&[
-        "merge",
-        "--device",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--format",
-        "gguf",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    write_gguf("merge", &model, Some(&adapter), &out, &[]);
     let llama_cpp = json(&smollm2_fixture("llama_cpp_llama_gqa.json"));
     for case in llama_cpp["merged_f16"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -539,8 +532,9 @@ fn tempdir(name: &str) -> PathBuf {
 #[test]
 fn every_fixture_architecture_survives_gguf() {
     // ual writes each fixture model (no adapter: a conversion) and reads it back: Mistral's f16
-    // weights stay exact and Qwen2's f32 ones (with q/k/v biases, never permuted) round to f16. GGUF has no sliding window (llama.cpp's converter drops
-    // Mistral's too): said when written, and the same within the fixture's 5-token window.
+    // weights stay exact and Qwen2's f32 ones (with q/k/v biases, never permuted) round to f16.
+    // GGUF has no sliding window (llama.cpp's converter drops Mistral's too): said when
+    // written, and the same within the fixture's 5-token window.
     let dir = tempdir("gguf-architectures");
     let long = "Below is an instruction that describes a task. 12 345 café";
     for (name, text, tolerance) in [
@@ -549,15 +543,7 @@ fn every_fixture_architecture_survives_gguf() {
     ] {
         let model = common::fixture_model(name);
         let out = dir.join(format!("{name}.gguf"));
-        let written = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-            .args(["merge", "--device", "cpu", "--format", "gguf", "--model"])
-            .arg(&model)
-            .arg("--output")
-            .arg(&out)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&written.stderr);
-        assert!(written.status.success(), "{said}");
+        let said = write_gguf("merge", &model, None, &out, &[]);
         assert_eq!(
             said.contains("sliding window"),
             name == "mistral-f16",

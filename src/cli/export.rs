@@ -35,7 +35,7 @@ pub struct Args {
 
 /// Writes the adapter's factors under llama.cpp's names.
 pub fn main(args: Args) -> Result<()> {
-    super::merge::check_file_output(&args.adapter, &args.output, args.force)?;
+    ual::model::save::check_file_output(&args.adapter, &args.output, args.force)?;
     let model = match args.model {
         Some(model) => model,
         None => ual::model::peft::base_model_of(&args.adapter)?.with_context(|| {

@@ -1,6 +1,6 @@
 //! `ual merge`: fold a LoRA adapter into its base model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use ual::gguf::GgmlType;
@@ -39,7 +39,7 @@ pub struct Args {
 pub fn main(args: Args) -> Result<()> {
     // Refused before any work is done.
     if args.format == "gguf" {
-        check_file_output(&args.model, &args.output, args.force)?;
+        ual::model::save::check_file_output(&args.model, &args.output, args.force)?;
     } else {
         ual::model::save::check_output(&args.model, &args.output, args.force)?;
     }
@@ -68,22 +68,5 @@ pub fn main(args: Args) -> Result<()> {
     let dtype = ual::model::saved_dtype(&args.model)?;
     ual::model::save::save_pretrained(&pretrained.model, &args.model, &args.output, dtype)?;
     eprintln!("wrote {} ({dtype:?})", args.output.display());
-    Ok(())
-}
-
-/// A file output: never the model itself, never an existing file without `--force`.
-pub fn check_file_output(model: &Path, out: &Path, force: bool) -> Result<()> {
-    if out.is_dir() {
-        bail!(
-            "{}: is a directory; --format gguf writes one file",
-            out.display()
-        );
-    }
-    if model.canonicalize().ok() == out.canonicalize().ok() && out.exists() {
-        bail!("{}: is the model itself; write elsewhere", out.display());
-    }
-    if out.exists() && !force {
-        bail!("{}: exists; pass --force to replace it", out.display());
-    }
     Ok(())
 }

@@ -434,12 +434,7 @@ impl ChatTemplate {
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .with_context(|| format!("{origin} is missing; use template = \"alpaca\""))?;
-        let tokens = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
-        let token = |key: &str| -> String {
-            let id = file.get(key).and_then(|v| v.as_u64());
-            id.and_then(|id| tokens?.get(id as usize)?.as_str().map(str::to_string))
-                .unwrap_or_default()
-        };
+        let token = |key: &str| file.token_text(key).unwrap_or_default();
         let template = Self {
             source: source.to_string(),
             bos_token: token("tokenizer.ggml.bos_token_id"),

@@ -194,6 +194,14 @@ impl GgufFile {
             .with_context(|| self.missing(key, "a number"))
     }
 
+    /// The text of the token whose id metadata key `key` holds (`tokenizer.ggml.bos_token_id`),
+    /// if both exist.
+    pub fn token_text(&self, key: &str) -> Option<String> {
+        let id = self.get(key)?.as_u64()? as usize;
+        let tokens = self.get("tokenizer.ggml.tokens")?.as_array()?;
+        tokens.get(id)?.as_str().map(str::to_string)
+    }
+
     fn missing(&self, key: &str, what: &str) -> String {
         match self.get(key) {
             None => format!("{}: metadata key `{key}` is missing", self.path.display()),

@@ -87,11 +87,7 @@ pub fn config_json(file: &GgufFile) -> Result<serde_json::Value> {
 pub fn hf_files(file: &GgufFile) -> Result<super::save::SourceFiles> {
     let config = config_json(file)?;
     let tokenizer = crate::gguf::tokenizer::tokenizer_json(file)?;
-    let tokens = file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
-    let token = |key: &str| {
-        let id = file.get(key).and_then(|v| v.as_u64());
-        id.and_then(|id| tokens?.get(id as usize)?.as_str().map(str::to_string))
-    };
+    let token = |key: &str| file.token_text(key);
     let mut tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token("tokenizer.ggml.bos_token_id"),
@@ -123,19 +119,16 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
 /// A GGUF file's tensors under Hugging Face names and layout, recording which were read.
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
-    /// `Some((q heads, kv heads))` where q and k rows are in llama.cpp's rotary order.
-    permuted: Option<(usize, usize)>,
+    config: ModelConfig,
     read: RefCell<HashSet<String>>,
 }
 
 impl<'a> GgufWeights<'a> {
     /// The tensors of `file`, a decoder of `config`.
     pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
-        let permuted = (config.model_type == "llama")
-            .then_some((config.num_attention_heads, config.num_key_value_heads));
         Self {
             file,
-            permuted,
+            config: config.clone(),
             read: Default::default(),
         }
     }
@@ -178,25 +171,13 @@ impl<'a> GgufWeights<'a> {
         self.read.borrow_mut().insert(name);
         Ok(info)
     }
-
-    /// The heads whose rows tensor `hf` has permuted, if any.
-    fn heads_of(&self, hf: &str) -> Option<usize> {
-        let (q, kv) = self.permuted?;
-        if hf.contains("self_attn.q_proj.") {
-            Some(q)
-        } else if hf.contains("self_attn.k_proj.") {
-            Some(kv)
-        } else {
-            None
-        }
-    }
 }
 
 impl Weights for GgufWeights<'_> {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let info = self.record(name, shape)?;
         let values = self.file.read_f32(&info.name)?;
-        Ok(match self.heads_of(name) {
+        Ok(match permuted_heads(&self.config, name) {
             Some(heads) => unpermute_rows(&values, shape[0], heads),
             None => values,
         })
@@ -221,10 +202,33 @@ impl Weights for GgufWeights<'_> {
             .chunks_exact(format.block_bytes())
             .map(|b| Block::from_bytes(format, b))
             .collect();
-        Ok(Some(match self.heads_of(name) {
+        Ok(Some(match permuted_heads(&self.config, name) {
             Some(heads) => unpermute_rows(&blocks, shape[0], heads),
             None => blocks,
         }))
+    }
+}
+
+/// The GGUF architecture a decoder is written as: Llama, Mistral and SmolLM are all `llama`.
+fn gguf_arch(c: &ModelConfig) -> &'static str {
+    if c.model_type == "qwen2" {
+        "qwen2"
+    } else {
+        "llama"
+    }
+}
+
+/// The heads whose rows of Hugging Face tensor `hf` llama.cpp stores permuted (the q and k
+/// projections of `llama` files), if any: the one rule reading, merging and exporting share.
+fn permuted_heads(c: &ModelConfig, hf: &str) -> Option<usize> {
+    if gguf_arch(c) != "llama" {
+        None
+    } else if hf.contains("self_attn.q_proj.") {
+        Some(c.num_attention_heads)
+    } else if hf.contains("self_attn.k_proj.") {
+        Some(c.num_key_value_heads)
+    } else {
+        None
     }
 }
 
@@ -296,8 +300,6 @@ pub fn write_model(
     let mut writer = GgufWriter::new();
     decoder_metadata(&mut writer, config, ggml_type)?;
     tokenizer_metadata(&mut writer, source)?;
-    let permuted = (config.model_type != "qwen2")
-        .then_some((config.num_attention_heads, config.num_key_value_heads));
     for tensor in super::save::named_tensors(model) {
         let name = names::to_gguf(&tensor.name)
             .with_context(|| format!("no GGUF name for tensor `{}`", tensor.name))?;
@@ -309,11 +311,7 @@ pub fn write_model(
             quantized if cols.is_multiple_of(quantized.block_size()) => quantized,
             _ => GgmlType::F16,
         };
-        let heads = match permuted {
-            Some((q, _)) if tensor.name.contains("self_attn.q_proj.") => Some(q),
-            Some((_, kv)) if tensor.name.contains("self_attn.k_proj.") => Some(kv),
-            _ => None,
-        };
+        let heads = permuted_heads(config, &tensor.name);
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
         writer.tensor(&name, dims, stored, move || {
             let values = (tensor.values)();
@@ -352,11 +350,7 @@ fn decoder_metadata(w: &mut GgufWriter, c: &ModelConfig, ggml_type: GgmlType) ->
     if c.rope_scaling.is_some() {
         bail!("writing Llama 3 RoPE scaling (`rope_scaling`) to GGUF is not supported");
     }
-    let arch = if c.model_type == "qwen2" {
-        "qwen2"
-    } else {
-        "llama"
-    };
+    let arch = gguf_arch(c);
     let u32_of = |v: usize| Meta::U32(v as u32);
     let file_type = match ggml_type {
         GgmlType::Q8_0 => 7,
@@ -446,11 +440,7 @@ fn retyped(value: &crate::gguf::Value) -> Meta {
 /// `lora_B` (`[out, r]`, rows permuted as the base's q and k are), with `adapter.lora.alpha`.
 pub fn write_adapter(model: &super::Llama, out: &Path) -> Result<()> {
     let c = &model.config;
-    let arch = if c.model_type == "qwen2" {
-        "qwen2"
-    } else {
-        "llama"
-    };
+    let arch = gguf_arch(c);
     let mut writer = GgufWriter::new();
     writer
         .meta("general.architecture", Meta::Str(arch.into()))
@@ -465,11 +455,7 @@ pub fn write_adapter(model: &super::Llama, out: &Path) -> Result<()> {
         alpha.get_or_insert(lora.scale * r as f64);
         let gguf = names::to_gguf(&format!("{name}.weight"))
             .with_context(|| format!("no GGUF name for `{name}`"))?;
-        let heads = match (arch, name.contains("q_proj"), name.contains("k_proj")) {
-            ("llama", true, _) => Some(c.num_attention_heads),
-            ("llama", _, true) => Some(c.num_key_value_heads),
-            _ => None,
-        };
+        let heads = permuted_heads(c, &format!("{name}.weight"));
         let host = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
             t.into_data()
                 .convert::<f32>()

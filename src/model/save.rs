@@ -27,6 +27,23 @@ const COMPANION_FILES: [&str; 9] = [
     "generation_config.json",
 ];
 
+/// A file output: never the model itself, never an existing file without `--force`.
+pub fn check_file_output(model: &Path, out: &Path, force: bool) -> Result<()> {
+    if out.is_dir() {
+        bail!(
+            "{}: is a directory; --format gguf writes one file",
+            out.display()
+        );
+    }
+    if model.canonicalize().ok() == out.canonicalize().ok() && out.exists() {
+        bail!("{}: is the model itself; write elsewhere", out.display());
+    }
+    if out.exists() && !force {
+        bail!("{}: exists; pass --force to replace it", out.display());
+    }
+    Ok(())
+}
+
 /// One tensor to write: its HF name, its shape, and how to compute its f32 values, so that
 /// only one tensor's values exist at a time.
 pub(super) struct Named<'a> {

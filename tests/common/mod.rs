@@ -105,19 +105,21 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
-/// Runs the `ual` binary, failing the test with its stderr unless it succeeds; its stdout.
-pub fn ual_ok(args: &[&str]) -> String {
+/// Runs the `ual` binary, failing the test with its stderr unless it succeeds: (stdout,
+/// stderr).
+pub fn ual_run(args: &[&str]) -> (String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
         .args(args)
         .output()
         .expect("ual runs");
-    assert!(
-        out.status.success(),
-        "ual {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "ual {}: {stderr}", args.join(" "));
+    (String::from_utf8(out.stdout).expect("UTF-8 output"), stderr)
+}
+
+/// [`ual_run`]'s stdout.
+pub fn ual_ok(args: &[&str]) -> String {
+    ual_run(args).0
 }
 
 /// Runs the `ual` binary, which must fail; its stderr.
