@@ -11,6 +11,7 @@ use std::process::Command;
 use common::{devices, fixture_model, fixtures};
 use serde::Deserialize;
 use serde_json::Value;
+use ual::data::template::Template;
 use ual::eval::clustering::analyse;
 use ual::eval::score::score_file;
 use ual::model::Pretrained;
@@ -62,7 +63,8 @@ fn check_against_port(name: &str, config: &TrainConfig, want: &[Line]) {
     for (device_name, device) in devices() {
         let p = Pretrained::load(&fixture_model("mistral-f16"), &device).unwrap();
         let mut got = Vec::new();
-        score_file(&p, config, &data, |line| {
+        let template = Template::load(config.template, &p.dir).unwrap();
+        score_file(&p, config, &template, &data, |line| {
             got.push(line);
             Ok(())
         })
@@ -319,13 +321,8 @@ fn score_with_the_mistral_config_prints_the_ports_lines() {
         .current_dir(root())
         .args(["score", "--model", "tests/fixtures/models/mistral-f16"])
         .args(["--data", "tests/fixtures/paper/data.jsonl"])
+        // The flags given fill the file's `model` and `train_data`: no --set is needed.
         .args(["--config", "configs/ual-paper-mistral-7b.toml"])
-        .args([
-            "--set",
-            "model=\"unused\"",
-            "--set",
-            "train_data=\"unused\"",
-        ])
         .args(["--device", "cpu", "--json"])
         .output()
         .unwrap();

@@ -956,3 +956,61 @@ fn a_finished_run_extends_from_its_last_step() {
     assert_eq!(after.lines().count(), 4);
     assert!(after.starts_with(&before), "steps 1-2 byte for byte");
 }
+
+/// `early_stop_patience` stops the run once the held-out NLL has not gone lower for that many
+/// evaluations, `best/` holds the adapter of the best one, and the count travels in the
+/// checkpoint: a resume stops where it stopped, and a resume with patience 0 goes on.
+#[test]
+fn early_stopping_keeps_the_best_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A rate so small that no weight moves in f32: every evaluation ties the first.
+    let extra = [
+        "eval_every=2",
+        "early_stop_patience=2",
+        "optim.lr=1e-30",
+        "checkpoint_every=10",
+    ]
+    .map(String::from);
+    let config = quick_config_with(tmp.path(), "cpu", 20, &extra);
+    let summary = ual::train::run(&config, false).unwrap();
+    assert!(summary.stopped_early);
+    assert_eq!((summary.steps, summary.best_step), (6, Some(2)));
+    let run = config.run_dir();
+    assert!(run.join("best/adapter/adapter_model.safetensors").exists());
+    assert!(run.join("best/adapter/adapter_config.json").exists());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    let events = std::fs::read(run.join("events.out.tfevents.ual")).unwrap();
+    assert!(
+        events.windows(8).any(|w| w == b"eval/nll"),
+        "TensorBoard gets the held-out NLL"
+    );
+
+    let again = ual::train::run(&TrainConfig::for_resume(&run, &[]).unwrap(), true).unwrap();
+    assert!(again.stopped_early);
+    assert_eq!((again.steps, again.best_step), (6, Some(2)));
+    let on = TrainConfig::for_resume(&run, &["early_stop_patience=0".into(), "steps=8".into()]);
+    let extended = ual::train::run(&on.unwrap(), true).unwrap();
+    assert!(!extended.stopped_early);
+    assert_eq!(extended.steps, 8);
+    let after = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(after.starts_with(&metrics), "steps 1-6 byte for byte");
+}
+
+/// `init_adapter` starts from a trained adapter: the new run's held-out NLL before its first
+/// step is the old run's last. An adapter of another rank is refused, naming the key.
+#[test]
+fn a_run_starts_from_an_existing_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = quick_config(&tmp.path().join("a"), "cpu", 2);
+    let trained = ual::train::run(&first, false).unwrap();
+    let adapter = first.run_dir().join("adapter");
+    let from = format!("init_adapter={:?}", adapter.display().to_string());
+    let second = quick_config_with(&tmp.path().join("b"), "cpu", 1, std::slice::from_ref(&from));
+    let continued = ual::train::run(&second, false).unwrap();
+    assert_eq!(continued.initial_eval_nll, trained.final_eval_nll);
+    assert_ne!(continued.initial_eval_nll, trained.initial_eval_nll);
+    let other_rank = quick_config_with(&tmp.path().join("c"), "cpu", 1, &[from, "lora.r=4".into()]);
+    let err = ual::train::run(&other_rank, false).unwrap_err();
+    assert!(format!("{err:#}").contains("lora.r is 4"), "{err:#}");
+}

@@ -25,6 +25,16 @@ use ual::model::Pretrained;
 use ual::model::generate::GenerationConfig;
 use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};
 
+/// `text` as a TOML string, so that any path or name survives `--set`'s parsing.
+pub fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// `path` as a TOML string ([`toml_string`]).
+pub fn toml_path(path: &std::path::Path) -> String {
+    toml_string(&path.display().to_string())
+}
+
 /// `--device`.
 #[derive(clap::Args, Clone, Copy)]
 pub struct DeviceArg {

@@ -38,6 +38,7 @@ pub struct Args {
     template: TemplateKind,
     /// With --data: prepare and score the lines as this training configuration would
     /// (template, loss_on, smoothing mapping over the file, spread, reduction, max_seq_len).
+    /// --model and --data stand for the file's `model` and `train_data`.
     #[arg(long, requires = "data")]
     config: Option<PathBuf>,
     /// Override a key of --config, as `ual train --set` does.
@@ -63,8 +64,10 @@ pub fn main(args: Args) -> Result<()> {
     )?;
     match (&args.data, &args.config) {
         (Some(data), Some(file)) => {
-            let config = TrainConfig::resolve(Some(file), &args.overrides)?;
-            score::score_file(&pretrained, &config, data, print_line)
+            let config = TrainConfig::resolve(Some(file), &args.config_overrides(data))?;
+            let template =
+                super::template_for(config.template, &args.model, args.adapter.as_deref())?;
+            score::score_file(&pretrained, &config, &template, data, print_line)
         }
         (Some(data), None) => {
             let template =
@@ -82,6 +85,22 @@ pub fn main(args: Args) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+impl Args {
+    /// `--model`, `--data` and an explicit `--template` fill the training file's keys (the
+    /// file need not name a model, and scoring needs no other training data), then `--set`.
+    fn config_overrides(&self, data: &std::path::Path) -> Vec<String> {
+        let mut sets = vec![
+            format!("model={}", super::toml_path(&self.model)),
+            format!("train_data={}", super::toml_path(data)),
+        ];
+        if self.template != TemplateKind::Auto {
+            sets.push(format!("template={}", self.template.name()));
+        }
+        sets.extend(self.overrides.iter().cloned());
+        sets
     }
 }
 

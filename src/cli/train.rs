@@ -41,6 +41,9 @@ pub struct Args {
     /// Peak learning rate (`optim.lr`).
     #[arg(long)]
     lr: Option<f64>,
+    /// Start from this PEFT adapter's factors instead of fresh ones (`init_adapter`).
+    #[arg(long, value_name = "DIR")]
+    init_adapter: Option<PathBuf>,
     /// Where run directories are made (`output_dir`).
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -110,7 +113,7 @@ pub fn main(mut args: Args) -> Result<()> {
 impl Args {
     /// The flags as `--set` overrides of their keys, applied after the explicit ones.
     fn shorthands(&self) -> Vec<String> {
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| toml_string(&p.display().to_string()));
+        let path = |p: &Option<PathBuf>| p.as_deref().map(super::toml_path);
         let keys = [
             ("model", path(&self.model)),
             ("train_data", path(&self.data)),
@@ -119,8 +122,9 @@ impl Args {
             ("steps", self.steps.map(|s| s.to_string())),
             ("epochs", self.epochs.map(|e| format!("{e:?}"))),
             ("optim.lr", self.lr.map(|l| format!("{l:e}"))),
+            ("init_adapter", path(&self.init_adapter)),
             ("output_dir", path(&self.output_dir)),
-            ("name", self.name.as_deref().map(toml_string)),
+            ("name", self.name.as_deref().map(super::toml_string)),
             ("device", self.device.map(|d| d.to_string())),
             ("base_dtype", self.base_dtype.map(|b| b.to_string())),
         ];
@@ -134,11 +138,6 @@ impl Args {
         }
         sets
     }
-}
-
-/// `text` as a TOML string, so that any path or name survives `--set`'s parsing.
-fn toml_string(text: &str) -> String {
-    toml::Value::String(text.to_string()).to_string()
 }
 
 /// The defaults `model` and `train_data` point into ual's repository (the bundled tiny run);
@@ -199,6 +198,8 @@ fn stop_on_ctrl_c() -> Result<()> {
 struct Progress {
     bar: ProgressBar,
     output: &'static str,
+    /// The run keeps its best held-out weights in `best/`.
+    keep_best: bool,
     /// Lines instead of a bar: stderr is not a terminal.
     lines: Option<Lines>,
 }
@@ -237,7 +238,13 @@ impl Progress {
             total: 0,
             done_before: 0,
         });
-        Self { bar, output, lines }
+        let keep_best = config.keep_best;
+        Self {
+            bar,
+            output,
+            keep_best,
+            lines,
+        }
     }
 }
 
@@ -272,6 +279,11 @@ impl Reporter for Progress {
                 "resuming from step {} of {}",
                 session.steps_done(),
                 session.steps()
+            );
+        }
+        if session.stopped_early() {
+            eprintln!(
+                "the run had stopped early, its patience spent: add --set early_stop_patience=0 (or a larger one) to go on"
             );
         }
         if let Some(eval) = session.initial_eval() {
@@ -345,6 +357,19 @@ impl Reporter for Progress {
                 s.train_nll_first, s.train_nll_last, s.nll_window
             ),
         };
+        if s.stopped_early {
+            eprintln!(
+                "stopped early: the held-out NLL has not gone below {:.3} (step {}) since",
+                s.best_eval_nll.unwrap_or(f64::NAN),
+                s.best_step.unwrap_or_default()
+            );
+        }
+        if let (Some(step), true) = (s.best_step, self.keep_best) {
+            eprintln!(
+                "best held-out NLL at step {step}: {}/best/{}",
+                s.run_dir, self.output
+            );
+        }
         eprintln!(
             "{held_out} over {} steps ({:.1} min, {:.0} tok/s); {}: {}/{}",
             s.steps,

@@ -165,19 +165,19 @@ pub fn score_recipe(
     })
 }
 
-/// Every line of `data` prepared and scored as `config` trains (template, `loss_on`, the
-/// mapping over the whole file, `spread`, `reduction`), in file order.
+/// Every line of `data` prepared and scored as `config` trains (`loss_on`, the mapping over
+/// the whole file, `spread`, `reduction`) in `template`, in file order.
 pub fn score_file(
     pretrained: &Pretrained,
     config: &TrainConfig,
+    template: &Template,
     data: &Path,
     emit: impl FnMut(RecipeScore) -> Result<()>,
 ) -> Result<()> {
-    let template = Template::load(config.template, &pretrained.dir)?;
     let eos = pretrained.config.eos_token_id()?;
     let rules = config.sample_rules(pretrained.config.vocab_size);
     let prepare =
-        Prepare::new(&pretrained.tokenizer, &template, eos, config.max_seq_len).with_rules(rules);
+        Prepare::new(&pretrained.tokenizer, template, eos, config.max_seq_len).with_rules(rules);
     let score =
         |sample: &Sample, index| score_recipe(&pretrained.model, sample, index, config.reduction);
     score_lines(&prepare, data, score, emit)

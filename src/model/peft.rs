@@ -142,6 +142,37 @@ pub fn load_peft(model: Llama, dir: &Path, device: &Device) -> Result<(Llama, Lo
     Ok((model, config))
 }
 
+/// A LoRA run's starting point from the PEFT adapter in `dir` (`init_adapter`): its factors,
+/// trained on, which must have the run's rank, scale and targets.
+pub fn load_initial(
+    model: Llama,
+    dir: &Path,
+    wanted: &LoraConfig,
+    device: &Device,
+) -> Result<Llama> {
+    let (model, found) = load_peft(model, dir, device)?;
+    let mut found_targets = found.target_modules.clone();
+    let mut wanted_targets = wanted.target_modules.clone();
+    found_targets.sort();
+    wanted_targets.sort();
+    let differences = [
+        ("r", found.r.to_string(), wanted.r.to_string()),
+        ("alpha", found.alpha.to_string(), wanted.alpha.to_string()),
+        (
+            "target_modules",
+            format!("{found_targets:?}"),
+            format!("{wanted_targets:?}"),
+        ),
+    ];
+    if let Some((key, found, wanted)) = differences.iter().find(|(_, f, w)| f != w) {
+        bail!(
+            "init_adapter {}: its {key} is {found} but lora.{key} is {wanted}; set --set lora.{key}={found} to continue it",
+            dir.display()
+        );
+    }
+    Ok(model)
+}
+
 /// The file in which ual records, beside PEFT's own, how the adapter was trained (PEFT
 /// ignores files it does not know).
 const RECORD_FILE: &str = "ual_adapter.json";

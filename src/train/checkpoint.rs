@@ -52,6 +52,9 @@ pub struct RunCheckpoint {
     /// that changed under it (empty in checkpoints from before fingerprints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<Fingerprint>,
+    /// The lowest held-out NLL so far, for `keep_best` and `early_stop_patience`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<super::early_stop::Best>,
 }
 
 /// A data file as a run read it: its path, size and CRC-32.

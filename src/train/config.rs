@@ -105,7 +105,8 @@ pub enum Sampling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
-    /// The peak learning rate.
+    /// The peak learning rate: 2e-3 for the bundled tiny model; unset, another model gets
+    /// 2e-4 (LoRA) or 2e-5 (full).
     pub lr: f64,
     /// AdamW's β₁ (first-moment decay).
     pub beta1: f64,
@@ -255,6 +256,17 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps; 0 never.
     pub checkpoint_every: usize,
+    /// LoRA only: start from this PEFT adapter's factors instead of fresh ones; its `r`,
+    /// `lora_alpha` and `target_modules` must equal `lora`'s.
+    pub init_adapter: Option<PathBuf>,
+    /// Keep the adapter (or model) of the lowest held-out NLL so far in `best/`. The NLL, not
+    /// the UAL loss: its floor does not move with ε.
+    pub keep_best: bool,
+    /// Stop after this many evaluations in a row without a lower held-out NLL; 0 never stops
+    /// early.
+    pub early_stop_patience: usize,
+    /// Also write the metrics as a TensorBoard event file, `events.out.tfevents.ual`.
+    pub tensorboard: bool,
     /// Full fine-tuning writes `model/` in this dtype (float32, float16, bfloat16); unset means
     /// the base checkpoint's.
     pub export_dtype: Option<String>,
@@ -311,6 +323,10 @@ impl Default for TrainConfig {
             reduction: Reduction::Tokens,
             eval_every: 10,
             checkpoint_every: 20,
+            init_adapter: None,
+            keep_best: true,
+            early_stop_patience: 0,
+            tensorboard: true,
             export_dtype: None,
             fused_head: true,
             head_block_rows: 0,
@@ -325,14 +341,33 @@ impl Default for TrainConfig {
     }
 }
 
+/// Which keys the user gave, where a default depends on it.
+#[derive(Clone, Copy)]
+struct Given {
+    eval_data: bool,
+    lr: bool,
+}
+
+/// The learning rate of LoRA on a model other than the bundled one: PEFT's and TRL's usual
+/// rate, and near the authors' 3e-4 for 7B models. On SmolLM2-135M, rates up to 2e-3 converge
+/// faster (`BENCHMARKS.md`), but the default must not diverge on the paper's 7B setting.
+pub const LORA_LR: f64 = 2e-4;
+
+/// The learning rate of full fine-tuning on a model other than the bundled one (TRL's
+/// `SFTConfig` default).
+pub const FULL_LR: f64 = 2e-5;
+
 /// The keys `--resume` may override: the run's length, its evaluation and checkpoint cadence,
 /// and the device and memory levers, none of which changes what the checkpoint's weights and
 /// optimizer state mean.
-pub const RESUMABLE: [&str; 11] = [
+pub const RESUMABLE: [&str; 14] = [
     "steps",
     "epochs",
     "eval_every",
     "checkpoint_every",
+    "keep_best",
+    "early_stop_patience",
+    "tensorboard",
     "eval_data",
     "device",
     "fused_head",
@@ -364,14 +399,25 @@ impl TrainConfig {
     /// each `key=value` override in order.
     pub fn from_table(user: Option<(toml::Value, String)>, overrides: &[String]) -> Result<Self> {
         let mut tree = toml::Value::try_from(Self::default())?;
-        let mut eval_data_given = overrides
-            .iter()
-            .any(|o| o.trim_start().starts_with("eval_data"));
+        let given = |key: &str| {
+            let (section, field) = key.split_once('.').unwrap_or(("", key));
+            let in_file = user.as_ref().is_some_and(|(u, _)| match section {
+                "" => u.get(field).is_some(),
+                s => u.get(s).and_then(|t| t.get(field)).is_some(),
+            });
+            let overridden = overrides
+                .iter()
+                .any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+            in_file || overridden
+        };
+        let given = Given {
+            eval_data: given("eval_data"),
+            lr: given("optim.lr"),
+        };
         let source = user
             .as_ref()
             .map_or_else(|| "--set".to_string(), |(_, s)| s.clone());
         if let Some((user, _)) = user {
-            eval_data_given |= user.get("eval_data").is_some();
             merge(&mut tree, user);
         }
         let from_file = tree.clone();
@@ -382,12 +428,10 @@ impl TrainConfig {
             set(&mut tree, key.trim(), parse_value(value.trim()))
                 .with_context(|| format!("--set {o}"))?;
         }
-        match Self::from_tree(tree, eval_data_given) {
+        match Self::from_tree(tree, given) {
             Ok(config) => Ok(config),
             // The file alone is fine, so the overrides made it wrong: say so, not the file.
-            Err(e)
-                if !overrides.is_empty() && Self::from_tree(from_file, eval_data_given).is_ok() =>
-            {
+            Err(e) if !overrides.is_empty() && Self::from_tree(from_file, given).is_ok() => {
                 let given: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
                 Err(anyhow::anyhow!("{}: {e:#}", given.join(" ")))
             }
@@ -396,18 +440,34 @@ impl TrainConfig {
     }
 
     /// The configuration a merged tree describes, checked.
-    fn from_tree(tree: toml::Value, eval_data_given: bool) -> Result<Self> {
-        let mut config: Self = tree.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
+    fn from_tree(tree: toml::Value, given: Given) -> Result<Self> {
+        let mut config: Self = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", with_suggestion(&e.to_string())))?;
         // TOML has no null: an empty path is how a file says "none". The bundled held-out set
         // belongs to the bundled training set: other data is not evaluated on it unasked.
-        let bundled = config.train_data == Self::default().train_data;
+        let defaults = Self::default();
         if config
             .eval_data
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
-            || (!eval_data_given && !bundled)
+            || (!given.eval_data && config.train_data != defaults.train_data)
         {
             config.eval_data = None;
+        }
+        // Likewise the bundled run's learning rate belongs to the bundled tiny model.
+        if !given.lr && !same_path(&config.model, &defaults.model) {
+            config.optim.lr = match config.mode {
+                Mode::Lora => LORA_LR,
+                Mode::Full => FULL_LR,
+            };
+        }
+        if config
+            .init_adapter
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            config.init_adapter = None;
         }
         config.validate().context("invalid configuration")?;
         Ok(config)
@@ -473,6 +533,17 @@ impl TrainConfig {
         }
         if self.mode == Mode::Lora {
             self.lora.validate()?;
+        } else if let Some(dir) = &self.init_adapter {
+            bail!(
+                "`init_adapter` = {} needs mode = \"lora\"; to fine-tune a model with an adapter merged into it, run `ual merge` first",
+                dir.display()
+            );
+        }
+        if self.early_stop_patience > 0 && self.eval_data.is_none() {
+            bail!(
+                "`early_stop_patience` = {} needs held-out data: set eval_data",
+                self.early_stop_patience
+            );
         }
         self.smoothing.validate()?;
         if self.gradient_checkpointing == Recompute::Layers
@@ -600,6 +671,15 @@ fn merge(base: &mut toml::Value, user: toml::Value) {
     }
 }
 
+/// Whether `a` and `b` name the same file, however written.
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 /// The known name nearest to `unknown`, if one is near: one contains the other (`max_steps`
 /// → `steps`), or they are a few edits apart.
 fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
@@ -617,6 +697,30 @@ fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
     })
 }
 
+/// serde's "unknown variant `chatml`, expected one of `auto`, …\nin `template`" as one line,
+/// with the nearest known value suggested.
+fn with_suggestion(message: &str) -> String {
+    let line = message.trim().replace("\nin ", " in ");
+    let Some(rest) = line.strip_prefix("unknown variant `") else {
+        return line;
+    };
+    let Some((given, rest)) = rest.split_once('`') else {
+        return line;
+    };
+    let known: Vec<&str> = rest
+        .split(" in ")
+        .next()
+        .unwrap_or_default()
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    match closest(given, &known) {
+        Some(near) => format!("{line}; did you mean `{near}`?"),
+        None => line,
+    }
+}
+
 fn parse_value(text: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {text}"))
         .ok()
@@ -632,7 +736,9 @@ fn set(tree: &mut toml::Value, key: &str, value: toml::Value) -> Result<()> {
             .as_table_mut()
             .with_context(|| format!("`{}` is not a section", parts[..i].join(".")))?;
         if i + 1 == parts.len() {
-            if !table.contains_key(*part) && !matches!(*part, "eval_data" | "export_dtype") {
+            if !table.contains_key(*part)
+                && !matches!(*part, "eval_data" | "export_dtype" | "init_adapter")
+            {
                 let known: Vec<&str> = table.keys().map(String::as_str).collect();
                 match closest(part, &known) {
                     Some(near) => bail!(
@@ -688,8 +794,33 @@ mod tests {
         );
         let err = TrainConfig::resolve(None, &["lora.rank=3".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("known here:"), "{err:#}");
+        let err = TrainConfig::resolve(None, &["smoothing.loss=sfft".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did you mean `sft`?"),
+            "{err:#}"
+        );
+        let err = TrainConfig::resolve(None, &["base_dtype=q4".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did you mean `q4_0`?")
+                && !format!("{err:#}").contains('\n'),
+            "{err:#}"
+        );
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
+    }
+
+    /// The bundled run's learning rate stays with the bundled model; another model gets
+    /// LoRA's (or full fine-tuning's) unless one is given.
+    #[test]
+    fn another_model_gets_a_real_models_learning_rate() {
+        let lr = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::resolve(None, &sets).unwrap().optim.lr
+        };
+        assert_eq!(lr(&[]), 2e-3);
+        assert_eq!(lr(&["model=\"other\""]), LORA_LR);
+        assert_eq!(lr(&["model=\"other\"", "mode=\"full\""]), FULL_LR);
+        assert_eq!(lr(&["model=\"other\"", "optim.lr=1e-3"]), 1e-3);
     }
 
     #[test]

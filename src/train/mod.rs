@@ -5,7 +5,9 @@
 
 mod checkpoint;
 pub mod config;
+mod early_stop;
 pub mod keys;
+mod log;
 pub mod loss_scale;
 pub mod optim;
 pub mod recompute;
@@ -14,6 +16,7 @@ mod report;
 mod session;
 mod step;
 mod stream;
+mod tensorboard;
 
 use std::path::Path;
 
@@ -70,8 +73,15 @@ pub struct RunSummary {
     pub device: String,
     /// What preparing the training data kept and dropped.
     pub data: DataSummary,
-    /// Optimizer steps of the run.
+    /// Optimizer steps of the run (fewer than planned when it stopped early).
     pub steps: usize,
+    /// The held-out NLL stopped falling for `early_stop_patience` evaluations before the last
+    /// planned step.
+    pub stopped_early: bool,
+    /// The step with the lowest held-out NLL (its weights are in `best/` with `keep_best`).
+    pub best_step: Option<usize>,
+    /// That lowest held-out NLL.
+    pub best_eval_nll: Option<f64>,
     /// Held-out loss of the model before the first step.
     pub initial_eval_loss: Option<f64>,
     /// Held-out NLL of the model before the first step.
@@ -103,6 +113,7 @@ impl RunSummary {
         device: String,
         data: DataSummary,
         steps: usize,
+        (best, stopped_early): (Option<early_stop::Best>, bool),
         initial: Option<Evaluation>,
         history: &[StepMetrics],
         seconds: f64,
@@ -113,6 +124,9 @@ impl RunSummary {
             device,
             data,
             steps,
+            stopped_early,
+            best_step: best.map(|b| b.step),
+            best_eval_nll: best.map(|b| b.eval_nll),
             initial_eval_loss: initial.map(|e| e.loss),
             initial_eval_nll: initial.map(|e| e.nll),
             first_loss: history.first().map(|m| m.loss).unwrap_or(f64::NAN),

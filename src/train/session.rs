@@ -2,7 +2,6 @@
 //! time. `ual train` and `ual bench step` both drive it, so the bench measures what training runs.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -12,6 +11,8 @@ use burn::tensor::Device;
 
 use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
+use super::early_stop::Best;
+use super::log::MetricsLog;
 use super::loss_scale::LossScale;
 use super::replicas::{StepTotals, sum_gradients};
 use super::step::{Evaluation, evaluation_sums, step_gradients_divided};
@@ -47,9 +48,11 @@ pub struct Session {
     kept_lines: String,
     /// The data files as this run read them, kept in every checkpoint.
     fingerprints: Vec<checkpoint::Fingerprint>,
-    /// `metrics.jsonl`, appended to after every step; `None` for a session without a run
-    /// directory (benches).
-    metrics: Option<File>,
+    /// `metrics.jsonl` (and the event file), appended to after every step; `None` for a
+    /// session without a run directory (benches).
+    log: Option<MetricsLog>,
+    /// The lowest held-out NLL so far.
+    best: Option<Best>,
     /// The run directory's lock, held while the session lives.
     lock: Option<File>,
     /// The job's ranks: each takes a slice of every micro-batch; rank 0 alone writes.
@@ -222,7 +225,8 @@ impl Session {
             history: Vec::new(),
             kept_lines: String::new(),
             fingerprints: Vec::new(),
-            metrics: None,
+            log: None,
+            best: None,
             lock: None,
             cluster,
             started: Instant::now(),
@@ -300,6 +304,7 @@ impl Session {
             .flatten();
         if let Some(e) = eval {
             self.check_finite(self.step, &[("held-out loss", e.loss)])?;
+            self.observe_best(e.nll)?;
         }
         let metrics = StepMetrics {
             step: self.step,
@@ -318,9 +323,28 @@ impl Session {
         Ok(metrics)
     }
 
-    /// Whether every step has been taken.
+    /// Whether every step has been taken, or the held-out NLL has stopped falling for
+    /// `early_stop_patience` evaluations.
     pub fn is_done(&self) -> bool {
-        self.step >= self.steps
+        self.step >= self.steps || self.stopped_early()
+    }
+
+    /// Whether the run stops before its last step, its patience spent.
+    pub fn stopped_early(&self) -> bool {
+        Best::exhausted(self.best, self.config.early_stop_patience)
+    }
+
+    /// Counts the held-out NLL of the step just taken, keeping its weights in `best/` when it
+    /// is the lowest so far.
+    fn observe_best(&mut self, eval_nll: f64) -> Result<()> {
+        let improved = Best::observe(&mut self.best, self.step, eval_nll);
+        if improved && self.config.keep_best && self.log.is_some() && self.cluster.is_root() {
+            let dir = self.config.run_dir().join("best");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            export(&mut self.model, &self.config, &dir)?;
+        }
+        Ok(())
     }
 
     /// Optimizer steps taken so far, a resumed run's earlier ones included.
@@ -368,6 +392,7 @@ impl Session {
     /// Exports the adapter (LoRA) or model (full), draws `loss.svg` and writes `summary.json`.
     /// Only rank 0 writes; the other ranks return the same summary.
     pub fn finish(mut self) -> Result<RunSummary> {
+        let stopped_early = self.stopped_early();
         let run_dir = self.config.run_dir();
         let root = self.cluster.is_root();
         if root {
@@ -378,7 +403,8 @@ impl Session {
             &run_dir,
             self.description,
             self.data,
-            self.steps,
+            self.step,
+            (self.best, stopped_early),
             self.initial_eval,
             &self.history,
             self.started.elapsed().as_secs_f64(),
@@ -388,6 +414,7 @@ impl Session {
         if self.eval_samples.is_empty() {
             (summary.initial_eval_loss, summary.initial_eval_nll) = (None, None);
             (summary.final_eval_loss, summary.final_eval_nll) = (None, None);
+            (summary.best_step, summary.best_eval_nll) = (None, None);
         }
         if root {
             crate::util::write_atomic(
@@ -448,15 +475,14 @@ impl Session {
     /// Appends `metrics` to the log and checkpoints when one is due.
     fn record(&mut self, metrics: &StepMetrics) -> Result<()> {
         self.history.push(metrics.clone());
-        let Some(file) = &mut self.metrics else {
+        let Some(log) = &mut self.log else {
             return Ok(());
         };
-        writeln!(file, "{}", serde_json::to_string(metrics)?)?;
-        file.flush()?;
+        log.append(metrics)?;
         // The last step too: `--resume` of a finished run (to extend it) then continues from
         // where it ended instead of redoing steps under another schedule.
         let every = self.config.checkpoint_every;
-        if every > 0 && (self.step.is_multiple_of(every) || self.step == self.steps) {
+        if every > 0 && (self.step.is_multiple_of(every) || self.is_done()) {
             self.checkpoint()?;
         }
         Ok(())
@@ -467,7 +493,7 @@ impl Session {
         if !self.cluster.is_root() {
             return Ok(());
         }
-        if self.metrics.is_none() {
+        if self.log.is_none() {
             bail!("a session without a run directory has nowhere to checkpoint");
         }
         let saved = RunCheckpoint {
@@ -480,6 +506,7 @@ impl Session {
             batch_size: Some(self.config.batch_size),
             loss_scale: self.loss_scale,
             data: self.fingerprints.clone(),
+            best: self.best,
         };
         checkpoint::save(&mut self.model, &self.optimizer, &self.config, &saved)
     }
@@ -493,6 +520,7 @@ impl Session {
             .map_err(|e| anyhow!("{}: {e:?}", file.display()))?;
         self.stream.seek(saved.epoch, saved.position);
         self.step = saved.step;
+        self.best = saved.best;
         // A resume without the held-out set (`--set eval_data=`) has no evaluation to report.
         self.initial_eval = saved
             .initial_eval()
@@ -507,16 +535,16 @@ impl Session {
         Ok(())
     }
 
-    /// Drops the lines past the checkpoint (a crash may have left some), keeping the earlier
-    /// ones as they were written, and opens the log for appending.
+    /// Drops the steps past the checkpoint (a crash may have left some), keeping the earlier
+    /// ones as they were written, and opens the logs for appending.
     fn open_metrics(&mut self) -> Result<()> {
-        let path = self.config.run_dir().join("metrics.jsonl");
-        crate::util::write_atomic(&path, self.kept_lines.as_bytes())?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        self.metrics = Some(file);
+        let (dir, c) = (self.config.run_dir(), &self.config);
+        self.log = Some(MetricsLog::open(
+            &dir,
+            &self.kept_lines,
+            self.step,
+            c.tensorboard,
+        )?);
         Ok(())
     }
 }
@@ -600,10 +628,11 @@ fn load_model(
     let types = config.dtypes().resolve(selected.types())?;
     let pretrained = Pretrained::load_as(&source, device, types)?;
     let base = pretrained.model.clone();
-    let model = match (config.mode, checkpoint) {
-        (Mode::Lora, None) => lora::attach(base, &config.lora, config.seed, device),
-        (Mode::Lora, Some(dir)) => peft::load_peft(base, dir, device)?.0,
-        (Mode::Full, _) => base,
+    let model = match (config.mode, checkpoint, &config.init_adapter) {
+        (Mode::Lora, None, Some(dir)) => peft::load_initial(base, dir, &config.lora, device)?,
+        (Mode::Lora, None, None) => lora::attach(base, &config.lora, config.seed, device),
+        (Mode::Lora, Some(dir), _) => peft::load_peft(base, dir, device)?.0,
+        (Mode::Full, ..) => base,
     };
     Ok((pretrained, model))
 }
