@@ -404,11 +404,13 @@ impl Session {
             self.description,
             self.data,
             self.step,
-            (self.best, stopped_early),
             self.initial_eval,
             &self.history,
             self.started.elapsed().as_secs_f64(),
         );
+        summary.stopped_early = stopped_early;
+        (summary.best_step, summary.best_eval_nll) =
+            (self.best.map(|b| b.step), self.best.map(|b| b.eval_nll));
         // A run resumed without its held-out set (`--set eval_data=`) reports none: an earlier
         // step's evaluation is not the final one.
         if self.eval_samples.is_empty() {
