@@ -197,7 +197,7 @@ fn print_config_lists_every_key_and_outside_a_clone_the_defaults_ask_for_flags()
         "lora.r=4",
     ]);
     assert!(
-        text.contains("optim.lr = 0.0001  # The peak learning rate."),
+        text.contains("optim.lr = 0.0001  # The peak learning rate:"),
         "{text}"
     );
     assert!(text.contains("lora.r = 4  # "), "{text}");
