@@ -63,6 +63,10 @@ fn eval_gsm8k_writes_per_item_records() {
     }
     let accuracy = json["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
+    // The three prompts decoded one at a time answer as they did together (batch 8).
+    let (alone, _) = ual(&[&args[..], &["--max-new-tokens", "24", "--batch-size", "1"]].concat());
+    let alone: serde_json::Value = serde_json::from_str(&alone).unwrap();
+    assert_eq!(alone["items"], json["items"]);
 }
 
 #[test]

@@ -50,6 +50,7 @@ fn greedy_decoding_matches_transformers_alone_and_batched() {
                     &p.tokenizer,
                     &[],
                     std::slice::from_ref(&case.prompt_ids),
+                    &[0],
                     &config,
                     |_, _| {},
                 )
@@ -60,7 +61,17 @@ fn greedy_decoding_matches_transformers_alone_and_batched() {
             // Prompts of different lengths in one left-padded batch decode as they do alone.
             let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
             assert_ne!(prompts[0].len(), prompts[1].len());
-            let out = generate(&p.model, &p.tokenizer, &[], &prompts, &config, |_, _| {}).unwrap();
+            let streams: Vec<usize> = (0..prompts.len()).collect();
+            let out = generate(
+                &p.model,
+                &p.tokenizer,
+                &[],
+                &prompts,
+                &streams,
+                &config,
+                |_, _| {},
+            )
+            .unwrap();
             for (got, case) in out.iter().zip(&cases) {
                 assert_eq!(got.ids, case.greedy_ids, "{device_name} {name}: batched");
             }
@@ -123,7 +134,16 @@ fn sampling_is_reproducible_with_a_seed() {
             seed,
             ..Default::default()
         };
-        generate(&p.model, &p.tokenizer, &[], &prompt, &config, |_, _| {}).unwrap()[0]
+        generate(
+            &p.model,
+            &p.tokenizer,
+            &[],
+            &prompt,
+            &[0],
+            &config,
+            |_, _| {},
+        )
+        .unwrap()[0]
             .ids
             .clone()
     };
@@ -145,14 +165,67 @@ fn sampling_is_reproducible_with_a_seed() {
     );
 }
 
+/// Each prompt samples from its own stream (`seed + its index`), so eight prompts of very
+/// different lengths sampled in one batch give what each gives alone, on every device.
+#[test]
+fn seeded_sampling_is_the_same_at_batch_1_and_8() {
+    for (device_name, device) in devices() {
+        let p = Pretrained::load(&fixture_model("llama-gqa"), &device).unwrap();
+        let whole = &fixture("llama-gqa").cases[0].prompt_ids;
+        let prompts: Vec<Vec<u32>> = (0..8)
+            .map(|i| whole[..1 + i * (whole.len() - 1) / 7].to_vec())
+            .collect();
+        let config = GenerationConfig {
+            max_new_tokens: 8,
+            temperature: 0.9,
+            top_k: 40,
+            seed: 11,
+            ..Default::default()
+        };
+        let alone: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                let one = std::slice::from_ref(&prompts[i]);
+                generate(&p.model, &p.tokenizer, &[], one, &[i], &config, |_, _| {}).unwrap()[0]
+                    .ids
+                    .clone()
+            })
+            .collect();
+        let streams: Vec<usize> = (0..8).collect();
+        let batched = generate(
+            &p.model,
+            &p.tokenizer,
+            &[],
+            &prompts,
+            &streams,
+            &config,
+            |_, _| {},
+        )
+        .unwrap();
+        let batched: Vec<Vec<u32>> = batched.into_iter().map(|g| g.ids).collect();
+        assert_eq!(batched, alone, "{device_name}");
+        assert!(
+            alone.iter().any(|ids| ids != &alone[0]),
+            "the streams differ"
+        );
+    }
+}
+
 #[test]
 fn stop_strings_and_eos_end_a_sequence() {
     let p = Pretrained::load(&fixture_model("llama-gqa"), &burn::tensor::Device::flex()).unwrap();
     let case = &fixture("llama-gqa").cases[0];
     let prompt = vec![case.prompt_ids.clone()];
-    let full = generate(&p.model, &p.tokenizer, &[], &prompt, &greedy(12), |_, _| {})
-        .unwrap()
-        .remove(0);
+    let full = generate(
+        &p.model,
+        &p.tokenizer,
+        &[],
+        &prompt,
+        &[0],
+        &greedy(12),
+        |_, _| {},
+    )
+    .unwrap()
+    .remove(0);
     // Stop on a piece of the greedy text: the result is cut before it.
     let piece: String = full
         .text
@@ -165,9 +238,15 @@ fn stop_strings_and_eos_end_a_sequence() {
         ..greedy(12)
     };
     let mut streamed = String::new();
-    let stopped = generate(&p.model, &p.tokenizer, &[], &prompt, &config, |_, t| {
-        streamed.push_str(t)
-    })
+    let stopped = generate(
+        &p.model,
+        &p.tokenizer,
+        &[],
+        &prompt,
+        &[0],
+        &config,
+        |_, t| streamed.push_str(t),
+    )
     .unwrap()
     .remove(0);
     assert_eq!(stopped.finish, Finish::Stop);
@@ -180,6 +259,7 @@ fn stop_strings_and_eos_end_a_sequence() {
         &p.tokenizer,
         &eos,
         &prompt,
+        &[0],
         &greedy(12),
         |_, _| {},
     )

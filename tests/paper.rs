@@ -220,16 +220,16 @@ fn metamath_and_gsm8k_golds_are_the_authors() {
 fn the_paper_protocol_is_reproducible_by_seed() {
     let p = Pretrained::load(&root().join("models/tiny"), &burn::tensor::Device::flex()).unwrap();
     let mut items = ual::eval::paper::read_gsm8k(&root().join("data/gsm8k/test.jsonl")).unwrap();
-    items.truncate(2);
-    let run = |seed| ual::eval::paper::evaluate(&p, &items, seed, "gsm8k").unwrap();
-    let (a, b, c) = (run(7), run(7), run(8));
+    items.truncate(3);
+    let run = |seed, batch| ual::eval::paper::evaluate(&p, &items, seed, batch, "gsm8k").unwrap();
+    let (a, b, c) = (run(7, 1), run(7, 3), run(8, 3));
     let outputs = |r: &ual::eval::paper::Report| -> Vec<String> {
         r.graded.items.iter().map(|i| i.output.clone()).collect()
     };
     assert_eq!(
         outputs(&a),
         outputs(&b),
-        "the same seed gives the same outputs"
+        "the same seed gives the same outputs, one at a time or three together"
     );
     assert_ne!(outputs(&a), outputs(&c), "another seed samples otherwise");
     for item in &a.graded.items {

@@ -227,11 +227,29 @@ fn generation_is_capped_at_the_models_positions() {
         ..Default::default()
     };
     // No EOS, so only the cap can stop it.
-    let out = generate(&p.model, &p.tokenizer, &[], &[prompt], &config, |_, _| {}).unwrap();
+    let out = generate(
+        &p.model,
+        &p.tokenizer,
+        &[],
+        &[prompt],
+        &[0],
+        &config,
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(out[0].ids.len(), positions - 250);
     assert_eq!(out[0].finish, Finish::Length);
     let too_long = vec![5u32; positions];
-    let err = generate(&p.model, &p.tokenizer, &[], &[too_long], &config, |_, _| {}).unwrap_err();
+    let err = generate(
+        &p.model,
+        &p.tokenizer,
+        &[],
+        &[too_long],
+        &[0],
+        &config,
+        |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("256 positions"), "{err}");
 }
 

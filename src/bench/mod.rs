@@ -1,6 +1,7 @@
 //! `ual bench`: machine-readable performance figures, measured side by side in one process.
 
 mod attention;
+pub mod decode;
 pub mod step;
 
 pub use attention::{AttentionBench, AttentionRow, AttentionShape, attention};
@@ -304,72 +305,4 @@ pub(crate) fn proc_status_kib(field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Decoding speed with and without the KV cache, measured back to back.
-#[derive(Debug, Clone, Serialize)]
-pub struct DecodeBench {
-    /// The device, in words.
-    pub device: String,
-    /// Tokens of the prompt.
-    pub prompt_tokens: usize,
-    /// Tokens decoded.
-    pub new_tokens: usize,
-    /// Decoding speed with the KV cache.
-    pub cached_tokens_per_s: f64,
-    /// Decoding speed recomputing the prefix for every token.
-    pub uncached_tokens_per_s: f64,
-    /// cached / uncached.
-    pub speedup: f64,
-}
-
-/// Greedy-decodes `tokens` tokens after `prompt`, with the cache and without it.
-pub fn decode(
-    model: &crate::model::Pretrained,
-    prompt: &str,
-    tokens: usize,
-    device: &str,
-) -> Result<DecodeBench> {
-    use crate::model::generate::{GenerationConfig, generate};
-    let ids = model.tokenizer.encode(prompt)?;
-    let run = |use_cache: bool| -> Result<f64> {
-        let config = GenerationConfig {
-            max_new_tokens: tokens,
-            use_cache,
-            ..Default::default()
-        };
-        // A short warm-up compiles the kernels of both paths.
-        let warm = GenerationConfig {
-            max_new_tokens: 2,
-            ..config.clone()
-        };
-        generate(
-            &model.model,
-            &model.tokenizer,
-            &[],
-            std::slice::from_ref(&ids),
-            &warm,
-            |_, _| {},
-        )?;
-        let start = Instant::now();
-        let out = generate(
-            &model.model,
-            &model.tokenizer,
-            &[],
-            std::slice::from_ref(&ids),
-            &config,
-            |_, _| {},
-        )?;
-        Ok(out[0].ids.len() as f64 / start.elapsed().as_secs_f64())
-    };
-    let cached = run(true)?;
-    let uncached = run(false)?;
-    Ok(DecodeBench {
-        device: device.to_string(),
-        prompt_tokens: ids.len(),
-        new_tokens: tokens,
-        cached_tokens_per_s: cached,
-        uncached_tokens_per_s: uncached,
-        speedup: cached / uncached,
-    })
 }

@@ -154,18 +154,30 @@ pub struct HeadArgs {
 /// `ual bench decode`.
 #[derive(clap::Args)]
 pub struct DecodeArgs {
-    /// The model directory.
-    #[arg(long, default_value = "models/tiny")]
-    model: PathBuf,
-    /// The prompt decoded from.
+    /// A model directory or GGUF file (default: the bundled tiny model, unless --preset).
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A named shape on random weights instead of a model.
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// The prompt decoded from (a model's).
     #[arg(
         long,
-        default_value = "Natalia sold clips to 48 of her friends in April"
+        default_value = "Natalia sold clips to 48 of her friends in April",
+        conflicts_with = "preset"
     )]
     prompt: String,
-    /// Tokens decoded.
-    #[arg(long, default_value_t = 64)]
-    tokens: usize,
+    /// Tokens of the random prompt (a preset's).
+    #[arg(long, default_value_t = 16, requires = "preset")]
+    prompt_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 100)]
+    new_tokens: usize,
+    #[command(flatten)]
+    dtypes: super::DtypeArgs,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -187,14 +199,37 @@ pub fn main(command: Command) -> Result<()> {
         Command::Step(a) => step(a),
         Command::Head(a) => head(a),
         Command::Attention(a) => attention(a),
-        Command::Decode(a) => {
-            let selected = a.device.select()?;
-            let pretrained = Pretrained::load(&a.model, &selected.device)?;
-            let report =
-                ual::bench::decode(&pretrained, &a.prompt, a.tokens, &selected.description)?;
-            super::print_json(&report)
-        }
+        Command::Decode(a) => decode(a),
     }
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    use ual::bench::decode::{self, DecodeOptions};
+    let selected = a.device.select()?;
+    let (name, model, tokenizer, prompt) = match a.preset {
+        Some(preset) => {
+            let (model, tokenizer) = decode::random_model(&preset.shape(), &selected.device)?;
+            let prompt = decode::random_prompt(a.prompt_tokens, model.config.vocab_size);
+            let name = clap::ValueEnum::to_possible_value(&preset)
+                .map_or_else(|| format!("{preset:?}"), |v| v.get_name().to_string());
+            (format!("{name} (random weights)"), model, tokenizer, prompt)
+        }
+        None => {
+            let dir = a.model.unwrap_or_else(|| PathBuf::from("models/tiny"));
+            let types = a.dtypes.resolve(&selected)?;
+            let pretrained = Pretrained::load_as(&dir, &selected.device, types)?;
+            let prompt = pretrained.tokenizer.encode(&a.prompt)?;
+            let name = dir.display().to_string();
+            (name, pretrained.model, pretrained.tokenizer, prompt)
+        }
+    };
+    let options = DecodeOptions {
+        model: name,
+        batch_size: a.batch_size,
+        new_tokens: a.new_tokens,
+    };
+    let report = decode::run(&model, &tokenizer, &prompt, &options, &selected.description)?;
+    super::print_json(&report)
 }
 
 fn step(a: StepArgs) -> Result<()> {

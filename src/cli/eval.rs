@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Write the JSON report here too (atomically).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Prompts decoded together: the answers are the same at any batch size (each item
+    /// samples from its own stream), larger batches are faster and hold more KV cache.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
 }
 
 /// `ual eval gsm8k`.
@@ -164,6 +168,7 @@ fn gsm8k_ual(args: Gsm8kArgs) -> Result<()> {
         &items,
         &exemplars,
         args.max_new_tokens,
+        args.run.batch_size,
         &name,
     )?;
     write_report(
@@ -199,7 +204,8 @@ fn paper_report(
 ) -> Result<()> {
     items.truncate(run.limit.unwrap_or(usize::MAX));
     let (pretrained, _) = model.load()?;
-    let report = paper::evaluate(&pretrained, &items, run.seed, &data.display().to_string())?;
+    let data = data.display().to_string();
+    let report = paper::evaluate(&pretrained, &items, run.seed, run.batch_size, &data)?;
     write_report(
         &report,
         run.output.as_deref(),

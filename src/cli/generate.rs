@@ -109,6 +109,7 @@ fn stream_one(
         &pretrained.tokenizer,
         &eos,
         &[ids],
+        &[0],
         config,
         |_, piece| {
             let _ = write!(stdout, "{piece}");

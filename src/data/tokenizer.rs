@@ -29,6 +29,23 @@ impl Tokenizer {
         Self::checked(inner, path, vocab_size)
     }
 
+    /// A tokenizer whose token `i` is the word `t{i}`, for models on random weights (benches).
+    pub fn numbered(vocab_size: usize) -> Result<Self> {
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab_size)
+            .map(|i| (format!("t{i}"), serde_json::Value::from(i)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+            "pre_tokenizer": {"type": "Whitespace"},
+        });
+        let inner: tokenizers::Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("a numbered tokenizer: {e}"))?;
+        Self::checked(inner, PathBuf::from("(numbered words)"), vocab_size)
+    }
+
     fn checked(inner: tokenizers::Tokenizer, path: PathBuf, vocab_size: usize) -> Result<Self> {
         let vocab = inner.get_vocab_size(true);
         if vocab > vocab_size {

@@ -39,9 +39,9 @@ pub enum LongPrompt {
 }
 
 /// Answers each example's prompt, rendered as training renders it ([`Template::prompt_of`]),
-/// `batch` prompts decoded together under greedy decoding (one at a time when sampling, so a
-/// seed gives the same text at any batch size), calling `on_answer` as each one is ready. A
-/// prompt too long for the model is handled as `long` says; an error names the example's line.
+/// `batch` prompts decoded together (example `i` samples from its own stream, so a seed gives
+/// the same text at any batch size), calling `on_answer` as each one is ready. A prompt too
+/// long for the model is handled as `long` says; an error names the example's line.
 pub fn answer_all(
     pretrained: &Pretrained,
     template: &Template,
@@ -51,11 +51,7 @@ pub fn answer_all(
     batch: usize,
     mut on_answer: impl FnMut(&Answer) -> Result<()>,
 ) -> Result<Vec<Answer>> {
-    let batch = if config.temperature > 0.0 {
-        1
-    } else {
-        batch.max(1)
-    };
+    let batch = batch.max(1);
     let eos = &pretrained.config.eos_token_ids;
     let mut answers = Vec::with_capacity(examples.len());
     for (chunk_index, chunk) in examples.chunks(batch).enumerate() {
@@ -63,7 +59,11 @@ pub fn answer_all(
             .iter()
             .map(|example| prompt_ids(pretrained, template, example, config, long))
             .collect::<Result<Vec<_>>>()?;
-        let ids: Vec<Vec<u32>> = asked.iter().filter_map(|(_, ids)| ids.clone()).collect();
+        let (streams, ids): (Vec<usize>, Vec<Vec<u32>>) = asked
+            .iter()
+            .enumerate()
+            .filter_map(|(offset, (_, ids))| Some((chunk_index * batch + offset, ids.clone()?)))
+            .unzip();
         let mut generations = match ids.is_empty() {
             true => Vec::new(),
             false => generate(
@@ -71,6 +71,7 @@ pub fn answer_all(
                 &pretrained.tokenizer,
                 eos,
                 &ids,
+                &streams,
                 config,
                 |_, _| {},
             )?,

@@ -90,14 +90,15 @@ pub fn read_items(path: &Path) -> Result<Vec<Item>> {
         .collect()
 }
 
-/// Greedy answers to the first `limit` items of `data`, prompted in `template` with `shots`
-/// worked examples from `train` as earlier turns.
+/// Greedy answers to `items`, `batch` decoded together, prompted in `template` with the
+/// `exemplars` as worked examples in earlier turns.
 pub fn evaluate(
     model: &Pretrained,
     template: &Template,
     items: &[Item],
     exemplars: &[Item],
     max_new_tokens: usize,
+    batch: usize,
     data_name: &str,
 ) -> Result<Report> {
     if items.is_empty() {
@@ -108,7 +109,7 @@ pub fn evaluate(
         stop: vec!["\n\n###".into()],
         ..Default::default()
     };
-    let graded = super::grade_all(items, |_, item| {
+    let prompt_ids = |item: &Item| -> Result<Vec<u32>> {
         let mut messages = Vec::new();
         for shot in exemplars {
             messages.push(Message::new("user", &shot.question));
@@ -116,22 +117,32 @@ pub fn evaluate(
         }
         messages.push(Message::new("user", &item.question));
         let prompt = template.prompt(&messages)?;
-        let ids = model
+        model
             .tokenizer
-            .encode_with(&prompt, !template.prompt_has_special_tokens())?;
-        let prediction = model.continue_ids(ids, &config)?.text;
-        let gold = extract_answer(&item.answer)
-            .with_context(|| format!("{data_name}: gold answer without a number"))?;
-        let extracted = extract_answer(&prediction);
-        let correct = extracted.as_deref() == Some(gold.as_str());
-        let record = Record {
-            question: item.question.clone(),
-            gold,
-            prediction,
-            extracted,
-            correct,
-        };
-        Ok((record, correct))
+            .encode_with(&prompt, !template.prompt_has_special_tokens())
+    };
+    let graded = super::grade_all(items, batch, |first, chunk| {
+        let prompts = chunk.iter().map(prompt_ids).collect::<Result<Vec<_>>>()?;
+        let generations = model.continue_batch(&prompts, first, &config)?;
+        chunk
+            .iter()
+            .zip(generations)
+            .map(|(item, generation)| {
+                let prediction = generation.text;
+                let gold = extract_answer(&item.answer)
+                    .with_context(|| format!("{data_name}: gold answer without a number"))?;
+                let extracted = extract_answer(&prediction);
+                let correct = extracted.as_deref() == Some(gold.as_str());
+                let record = Record {
+                    question: item.question.clone(),
+                    gold,
+                    prediction,
+                    extracted,
+                    correct,
+                };
+                Ok((record, correct))
+            })
+            .collect()
     })?;
     Ok(Report {
         data: data_name.to_string(),

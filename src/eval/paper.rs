@@ -168,37 +168,47 @@ pub struct Report {
 }
 
 /// Samples one answer per item as the authors do; item i draws from `seed + i`, so a run is
-/// reproducible and its items independent of each other.
+/// reproducible and its items independent of each other, at any `batch` (prompts decoded
+/// together).
 pub fn evaluate(
     model: &Pretrained,
     items: &[MathItem],
     seed: u64,
+    batch: usize,
     data_name: &str,
 ) -> Result<Report> {
     if items.is_empty() {
         bail!("{data_name}: no items to evaluate");
     }
-    let graded = super::grade_all(items, |i, item| {
+    let config = GenerationConfig {
+        max_new_tokens: MAX_NEW_TOKENS,
+        temperature: TEMPERATURE,
+        top_k: TOP_K,
+        seed,
+        ..Default::default()
+    };
+    let prompt_ids = |item: &MathItem| -> Result<Vec<u32>> {
         let mut ids = model.tokenizer.encode(&math_prompt(&item.question))?;
         if ids.len() > MAX_PROMPT_TOKENS {
             ids.drain(..ids.len() - MAX_PROMPT_TOKENS);
         }
-        let config = GenerationConfig {
-            max_new_tokens: MAX_NEW_TOKENS,
-            temperature: TEMPERATURE,
-            top_k: TOP_K,
-            seed: seed.wrapping_add(i as u64),
-            ..Default::default()
-        };
-        let output = model.continue_ids(ids, &config)?.text.trim().to_string();
-        let correct = is_correct(&item.gold, &output);
-        let record = Record {
-            correct,
-            question: item.question.clone(),
-            gold: item.gold.clone(),
-            output,
-        };
-        Ok((record, correct))
+        Ok(ids)
+    };
+    let graded = super::grade_all(items, batch, |first, chunk| {
+        let prompts = chunk.iter().map(prompt_ids).collect::<Result<Vec<_>>>()?;
+        let generations = model.continue_batch(&prompts, first, &config)?;
+        let graded = chunk.iter().zip(generations).map(|(item, generation)| {
+            let output = generation.text.trim().to_string();
+            let correct = is_correct(&item.gold, &output);
+            let record = Record {
+                correct,
+                question: item.question.clone(),
+                gold: item.gold.clone(),
+                output,
+            };
+            (record, correct)
+        });
+        Ok(graded.collect())
     })?;
     Ok(Report {
         protocol: "paper",

@@ -27,7 +27,8 @@ pub struct GenerationConfig {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
     pub top_p: f64,
-    /// The sampling seed.
+    /// The sampling seed: the prompt at index `i` of its input draws from stream `seed + i`
+    /// ([`GenerationConfig::stream`]), whatever batch it is decoded in.
     pub seed: u64,
     /// Generation stops when the text contains one of these; the text is cut before it.
     pub stop: Vec<String>,
@@ -46,6 +47,15 @@ impl Default for GenerationConfig {
             stop: Vec::new(),
             use_cache: true,
         }
+    }
+}
+
+impl GenerationConfig {
+    /// The sampling stream of the prompt at `index` in its input. One stream per prompt, not
+    /// per batch, so that a seed gives the same samples at any batch size; `seed + index` keeps
+    /// the streams of callers that seeded item `i` with `seed + i` one prompt at a time.
+    pub fn stream(&self, index: usize) -> StdRng {
+        StdRng::seed_from_u64(self.seed.wrapping_add(index as u64))
     }
 }
 
@@ -86,21 +96,25 @@ pub fn new_token_budget(model: &Llama, prompts: &[Vec<u32>], wanted: usize) -> R
     Ok(wanted.min(positions - longest))
 }
 
-/// Decodes a continuation of each prompt. `on_text(i, delta)` receives each new piece of
-/// sequence `i`'s text as soon as it is known, for streaming.
+/// Decodes a continuation of each prompt, together in one left-padded batch. `streams[i]` is
+/// prompt `i`'s index in its input, which picks its sampling stream
+/// ([`GenerationConfig::stream`]). `on_text(i, delta)` receives each new piece of sequence
+/// `i`'s text as soon as it is known, for streaming.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     eos: &[u32],
     prompts: &[Vec<u32>],
+    streams: &[usize],
     config: &GenerationConfig,
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
     if prompts.iter().any(|p| p.is_empty()) {
         bail!("cannot generate from an empty prompt");
     }
+    assert_eq!(prompts.len(), streams.len(), "one stream per prompt");
     let max_new_tokens = new_token_budget(model, prompts, config.max_new_tokens)?;
-    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut rngs: Vec<StdRng> = streams.iter().map(|&i| config.stream(i)).collect();
     let mut decoder = Decoder::new(model, prompts, max_new_tokens);
     let mut out: Vec<Generation> = prompts
         .iter()
@@ -119,11 +133,14 @@ pub fn generate(
     for _ in 0..max_new_tokens {
         let mut next = Vec::with_capacity(prompts.len());
         for (i, row) in logits.iter().enumerate() {
-            let token = choose(row, config, &mut rng);
-            next.push(token);
             if done[i] {
+                // A finished sequence rides along until the batch ends; what it is fed is
+                // never read, and its stream is not drawn from.
+                next.push(0);
                 continue;
             }
+            let token = choose(row, config, &mut rngs[i]);
+            next.push(token);
             if eos.contains(&token) {
                 (done[i], out[i].finish) = (true, Finish::Eos);
                 continue;

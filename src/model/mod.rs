@@ -115,15 +115,24 @@ impl Pretrained {
         Ok(pretrained)
     }
 
-    /// One continuation of `ids` (a prompt already tokenised), decoded as `config` says.
-    pub fn continue_ids(
+    /// Continuations of `prompts` (already tokenised), decoded together as `config` says;
+    /// prompt `j` is item `first + j` of its input, whose sampling stream it draws from.
+    pub fn continue_batch(
         &self,
-        ids: Vec<u32>,
+        prompts: &[Vec<u32>],
+        first: usize,
         config: &generate::GenerationConfig,
-    ) -> Result<generate::Generation> {
+    ) -> Result<Vec<generate::Generation>> {
         let eos = &self.config.eos_token_ids;
-        let mut out =
-            generate::generate(&self.model, &self.tokenizer, eos, &[ids], config, |_, _| {})?;
-        Ok(out.remove(0))
+        let streams: Vec<usize> = (first..first + prompts.len()).collect();
+        generate::generate(
+            &self.model,
+            &self.tokenizer,
+            eos,
+            prompts,
+            &streams,
+            config,
+            |_, _| {},
+        )
     }
 }
