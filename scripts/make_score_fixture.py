@@ -2,9 +2,9 @@
 """Writes the expected `ual score --data` output for a fixture model, computed with transformers
 and PyTorch's own `cross_entropy(label_smoothing=eps)` over each line's response tokens.
 
-Tokenisation follows DESIGN §4: ids = encode(prompt + response) with the tokenizer's special
+Tokenisation follows ARCHITECTURE §4: ids = encode(prompt + response) with the tokenizer's special
 tokens, then EOS; response tokens are those after len(encode(prompt)). ε follows the paper's
-linear mapping (DESIGN §3, ual's defaults): ε = 0.2 · (u − 1) / 9, u = 5.5 when absent.
+linear mapping (ARCHITECTURE §3, ual's defaults): ε = 0.2 · (u − 1) / 9, u = 5.5 when absent.
 
     pip install torch transformers
     python scripts/make_score_fixture.py

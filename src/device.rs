@@ -81,7 +81,7 @@ pub struct AdapterReport {
     pub device_type: String,
     /// Whether shaders may use f16.
     pub shader_f16: bool,
-    /// The largest storage buffer one shader may bind, in bytes (DESIGN §7).
+    /// The largest storage buffer one shader may bind, in bytes (ARCHITECTURE §6).
     pub max_storage_buffer_binding_size: u64,
     #[serde(skip)]
     kind: Option<DeviceKind>,
@@ -115,7 +115,7 @@ pub struct Selected {
     pub hardware_gpu: bool,
     /// Whether shaders may use f16 (always false on the CPU, where f16 is emulated).
     pub shader_f16: bool,
-    /// The largest buffer one shader may bind (DESIGN §7); `None` on the CPU.
+    /// The largest buffer one shader may bind (ARCHITECTURE §6); `None` on the CPU.
     pub max_binding_bytes: Option<u64>,
     /// The shader compiler of a wgpu adapter; `None` on the CPU.
     pub compiler: Option<Compiler>,

@@ -281,7 +281,10 @@ fn greedy_chat_replies_equal_transformers() {
                 max_new_tokens: fixture["max_new_tokens"].as_u64().unwrap() as usize,
                 ..GenerationConfig::default()
             };
-            let out = pretrained.continue_ids(prompt_ids, &config).unwrap();
+            let out = pretrained
+                .continue_batch(&[prompt_ids], 0, &config)
+                .unwrap()
+                .remove(0);
             assert_eq!(
                 out.ids,
                 ids(&case["greedy_ids"]),

@@ -56,7 +56,7 @@ pub fn run_local(
             )))
         })
         .collect();
-    let index = crate::eval::score::line_index(&examples);
+    let index = crate::data::formats::line_index(&examples);
     let progress = ProgressBar::new(samples.len() as u64);
     for sample in &samples {
         let entropy = mean_entropy(&model.model, sample)?;

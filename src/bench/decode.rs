@@ -36,6 +36,9 @@ pub struct DecodeBench {
     pub peak_memory_bytes: u64,
     /// What `peak_memory_bytes` counts.
     pub memory_source: &'static str,
+    /// The process's peak resident set during the timed call (VmHWM; 0 where unknown),
+    /// weights included: what `scripts/bench_decode_torch.py` reports for transformers.
+    pub peak_rss_bytes: u64,
 }
 
 /// What to decode.
@@ -85,6 +88,8 @@ pub fn run(
     let first = decode(1)?;
     let memory = MemoryProbe::new(&model.device());
     memory.reset();
+    // Restarts VmHWM (Linux), so that the peak is the timed call's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let seconds = decode(options.new_tokens)?;
     let per_sequence = options.new_tokens as f64 / seconds;
     Ok(DecodeBench {
@@ -98,6 +103,7 @@ pub fn run(
         tokens_per_s_per_sequence: per_sequence,
         peak_memory_bytes: memory.peak(),
         memory_source: memory.source(),
+        peak_rss_bytes: super::proc_status_kib("VmHWM:") * 1024,
     })
 }
 

@@ -48,7 +48,7 @@ pub struct RunArgs {
     output: Option<PathBuf>,
     /// Prompts decoded together: the answers are the same at any batch size (each item
     /// samples from its own stream), larger batches are faster and hold more KV cache.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = ual::eval::answers::BATCH)]
     batch_size: usize,
 }
 

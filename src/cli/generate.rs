@@ -48,7 +48,7 @@ pub struct Args {
     format: OutputFormat,
     /// File mode: prompts decoded together (greedy decoding gives the same text at any batch
     /// size; sampling decodes one at a time so that a seed does too).
-    #[arg(long, default_value_t = 8, requires = "input")]
+    #[arg(long, default_value_t = ual::eval::answers::BATCH, requires = "input")]
     batch_size: usize,
     /// The `generator` name of `--format alpaca-eval` (default: the run's name for a run's
     /// adapter, else the adapter's or model's file name).

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use ual::annotate::Connection;
 use ual::data::template::{Template, TemplateKind};
 use ual::device::{self, DeviceSpec, Selected};
+use ual::llm::Connection;
 use ual::model::Pretrained;
 use ual::model::generate::GenerationConfig;
 use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};

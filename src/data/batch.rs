@@ -15,7 +15,7 @@ use crate::uncertainty::SmoothingConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Reduction {
-    /// The mean over every loss token of the step (DESIGN §3; ual's choice).
+    /// The mean over every loss token of the step (ARCHITECTURE §3; ual's choice).
     #[default]
     Tokens,
     /// Each sample's mean, then the mean over the step's samples, so that every sample weighs

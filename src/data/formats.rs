@@ -1,4 +1,4 @@
-//! The JSONL training schemas (DESIGN §4), one example per line.
+//! The JSONL training schemas (ARCHITECTURE §4), one example per line.
 //!
 //! - Alpaca: `{"instruction", "input"?, "output"}`
 //! - chat: `{"messages": [{"role", "content"}, ...]}`, loss on the assistant turns only
@@ -10,6 +10,7 @@
 //! mapping's check (`crate::uncertainty`), since the scale is configured. Unknown fields are
 //! ignored. Every error names the file, the line and the field.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -76,6 +77,15 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     text_lines(path)?
         .into_iter()
         .map(|(n, l)| parse_line(&l, n).with_context(|| format!("{}:{n}", path.display())))
+        .collect()
+}
+
+/// Each example's 0-based position among the file's examples, by its line number.
+pub fn line_index(examples: &[Example]) -> HashMap<usize, usize> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.line, i))
         .collect()
 }
 

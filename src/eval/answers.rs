@@ -38,6 +38,11 @@ pub enum LongPrompt {
     TruncateLeft,
 }
 
+/// Prompts decoded together by default: on 2 CPU cores a batch of 16 gives 6.7× the tokens/s
+/// of one prompt on SmolLM2-135M (`BENCHMARKS.md`); 8 keeps a 7B model's KV cache for long
+/// prompts within a laptop's memory.
+pub const BATCH: usize = 8;
+
 /// Answers each example's prompt, rendered as training renders it ([`Template::prompt_of`]),
 /// `batch` prompts decoded together (example `i` samples from its own stream, so a seed gives
 /// the same text at any batch size), calling `on_answer` as each one is ready. A prompt too

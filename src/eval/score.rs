@@ -1,6 +1,5 @@
 //! `ual score`: the log-probability a model assigns to each token of a text.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Result;
@@ -8,7 +7,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::data::batch::{Prepare, Reduction, Sample};
-use crate::data::formats::Example;
 use crate::data::template::Template;
 use crate::loss::Batch;
 use crate::loss::linear::default_chunk_rows;
@@ -208,7 +206,7 @@ fn score_lines<T: serde::Serialize + serde::de::DeserializeOwned>(
     mut emit: impl FnMut(T) -> Result<()>,
 ) -> Result<()> {
     let (examples, samples, _) = prepare.file(data)?;
-    let index = line_index(&examples);
+    let index = crate::data::formats::line_index(&examples);
     let cluster = crate::cluster::world();
     if !cluster.is_parallel() {
         for sample in &samples {
@@ -223,13 +221,4 @@ fn score_lines<T: serde::Serialize + serde::de::DeserializeOwned>(
         scored.into_iter().try_for_each(emit)?;
     }
     Ok(())
-}
-
-/// Each example's 0-based position among the file's examples, by its line number.
-pub fn line_index(examples: &[Example]) -> HashMap<usize, usize> {
-    examples
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.line, i))
-        .collect()
 }

@@ -2,7 +2,7 @@
 //!
 //! Each prompt's pair is judged twice, `a` shown first and then `b` shown first, and counts
 //! for one side only if both orders agree (`verdict::combine`), which cancels the judge's
-//! position bias. The requests go through `annotate`'s client: concurrency, retries with
+//! position bias. The requests go through `llm`'s client: concurrency, retries with
 //! backoff, `Retry-After`, follow-ups after a reply without a verdict, and a cache that makes a
 //! re-run after any crash ask nothing twice. Rates come with seeded bootstrap intervals
 //! (`interval`).
@@ -18,9 +18,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::annotate::cache::{self, Cache};
-use crate::annotate::{self, Connection, Outcome as Asked, PromptPreset, Work};
+use crate::annotate::PromptPreset;
 use crate::data::formats::{parse_line, response_text, text_lines};
+use crate::llm::cache::{self, Cache};
+use crate::llm::{self, Connection, Outcome as Asked, Work};
 use interval::Rates;
 use verdict::{Outcome, Verdict};
 
@@ -166,7 +167,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
     let connection = &options.connection;
     // The authors' sampling settings (gpt4_lima_compare.py) are those of their elicitation.
     let params = PromptPreset::Paper.request_params(options.max_tokens);
-    let endpoint = annotate::connect(connection, params)?;
+    let endpoint = llm::connect(connection, params)?;
     // Request 2i shows a first; 2i + 1 shows b first.
     let prompts: Vec<String> = pairs
         .iter()
@@ -183,7 +184,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
             cache
                 .get(k)
                 .filter(|a| a.score.is_some() || !options.retry_failed)
-                .map(|a| annotate::outcome_of(&a))
+                .map(|a| llm::outcome_of(&a))
         })
         .collect();
     let cached = asked.iter().filter(|o| o.is_some()).count();
@@ -196,7 +197,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
         parse: &parse,
         follow_up: verdict::FOLLOW_UP,
     };
-    let (requested, fatal) = annotate::ask_all(&work, connection.concurrency, &mut asked, started);
+    let (requested, fatal) = llm::ask_all(&work, connection.concurrency, &mut asked, started);
     if let Some(message) = fatal {
         bail!(
             "{}: {message}; judgments so far are kept in the cache, re-run to resume",

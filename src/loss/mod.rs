@@ -1,4 +1,4 @@
-//! The UAL loss (DESIGN §3): cross-entropy with a per-row label-smoothing value ε, over the
+//! The UAL loss (ARCHITECTURE §3): cross-entropy with a per-row label-smoothing value ε, over the
 //! rows a mask selects.
 //!
 //! For a row with target y, logits z and lse = log Σ_k exp z_k, the target distribution is

@@ -188,7 +188,7 @@ pub fn evaluate_run(
         &run.splits.high,
         &greedy,
         Default::default(),
-        1,
+        answers::BATCH,
         |_| {
             tick();
             Ok(())
@@ -238,7 +238,7 @@ fn exact_match(
         &run.splits.low,
         greedy,
         Default::default(),
-        1,
+        answers::BATCH,
         |_| {
             tick();
             Ok(())

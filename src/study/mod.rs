@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
-use crate::annotate::Connection;
+use crate::llm::Connection;
 use crate::model::Pretrained;
 use crate::train::{self, Mode, Reporter, Start, StepMetrics, TrainConfig};
 use crate::uncertainty::LossKind;
@@ -234,7 +234,7 @@ fn judge_all(study: &StudyConfig, records: &mut [RunRecord]) -> Result<()> {
         max_retries: 6,
         timeout: std::time::Duration::from_secs(120),
         retry_base: std::time::Duration::from_millis(500),
-        max_wait: crate::annotate::client::MAX_WAIT,
+        max_wait: crate::llm::client::MAX_WAIT,
     };
     let answers = |arm: LossKind, seed: u64| -> Result<PathBuf> {
         Ok(study

@@ -1,5 +1,5 @@
 //! `ual train`: fine-tuning with the UAL loss, LoRA or full, with gradient accumulation
-//! normalised by the whole optimizer step's loss tokens (DESIGN §3).
+//! normalised by the whole optimizer step's loss tokens (ARCHITECTURE §3).
 //!
 //! The whole loop is [`run_with`]: open a [`Session`], step it to the end, finish it.
 

@@ -29,7 +29,7 @@ pub struct StepGradients {
 /// mean loss and its token count (padding excluded).
 ///
 /// Each micro-batch's summed loss is divided by the response-token count of the *whole step*,
-/// so k micro-batches give exactly the gradient of one batch holding all of them (DESIGN §3).
+/// so k micro-batches give exactly the gradient of one batch holding all of them (ARCHITECTURE §3).
 ///
 /// With [`Recompute::Layers`] each micro-batch's backward recomputes the decoder layers one
 /// at a time (`recompute`); the other strategies live in the autodiff `device`.
