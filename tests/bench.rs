@@ -100,7 +100,7 @@ fn bench_head_fused_memory_is_a_fraction_of_unfused() {
         "64",
         "--iters",
         "1",
-        "--chunk-rows",
+        "--block-rows",
         "128",
     ])
     .unwrap();

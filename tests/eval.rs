@@ -2,24 +2,12 @@
 //! write valid JSON with the promised fields.
 
 use std::path::PathBuf;
-use std::process::Command;
+
+mod common;
+use common::ual_run as ual;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ual(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    );
-    assert!(out.status.success(), "ual {args:?} failed: {stderr}");
-    (stdout, stderr)
 }
 
 #[test]

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 mod common;
 use common::mock::{self, Mock, Reply};
+use common::ok;
 
 /// Two answer files of `n` prompts: `a` answers at length `a_len` words, `b` at `b_len`.
 fn answers(dir: &Path, n: usize, a_len: usize, b_len: usize) -> (PathBuf, PathBuf) {
@@ -90,14 +91,6 @@ fn judgments(out: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

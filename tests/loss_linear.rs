@@ -13,7 +13,7 @@ mod common;
 use burn::tensor::{Device, Tensor, TensorData};
 use common::devices;
 use serde::Deserialize;
-use ual::loss::linear::default_chunk_rows;
+use ual::loss::head::default_block_rows;
 use ual::loss::{HeadBlocks, RowLabels, reference, ual_linear_loss_sum};
 
 const RTOL: f64 = 2e-5;
@@ -71,7 +71,7 @@ fn check_case(case: &Case, device: &Device, device_name: &str, blocks: HeadBlock
     let device = device.clone().autodiff();
     let what = format!(
         "{} on {device_name}, {} rows per block, {} vocabulary slices",
-        case.name, blocks.rows, blocks.vocab_splits
+        case.name, blocks.block_rows, blocks.vocab_splits
     );
     let hidden = hashed(case.seed, case.rows, case.hidden, 1.0, &device).require_grad();
     let head = hashed(
@@ -130,14 +130,17 @@ fn fused_linear_loss_and_gradients_match_pytorch() {
         for case in cases() {
             // One block, a block that does not divide the rows, and (small V) one row per block;
             // where V allows, the hidden gradient also over 8 vocabulary slices.
-            let mut sizes = vec![default_chunk_rows(case.vocab), 2];
+            let mut sizes = vec![default_block_rows(case.vocab), 2];
             if case.vocab <= 1000 {
                 sizes.push(1);
             }
             let splits: &[usize] = if case.vocab % 8 == 0 { &[1, 8] } else { &[1] };
             for rows in sizes {
                 for &vocab_splits in splits {
-                    let blocks = HeadBlocks { rows, vocab_splits };
+                    let blocks = HeadBlocks {
+                        block_rows: rows,
+                        vocab_splits,
+                    };
                     check_case(&case, &device, device_name, blocks);
                 }
             }
@@ -168,7 +171,7 @@ fn tied_head_matches_unfused_reference_autodiff() {
         let device = device.autodiff();
         let (rows, h, vocab) = (11, 24, 333);
         let blocks = HeadBlocks {
-            rows: 4,
+            block_rows: 4,
             vocab_splits,
         };
         let device_name = format!("{device_name}, {vocab_splits} vocabulary slices");
@@ -225,7 +228,7 @@ fn frozen_head_and_inference_give_the_same_loss() {
     {
         let (rows, h, vocab) = (9, 16, 1000);
         let blocks = HeadBlocks {
-            rows: 2,
+            block_rows: 2,
             vocab_splits,
         };
         let device_name = format!("{device_name}, {vocab_splits} vocabulary slices");
@@ -258,7 +261,7 @@ fn frozen_head_and_inference_give_the_same_loss() {
             hashed(3, rows, h, 1.0, &device),
             hashed(4, h, vocab, 0.5, &device),
             &labels,
-            HeadBlocks::rows(3),
+            HeadBlocks::unsplit(3),
         )
         .unwrap();
         let untracked = to_vec(plain.sum)[0];
@@ -277,7 +280,7 @@ fn mismatched_shapes_and_targets_are_errors() {
         hashed(1, 4, 8, 1.0, &device),
         hashed(2, 6, 10, 1.0, &device),
         &labels,
-        HeadBlocks::rows(2),
+        HeadBlocks::unsplit(2),
     )
     .err()
     .expect("width mismatch");
@@ -286,7 +289,7 @@ fn mismatched_shapes_and_targets_are_errors() {
         hashed(1, 4, 8, 1.0, &device),
         hashed(2, 8, 3, 1.0, &device),
         &labels,
-        HeadBlocks::rows(2),
+        HeadBlocks::unsplit(2),
     )
     .err()
     .expect("target outside the vocabulary");

@@ -210,7 +210,7 @@ fn lora_grads(
     samples: &[Sample],
     device: &Device,
 ) -> (BTreeMap<String, Vec<f32>>, f64) {
-    use ual::loss::objective::HeadPlan;
+    use ual::loss::HeadPlan;
     use ual::train::{Recompute, step_gradients};
     let batch: Vec<&Sample> = samples.iter().collect();
     let head = HeadPlan::fused(32000, usize::MAX);

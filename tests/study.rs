@@ -10,6 +10,7 @@ use serde_json::Value;
 
 mod common;
 use common::mock::{self, Reply};
+use common::ok;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -70,14 +71,6 @@ fn study(config: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
     command.arg("study").arg("--config").arg(config);
     command
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn read_results(out: &Path) -> Value {

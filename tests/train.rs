@@ -13,11 +13,43 @@ use ual::data::batch::{Overflow, Prepare, Sample};
 use ual::data::formats::parse_line;
 use ual::data::template::Template;
 use ual::eval::score::token_logprobs;
-use ual::loss::objective::HeadPlan;
+use ual::loss::HeadPlan;
 use ual::model::lora::{self, LoraConfig, for_each_named};
 use ual::model::precision::{self, Frozen, Resolved};
 use ual::model::{Llama, Pretrained};
-use ual::train::{Recompute, TrainConfig, step_gradients};
+use ual::train::replicas::StepTotals;
+use ual::train::{Recompute, StepGradients, StepPlan, TrainConfig};
+
+/// One device's step under `reduction`: the micro-batches' own divisor.
+fn step_reduced(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &Device,
+    head: HeadPlan,
+    recompute: Recompute,
+    reduction: ual::data::batch::Reduction,
+) -> anyhow::Result<StepGradients> {
+    let plan = StepPlan {
+        head,
+        recompute,
+        reduction,
+    };
+    let divisor = StepTotals::local(micro.iter().flatten().copied(), reduction).divisor;
+    ual::train::step_gradients(model, micro, device, &plan, divisor)
+}
+
+/// [`step_reduced`] under ual's reduction: (gradients, loss, tokens).
+fn step_gradients(
+    model: &Llama,
+    micro: &[Vec<&Sample>],
+    device: &Device,
+    head: HeadPlan,
+    recompute: Recompute,
+) -> anyhow::Result<(GradientsParams, f64, usize)> {
+    let reduction = ual::data::batch::Reduction::Tokens;
+    let step = step_reduced(model, micro, device, head, recompute, reduction)?;
+    Ok((step.grads, step.loss, step.tokens))
+}
 
 fn tiny() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny")
@@ -370,7 +402,7 @@ fn vocabulary_split_head_trains_every_weight() {
         let off = Recompute::Off;
         let whole = HeadPlan::fused(32000, usize::MAX);
         let sliced = whole.split_vocab(16, p.model.config.hidden_size, 32000, false);
-        assert_eq!(sliced.vocab_splits, 16);
+        assert_eq!(sliced.blocks.vocab_splits, 16);
         let split_model = sliced.arrange(p.model.clone());
         let (plain, plain_loss, _) = step_gradients(&p.model, &micro, &device, whole, off).unwrap();
         let (split, split_loss, _) =
@@ -759,7 +791,6 @@ fn over_long_samples_are_truncated_or_dropped_and_counted() {
 #[test]
 fn samples_reduction_accumulates_exactly() {
     use ual::data::batch::Reduction;
-    use ual::train::{StepGradients, step_gradients_reduced};
     for (name, device) in devices() {
         let device = device.autodiff();
         let (model, samples) = lora_model(&device);
@@ -773,12 +804,12 @@ fn samples_reduction_accumulates_exactly() {
             grads: g4,
             loss: loss4,
             ..
-        } = step_gradients_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
+        } = step_reduced(&model, &one_each, &device, fused, off, samples_mode).unwrap();
         let StepGradients {
             grads: g1,
             loss: loss1,
             ..
-        } = step_gradients_reduced(
+        } = step_reduced(
             &model,
             std::slice::from_ref(&all),
             &device,
@@ -842,7 +873,7 @@ fn the_reported_nll_is_the_loss_without_smoothing() {
             for reduction in [Reduction::Tokens, Reduction::Samples] {
                 let step = |samples: &[Sample]| {
                     let micro = vec![samples.iter().collect::<Vec<_>>()];
-                    step_gradients_reduced(&model, &micro, &device, head, off, reduction).unwrap()
+                    step_reduced(&model, &micro, &device, head, off, reduction).unwrap()
                 };
                 let (smoothed, unsmoothed) = (step(&samples), step(&plain));
                 assert!(

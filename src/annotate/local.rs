@@ -21,7 +21,7 @@ use crate::data::batch::{Prepare, Sample};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::loss::Batch;
-use crate::loss::linear::default_chunk_rows;
+use crate::loss::head::default_block_rows;
 use crate::model::{Llama, Pretrained};
 
 /// `score = 1 + 9 · min(1, mean_entropy / ln vocab)`.
@@ -78,7 +78,7 @@ fn mean_entropy(model: &Llama, sample: &Sample) -> Result<f64> {
     let [b, s, h] = hidden.dims();
     let rows = hidden.reshape([b * s, h]).select(0, batch.rows.clone());
     let n = batch.labels.rows();
-    let block = default_chunk_rows(model.config.vocab_size);
+    let block = default_block_rows(model.config.vocab_size);
     let mut entropy = 0.0;
     for start in (0..n).step_by(block) {
         let logits = model.logits(rows.clone().narrow(0, start, block.min(n - start)));

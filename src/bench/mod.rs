@@ -153,7 +153,7 @@ pub struct HeadBench {
     /// 2 × rows × V × 4: the logits and their gradient, which the fused head never forms.
     pub logits_and_grad_bytes: u64,
     /// Rows per block of the fused head.
-    pub chunk_rows: usize,
+    pub block_rows: usize,
     /// Vocabulary slices of the hidden gradient.
     pub vocab_splits: usize,
     /// The fused linear cross-entropy.
@@ -215,7 +215,7 @@ pub fn head(
         device: device_name.to_string(),
         memory_source: memory.source(),
         logits_and_grad_bytes: (2 * rows * vocab * 4) as u64,
-        chunk_rows: blocks.rows,
+        block_rows: blocks.block_rows,
         vocab_splits: blocks.vocab_splits,
         speedup: unfused.seconds_per_step / fused.seconds_per_step,
         memory_ratio: unfused.peak_extra_bytes as f64 / fused.peak_extra_bytes.max(1) as f64,

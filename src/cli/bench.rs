@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use ual::bench::step::{Preset, StepOptions};
-use ual::loss::objective::HeadPlan;
+use ual::loss::HeadPlan;
 use ual::model::Pretrained;
 use ual::model::precision::{BaseDtype, Precision};
 use ual::train::Recompute;
@@ -142,8 +142,8 @@ pub struct HeadArgs {
     #[arg(long, default_value_t = 2)]
     iters: usize,
     /// Rows per block of the fused head; default: about 8 Mi logits, in whole 128-row tiles.
-    #[arg(long)]
-    chunk_rows: Option<usize>,
+    #[arg(long, alias = "chunk-rows")]
+    block_rows: Option<usize>,
     /// Vocabulary slices of the hidden gradient (0: split on hardware GPUs only, 1: none).
     #[arg(long, default_value_t = 0)]
     vocab_splits: usize,
@@ -363,9 +363,9 @@ fn attention(a: AttentionArgs) -> Result<()> {
 
 fn head(a: HeadArgs) -> Result<()> {
     let selected = a.device.select()?;
-    let blocks = HeadPlan::new(true, a.vocab, usize::MAX, a.chunk_rows.unwrap_or(0))
+    let blocks = HeadPlan::new(true, a.vocab, usize::MAX, a.block_rows.unwrap_or(0))
         .split_vocab(a.vocab_splits, a.hidden, a.vocab, selected.hardware_gpu)
-        .blocks();
+        .blocks;
     let report = ual::bench::head(
         a.rows,
         a.hidden,

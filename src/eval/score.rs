@@ -9,8 +9,9 @@ use serde::Serialize;
 use crate::data::batch::{Prepare, Reduction, Sample};
 use crate::data::template::Template;
 use crate::loss::Batch;
-use crate::loss::linear::default_chunk_rows;
-use crate::loss::objective::{HeadPlan, response_loss};
+use crate::loss::HeadPlan;
+use crate::loss::head::default_block_rows;
+use crate::loss::objective::response_loss;
 use crate::model::{Llama, Pretrained, Tokenizer};
 use crate::ops::lanes;
 use crate::train::TrainConfig;
@@ -48,7 +49,7 @@ pub fn token_logprobs(model: &Llama, ids: &[u32]) -> Vec<Option<f32>> {
     // Only the first n-1 positions predict a token that exists.
     let hidden = model.hidden_states(input).narrow(1, 0, n - 1);
     let vocab = model.config.vocab_size;
-    let block = default_chunk_rows(vocab);
+    let block = default_block_rows(vocab);
     let mut values = Vec::with_capacity(n - 1);
     for start in (0..n - 1).step_by(block) {
         let len = block.min(n - 1 - start);

@@ -14,6 +14,7 @@
 //! weight is 1 when every token weighs the same, and 1/n_i when every sample does.
 
 mod batch;
+pub mod head;
 pub mod linear;
 pub mod objective;
 pub mod reference;
@@ -22,7 +23,8 @@ use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 pub use batch::Batch;
-pub use linear::{HeadBlocks, ual_linear_loss_sum};
+pub use head::{HeadBlocks, HeadPlan};
+pub use linear::ual_linear_loss_sum;
 
 /// Per-row targets, smoothing values, mask and weights, validated at the API boundary.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,68 @@
 //! f16's dynamic loss scale, which keeps small gradients from flushing to zero (the element
 //! types themselves are `model::precision`'s).
 
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
+
+use super::StepGradients;
+use crate::model::Llama;
+use crate::model::precision::Precision;
+
+/// A step's loss scaling: f16's dynamic [`LossScale`], or none (a scale of 1 that never moves),
+/// in the three moves of PyTorch's `GradScaler`: [`Scaler::scale`] before the backward pass,
+/// [`Scaler::unscale`] after it, [`Scaler::update`] once the step's gradient norm is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scaler(Option<LossScale>);
+
+impl Scaler {
+    /// A dynamic scale for `precision = "f16"`, none otherwise.
+    pub fn new(precision: Precision) -> Self {
+        Self(precision.scales_loss().then(LossScale::new))
+    }
+
+    /// The factor on the loss of the step about to run.
+    pub fn scale(&self) -> f64 {
+        self.0.map_or(1.0, |s| s.scale)
+    }
+
+    /// Divides the step's figures and gradients by the factor its backward pass ran under.
+    pub fn unscale(&self, model: &Llama, step: &mut StepGradients) {
+        let scale = self.scale();
+        if scale != 1.0 {
+            (step.loss, step.nll) = (step.loss / scale, step.nll / scale);
+            super::optim::scale_grads(model, &mut step.grads, 1.0 / scale);
+        }
+    }
+
+    /// Moves the scale after step `step`, whose unscaled gradients were `finite` or not, and
+    /// says whether the step is applied (always, without a scale: a non-finite step then stops
+    /// the run as divergence). A scale that fell through its floor is an error.
+    pub fn update(&mut self, step: usize, finite: bool) -> Result<bool> {
+        let Some(scale) = &mut self.0 else {
+            return Ok(true);
+        };
+        let applied = scale.update(finite, LossScale::INTERVAL);
+        if scale.exhausted() {
+            bail!(
+                "step {step}: the f16 loss scale fell below {} after overflow upon overflow, so the forward pass itself overflows f16; use precision = \"bf16\" or \"f32\"",
+                LossScale::FLOOR
+            );
+        }
+        Ok(applied)
+    }
+
+    /// The scale to checkpoint, if the run has one.
+    pub fn state(&self) -> Option<LossScale> {
+        self.0
+    }
+
+    /// Continues from a checkpoint's scale (the initial one for a checkpoint without).
+    pub fn restore(&mut self, saved: Option<LossScale>) {
+        if self.0.is_some() {
+            self.0 = Some(saved.unwrap_or_default());
+        }
+    }
+}
 
 /// A dynamic loss scale, as PyTorch's `GradScaler` keeps one: the loss is multiplied by
 /// `scale` before the backward pass and the gradients divided by it after. A step whose

@@ -27,8 +27,7 @@ use crate::data::batch::DataSummary;
 pub use config::{Mode, Recompute, Sampling, TrainConfig};
 pub use session::{Parts, Session};
 pub use step::{
-    Evaluation, EvaluationSums, StepGradients, evaluate, evaluation_sums, step_gradients,
-    step_gradients_divided, step_gradients_reduced,
+    Evaluation, EvaluationSums, StepGradients, StepPlan, evaluate, evaluation_sums, step_gradients,
 };
 
 /// One line of `metrics.jsonl`.

@@ -16,7 +16,8 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 
 use crate::loss::Batch;
-use crate::loss::objective::{HeadPlan, head_loss};
+use crate::loss::HeadPlan;
+use crate::loss::objective::head_loss;
 use crate::model::Llama;
 
 /// Adds to `accumulator` the gradients of this batch's summed response loss divided by `scale`,

@@ -10,6 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use super::StepGradients;
 use crate::cluster::Cluster;
 use crate::data::batch::{Reduction, Sample};
 use crate::model::Llama;
@@ -60,9 +61,22 @@ impl StepTotals {
     }
 }
 
+/// Sums the step's gradients, loss, NLL and token count over the ranks in place, in one
+/// all-reduce: the step's one exchange after its backward pass, as [`StepTotals::global`] is
+/// its one before.
+pub fn sum_step(model: &Llama, step: &mut StepGradients, cluster: &Cluster) {
+    if !cluster.is_parallel() {
+        return;
+    }
+    let mut figures = [step.loss as f32, step.nll as f32, step.tokens as f32];
+    sum_gradients(model, &mut step.grads, &mut figures, cluster);
+    (step.loss, step.nll) = (figures[0] as f64, figures[1] as f64);
+    step.tokens = figures[2].round() as usize;
+}
+
 /// Sums `grads` over the ranks in place, with `figures` (the step's loss and counts) riding
 /// in the same all-reduce. A rank whose slice of the batch was empty contributes zeros.
-pub fn sum_gradients(
+fn sum_gradients(
     model: &Llama,
     grads: &mut GradientsParams,
     figures: &mut [f32],

@@ -13,9 +13,9 @@ use super::checkpoint::{self, RunCheckpoint};
 use super::config::{Mode, TrainConfig};
 use super::early_stop::Best;
 use super::log::MetricsLog;
-use super::loss_scale::LossScale;
-use super::replicas::{StepTotals, sum_gradients};
-use super::step::{Evaluation, evaluation_sums, step_gradients_divided};
+use super::loss_scale::Scaler;
+use super::replicas::{StepTotals, sum_step};
+use super::step::{Evaluation, StepPlan, evaluation_sums, step_gradients};
 use super::stream::BatchStream;
 use super::{RunSummary, Start, StepMetrics, optim, report};
 use crate::cluster::{self, Cluster, shard};
@@ -23,7 +23,7 @@ use crate::data::batch::{DataSummary, Sample, prepare};
 use crate::data::formats::read_jsonl;
 use crate::data::template::Template;
 use crate::device::{self, Selected};
-use crate::loss::objective::HeadPlan;
+use crate::loss::HeadPlan;
 use crate::model::{Llama, Pretrained, lora, peft, save};
 
 /// A run in progress. [`Session::open`] prepares it, [`Session::step`] takes one optimizer step,
@@ -34,7 +34,8 @@ pub struct Session {
     description: String,
     model: Llama,
     optimizer: ModuleOptimizer,
-    head: HeadPlan,
+    /// How each step's gradients are formed (the head, recomputation, the reduction).
+    plan: StepPlan,
     samples: Vec<Sample>,
     eval_samples: Vec<Sample>,
     data: DataSummary,
@@ -59,7 +60,7 @@ pub struct Session {
     cluster: &'static Cluster,
     started: Instant,
     /// `precision = "f16"`: the dynamic loss scale.
-    loss_scale: Option<LossScale>,
+    scaler: Scaler,
 }
 
 /// The model, data and device a session trains with.
@@ -206,7 +207,11 @@ impl Session {
             description: selected.description.clone(),
             model: head.arrange(parts.model),
             optimizer: adamw(config),
-            head,
+            plan: StepPlan {
+                head,
+                recompute: config.gradient_checkpointing,
+                reduction: config.reduction,
+            },
             // One global micro-batch of every rank's samples, which each rank slices: the order
             // one device with `ranks × batch_size` would draw.
             stream: BatchStream::new(
@@ -230,7 +235,7 @@ impl Session {
             lock: None,
             cluster,
             started: Instant::now(),
-            loss_scale: config.precision.scales_loss().then(LossScale::new),
+            scaler: Scaler::new(config.precision),
             config: config.clone(),
         })
     }
@@ -260,33 +265,18 @@ impl Session {
             .collect();
         let totals =
             StepTotals::local(micro.iter().flatten().copied(), config.reduction).global(cluster);
-        let loss_scale = self.loss_scale.map_or(1.0, |s| s.scale);
-        let mut step = step_gradients_divided(
-            &self.model,
-            &micro,
-            &self.device,
-            self.head,
-            config.gradient_checkpointing,
-            config.reduction,
-            totals.divisor / loss_scale,
-        )?;
-        let mut figures = [step.loss as f32, step.nll as f32, step.tokens as f32];
-        sum_gradients(&self.model, &mut step.grads, &mut figures, cluster);
-        if cluster.is_parallel() {
-            (step.loss, step.nll) = (figures[0] as f64, figures[1] as f64);
-            step.tokens = figures[2].round() as usize;
-        }
-        if loss_scale != 1.0 {
-            (step.loss, step.nll) = (step.loss / loss_scale, step.nll / loss_scale);
-            optim::scale_grads(&self.model, &mut step.grads, 1.0 / loss_scale);
-        }
+        let loss_scale = self.scaler.scale();
+        let divisor = totals.divisor / loss_scale;
+        let mut step = step_gradients(&self.model, &micro, &self.device, &self.plan, divisor)?;
+        sum_step(&self.model, &mut step, cluster);
+        self.scaler.unscale(&self.model, &mut step);
         // A non-finite forward loss is divergence at any loss scale (the scale multiplies only
         // the backward); only a non-finite gradient under a finite loss is an f16 overflow to
         // skip. Stopping here keeps a diverged model out of every later checkpoint.
         self.check_finite(self.step + 1, &[("loss", step.loss)])?;
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
         let applied =
-            update_loss_scale(&mut self.loss_scale, self.step + 1, grad_norm.is_finite())?;
+            self.scaler.update(self.step + 1, grad_norm.is_finite())?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
         let mean_eps = totals.mean_eps();
         if applied {
@@ -316,7 +306,7 @@ impl Session {
             mean_eps,
             eval_loss: eval.map(|e| e.loss),
             eval_nll: eval.map(|e| e.nll),
-            loss_scale: self.loss_scale.map(|_| loss_scale),
+            loss_scale: self.scaler.state().map(|_| loss_scale),
             skipped: !applied,
         };
         self.record(&metrics)?;
@@ -459,7 +449,7 @@ impl Session {
             &self.model,
             &self.eval_samples[mine],
             c.batch_size,
-            self.head,
+            self.plan.head,
             c.reduction,
         )?;
         let mut v = [sums.loss, sums.nll, sums.divisor];
@@ -506,7 +496,7 @@ impl Session {
             initial_eval_nll: self.initial_eval.map(|e| e.nll),
             ranks: Some(self.cluster.size()),
             batch_size: Some(self.config.batch_size),
-            loss_scale: self.loss_scale,
+            loss_scale: self.scaler.state(),
             data: self.fingerprints.clone(),
             best: self.best,
         };
@@ -527,9 +517,7 @@ impl Session {
         self.initial_eval = saved
             .initial_eval()
             .filter(|_| !self.eval_samples.is_empty());
-        if self.loss_scale.is_some() {
-            self.loss_scale = Some(saved.loss_scale.unwrap_or_default());
-        }
+        self.scaler.restore(saved.loss_scale);
         if self.cluster.is_root() {
             let metrics = self.config.run_dir().join("metrics.jsonl");
             (self.history, self.kept_lines) = checkpoint::metrics_until(&metrics, saved.step)?;
@@ -637,23 +625,6 @@ fn load_model(
         (Mode::Full, ..) => base,
     };
     Ok((pretrained, model))
-}
-
-/// Moves the f16 loss scale after step `step`, whose gradients were `finite` or not, and says
-/// whether the step is applied (always, without a loss scale: a non-finite step then stops the
-/// run in `check_finite`).
-fn update_loss_scale(scale: &mut Option<LossScale>, step: usize, finite: bool) -> Result<bool> {
-    let Some(scale) = scale else {
-        return Ok(true);
-    };
-    let applied = scale.update(finite, LossScale::INTERVAL);
-    if scale.exhausted() {
-        bail!(
-            "step {step}: the f16 loss scale fell below {} after overflow upon overflow, so the forward pass itself overflows f16; use precision = \"bf16\" or \"f32\"",
-            LossScale::FLOOR
-        );
-    }
-    Ok(applied)
 }
 
 /// AdamW as the configuration sets it.

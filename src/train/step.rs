@@ -10,7 +10,8 @@ use super::recompute;
 use crate::data::batch::Reduction;
 use crate::data::batch::{Sample, length_buckets};
 use crate::loss::Batch;
-use crate::loss::objective::{HeadPlan, response_loss};
+use crate::loss::HeadPlan;
+use crate::loss::objective::response_loss;
 use crate::model::Llama;
 
 /// What one optimizer step's micro-batches produced.
@@ -25,53 +26,39 @@ pub struct StepGradients {
     pub tokens: usize,
 }
 
+/// How one optimizer step's gradients are formed: the head, what the backward pass
+/// recomputes, and the reduction the loss is divided under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    /// How the LM head and the loss are cut.
+    pub head: HeadPlan,
+    /// [`Recompute::Layers`] recomputes each decoder layer from its input in the backward pass
+    /// (`recompute`); the other strategies live in the autodiff `device`.
+    pub recompute: Recompute,
+    /// Each loss token weighs the same (`tokens`), or each sample does (`samples`).
+    pub reduction: Reduction,
+}
+
 /// The gradients of one optimizer step, accumulated over its micro-batches, with the step's
-/// mean loss and its token count (padding excluded).
+/// loss and its token count (padding excluded).
 ///
-/// Each micro-batch's summed loss is divided by the response-token count of the *whole step*,
-/// so k micro-batches give exactly the gradient of one batch holding all of them (ARCHITECTURE §3).
-///
-/// With [`Recompute::Layers`] each micro-batch's backward recomputes the decoder layers one
-/// at a time (`recompute`); the other strategies live in the autodiff `device`.
+/// Each micro-batch's summed loss is divided by `divisor`, the loss-token (or sample) count of
+/// the *whole step* over every micro-batch and every rank ([`super::replicas::StepTotals`]),
+/// so k micro-batches, or k ranks, give exactly the gradient of one batch holding all of them
+/// (ARCHITECTURE §3). Empty micro-batches are skipped.
 pub fn step_gradients(
     model: &Llama,
     micro: &[Vec<&Sample>],
     device: &burn::tensor::Device,
-    head: HeadPlan,
-    recompute: Recompute,
-) -> Result<(GradientsParams, f64, usize)> {
-    let step = step_gradients_reduced(model, micro, device, head, recompute, Reduction::Tokens)?;
-    Ok((step.grads, step.loss, step.tokens))
-}
-
-/// [`step_gradients`] under `reduction`: with [`Reduction::Samples`] each sample's loss tokens
-/// weigh 1/n_i and the step's sum is divided by its sample count, so k micro-batches again give
-/// exactly the gradient of one batch holding all of them.
-pub fn step_gradients_reduced(
-    model: &Llama,
-    micro: &[Vec<&Sample>],
-    device: &burn::tensor::Device,
-    head: HeadPlan,
-    strategy: Recompute,
-    reduction: Reduction,
+    plan: &StepPlan,
+    divisor: f64,
 ) -> Result<StepGradients> {
-    let scale: f64 = micro.iter().flatten().map(|s| s.share(reduction)).sum();
-    step_gradients_divided(model, micro, device, head, strategy, reduction, scale)
-}
-
-/// [`step_gradients_reduced`] with the step's divisor given: a rank of a data-parallel job
-/// divides its share of the step by the divisor of the *whole* step (over every rank), so
-/// that the ranks' gradients sum to the one-device gradient. Empty micro-batches are skipped.
-pub fn step_gradients_divided(
-    model: &Llama,
-    micro: &[Vec<&Sample>],
-    device: &burn::tensor::Device,
-    head: HeadPlan,
-    strategy: Recompute,
-    reduction: Reduction,
-    scale: f64,
-) -> Result<StepGradients> {
-    let scale = if scale > 0.0 { scale } else { 1.0 };
+    let StepPlan {
+        head,
+        recompute: strategy,
+        reduction,
+    } = *plan;
+    let scale = if divisor > 0.0 { divisor } else { 1.0 };
     let mut accumulator = GradientsAccumulator::new();
     let (mut loss_total, mut nll_total, mut tokens) = (0.0, 0.0, 0);
     for batch_samples in micro.iter().filter(|m| !m.is_empty()) {

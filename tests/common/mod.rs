@@ -109,12 +109,20 @@ pub fn smollm2() -> PathBuf {
 /// stderr).
 pub fn ual_run(args: &[&str]) -> (String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(args)
         .output()
         .expect("ual runs");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "ual {}: {stderr}", args.join(" "));
     (String::from_utf8(out.stdout).expect("UTF-8 output"), stderr)
+}
+
+/// Fails the test with the command's stderr unless it succeeded; its stdout.
+pub fn ok(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// [`ual_run`]'s stdout.

@@ -56,13 +56,8 @@ impl<B: UalLossBackend, C: CheckpointStrategy> UalLossBackend for Autodiff<B, C>
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
-        chunk_rows: usize,
-        vocab_splits: usize,
+        blocks: HeadBlocks,
     ) -> FloatTensor<Self> {
-        let blocks = HeadBlocks {
-            rows: chunk_rows,
-            vocab_splits,
-        };
         linear_ce_sum::<B, C>(hidden, head, labels, blocks)
     }
 }
@@ -107,15 +102,14 @@ fn linear_ce_sum<B: UalLossBackend, C: CheckpointStrategy>(
                 hidden,
                 head,
                 labels,
-                blocks.rows,
-                blocks.vocab_splits,
+                blocks,
                 want_hidden,
                 want_head,
             );
             prep.finish((grad_hidden, grad_head), sum)
         }
         OpsKind::UnTracked(prep) => {
-            let sum = B::ual_linear_ce_sum(hidden, head, labels, blocks.rows, blocks.vocab_splits);
+            let sum = B::ual_linear_ce_sum(hidden, head, labels, blocks);
             prep.finish(sum)
         }
     }

@@ -10,7 +10,7 @@
 //!
 //! The logits `[rows, V]` and their gradient are the largest tensors of LoRA fine-tuning
 //! (2 × rows × V × 4 bytes). The fused head runs the head matmul, the loss and its gradient on
-//! `chunk_rows` rows at once, so only a `[chunk_rows, V]` block ever exists. As in Liger's fused
+//! `block_rows` rows at once, so only a `[block_rows, V]` block ever exists. As in Liger's fused
 //! linear cross-entropy, the gradients with respect to the hidden states and the head are formed
 //! during the forward pass, while each block is alive: the same three matmuls the unfused head
 //! needs, with nothing recomputed. The backward only scales them by the upstream gradient, which
@@ -37,17 +37,17 @@ use super::host;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadBlocks {
     /// Rows of logits that exist at once.
-    pub rows: usize,
+    pub block_rows: usize,
     /// Vocabulary slices of the hidden gradient (split-K); 1 = one plain matmul. A count that
     /// does not divide V is lowered to the largest one that does.
     pub vocab_splits: usize,
 }
 
 impl HeadBlocks {
-    /// Blocks of `rows` rows with an unsplit hidden gradient.
-    pub fn rows(rows: usize) -> Self {
+    /// Blocks of `block_rows` rows with an unsplit hidden gradient.
+    pub fn unsplit(block_rows: usize) -> Self {
         Self {
-            rows,
+            block_rows,
             vocab_splits: 1,
         }
     }
@@ -108,19 +108,17 @@ pub trait UalLossBackend: Backend {
     }
 
     /// `[rows, H]` hidden states, a `[H, V]` head and `[rows, 3]` labels → the `[1]` loss
-    /// summed over counted rows, the head applied `chunk_rows` rows at a time ([`chunked`]);
-    /// under autodiff the hidden gradient is formed over `vocab_splits` slices of the vocabulary.
+    /// summed over counted rows, the head applied `blocks.block_rows` rows at a time
+    /// ([`chunked`]); under autodiff the hidden gradient is formed over `blocks.vocab_splits`
+    /// slices of the vocabulary.
     #[fusion(default)]
     fn ual_linear_ce_sum(
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
-        chunk_rows: usize,
-        vocab_splits: usize,
+        blocks: HeadBlocks,
     ) -> FloatTensor<Self> {
-        let parts =
-            Self::ual_linear_ce_grads(hidden, head, labels, chunk_rows, vocab_splits, false, false);
-        parts.0
+        Self::ual_linear_ce_grads(hidden, head, labels, blocks, false, false).0
     }
 
     /// The summed loss of [`Self::ual_linear_ce_sum`] with the gradients of that sum with
@@ -131,8 +129,7 @@ pub trait UalLossBackend: Backend {
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
-        chunk_rows: usize,
-        vocab_splits: usize,
+        blocks: HeadBlocks,
         want_hidden: bool,
         want_head: bool,
     ) -> (
@@ -140,14 +137,10 @@ pub trait UalLossBackend: Backend {
         Option<FloatTensor<Self>>,
         Option<FloatTensor<Self>>,
     ) {
-        let blocks = HeadBlocks {
-            rows: chunk_rows,
-            vocab_splits,
-        };
         chunked::<Self>(hidden, head, labels, blocks, want_hidden, want_head)
     }
 }
-/// The loss sum over blocks of `blocks.rows` rows and, where asked, its gradients with respect
+/// The loss sum over blocks of `blocks.block_rows` rows and, where asked, its gradients with respect
 /// to the hidden states and the head. Generic over the backend: every op is burn's or ours.
 pub fn chunked<B: UalLossBackend>(
     hidden: FloatTensor<B>,
@@ -168,7 +161,7 @@ pub fn chunked<B: UalLossBackend>(
     let mut sum: Option<FloatTensor<B>> = None;
     let mut grad_hidden = Vec::new();
     let mut grad_head: Option<FloatTensor<B>> = None;
-    for range in chunks(rows, blocks.rows) {
+    for range in chunks(rows, blocks.block_rows) {
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
         let logits = B::float_matmul(h.clone(), head.clone());
@@ -240,10 +233,10 @@ fn sum_of_slices<B: Backend>(partial: FloatTensor<B>) -> FloatTensor<B> {
     B::float_reshape(B::float_sum_dim(partial, 0), Shape::new([r, hidden]))
 }
 
-fn chunks(rows: usize, chunk_rows: usize) -> impl Iterator<Item = Range<usize>> {
+fn chunks(rows: usize, block_rows: usize) -> impl Iterator<Item = Range<usize>> {
     (0..rows)
-        .step_by(chunk_rows.max(1))
-        .map(move |start| start..(start + chunk_rows).min(rows))
+        .step_by(block_rows.max(1))
+        .map(move |start| start..(start + block_rows).min(rows))
 }
 
 fn rows_of<B: Backend>(t: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {

@@ -75,8 +75,7 @@ impl UalLossBackend for Flex {
         hidden: FloatTensor<Self>,
         head: FloatTensor<Self>,
         labels: FloatTensor<Self>,
-        chunk_rows: usize,
-        vocab_splits: usize,
+        blocks: super::backend::HeadBlocks,
         want_hidden: bool,
         want_head: bool,
     ) -> (
@@ -84,16 +83,12 @@ impl UalLossBackend for Flex {
         Option<FloatTensor<Self>>,
         Option<FloatTensor<Self>>,
     ) {
-        if vocab_splits == 1
+        if blocks.vocab_splits == 1
             && let Some(parts) =
-                fused_head(&hidden, &head, &labels, chunk_rows, want_hidden, want_head)
+                fused_head(&hidden, &head, &labels, blocks.block_rows, want_hidden, want_head)
         {
             return parts;
         }
-        let blocks = super::backend::HeadBlocks {
-            rows: chunk_rows,
-            vocab_splits,
-        };
         super::backend::chunked::<Self>(hidden, head, labels, blocks, want_hidden, want_head)
     }
 }
@@ -113,7 +108,7 @@ fn fused_head(
     hidden: &FlexTensor,
     head: &FlexTensor,
     labels: &FlexTensor,
-    chunk_rows: usize,
+    block_rows: usize,
     want_hidden: bool,
     want_head: bool,
 ) -> Option<(FlexTensor, Option<FlexTensor>, Option<FlexTensor>)> {
@@ -121,15 +116,15 @@ fn fused_head(
     let (rows, width, vocab) = (hidden.rows, hidden.cols, head.cols);
     let packed = host::read::<Flex>(labels.clone());
     let labels = host::rows_of(&packed);
-    let chunk_rows = chunk_rows.clamp(1, rows.max(1));
-    let mut block = vec![0f32; chunk_rows * vocab];
+    let block_rows = block_rows.clamp(1, rows.max(1));
+    let mut block = vec![0f32; block_rows * vocab];
     let mut grad_hidden = want_hidden.then(|| vec![0f32; rows * width]);
     let mut grad_head = want_head.then(|| vec![0f32; width * vocab]);
     // ∂(Σ w·loss)/∂(loss, lse) of every row: its weight, and 0.
     let upstream = host::loss_only_upstream(&packed);
     let mut sum = 0f64;
-    for start in (0..rows).step_by(chunk_rows) {
-        let range = start..(start + chunk_rows).min(rows);
+    for start in (0..rows).step_by(block_rows) {
+        let range = start..(start + block_rows).min(rows);
         let (h, r) = (hidden.row_range(range.clone()), range.len());
         let logits = &mut block[..r * vocab];
         matmul(logits, h, head, false);

@@ -27,7 +27,7 @@ pub fn row_losses(logits: Tensor<2>, labels: Tensor<2>) -> Tensor<1> {
 }
 
 /// The fused linear cross-entropy's summed loss `[1]` of `hidden @ head` against packed labels,
-/// in blocks of `blocks.rows` rows; differentiable with respect to `hidden` and `head`.
+/// in blocks of `blocks.block_rows` rows; differentiable with respect to `hidden` and `head`.
 pub fn linear_ce_sum(
     hidden: Tensor<2>,
     head: Tensor<2>,
@@ -38,7 +38,9 @@ pub fn linear_ce_sum(
         hidden.into_dispatch(),
         head.into_dispatch(),
         labels.into_dispatch(),
-        blocks.rows.max(1),
-        blocks.vocab_splits,
+        HeadBlocks {
+            block_rows: blocks.block_rows.max(1),
+            ..blocks
+        },
     ))
 }
