@@ -210,11 +210,18 @@ fn lora_grads(
     samples: &[Sample],
     device: &Device,
 ) -> (BTreeMap<String, Vec<f32>>, f64) {
+    use ual::data::batch::Reduction;
     use ual::loss::HeadPlan;
-    use ual::train::{Recompute, step_gradients};
+    use ual::train::{Recompute, StepPlan, step_gradients};
     let batch: Vec<&Sample> = samples.iter().collect();
-    let head = HeadPlan::fused(32000, usize::MAX);
-    let (grads, loss, _) = step_gradients(model, &[batch], device, head, Recompute::Off).unwrap();
+    let plan = StepPlan {
+        head: HeadPlan::fused(32000, usize::MAX),
+        recompute: Recompute::Off,
+        reduction: Reduction::Tokens,
+    };
+    let tokens = samples.iter().map(|s| s.share(Reduction::Tokens)).sum();
+    let step = step_gradients(model, &[batch], device, &plan, tokens).unwrap();
+    let (grads, loss) = (step.grads, step.loss);
     let mut out = BTreeMap::new();
     for (name, proj) in model.projections() {
         if let Some(l) = &proj.lora {

@@ -850,7 +850,6 @@ fn samples_reduction_accumulates_exactly() {
 #[test]
 fn the_reported_nll_is_the_loss_without_smoothing() {
     use ual::data::batch::Reduction;
-    use ual::train::step_gradients_reduced;
     for (name, device) in devices() {
         let device = device.autodiff();
         let (model, samples) = lora_model(&device);

@@ -153,10 +153,15 @@ mod tests {
             default
         );
         assert_eq!(
-            HeadPlan::new(true, 32_000, usize::MAX, 1024).blocks.block_rows,
+            HeadPlan::new(true, 32_000, usize::MAX, 1024)
+                .blocks
+                .block_rows,
             1024
         );
-        assert_eq!(HeadPlan::new(true, 32_000, 500, 1024).blocks.block_rows, 500);
+        assert_eq!(
+            HeadPlan::new(true, 32_000, 500, 1024).blocks.block_rows,
+            500
+        );
         let unfused = HeadPlan::new(false, 32_000, 700, 1024);
         assert!(!unfused.fused);
         assert_eq!(unfused.blocks.block_rows, 700);
@@ -165,13 +170,37 @@ mod tests {
     #[test]
     fn vocabulary_splits_are_automatic_on_gpus_only_and_can_be_forced() {
         let fused = HeadPlan::new(true, 32_000, usize::MAX, 0);
-        assert_eq!(fused.split_vocab(0, 768, 32_000, true).blocks.vocab_splits, 20);
-        assert_eq!(fused.split_vocab(0, 768, 32_000, false).blocks.vocab_splits, 1);
-        assert_eq!(fused.split_vocab(8, 768, 32_000, false).blocks.vocab_splits, 8);
-        assert_eq!(fused.split_vocab(1, 768, 32_000, true).blocks.vocab_splits, 1);
+        assert_eq!(
+            fused.split_vocab(0, 768, 32_000, true).blocks.vocab_splits,
+            20
+        );
+        assert_eq!(
+            fused.split_vocab(0, 768, 32_000, false).blocks.vocab_splits,
+            1
+        );
+        assert_eq!(
+            fused.split_vocab(8, 768, 32_000, false).blocks.vocab_splits,
+            8
+        );
+        assert_eq!(
+            fused.split_vocab(1, 768, 32_000, true).blocks.vocab_splits,
+            1
+        );
         // 24 does not divide 32,000: the largest count that does.
-        assert_eq!(fused.split_vocab(24, 768, 32_000, false).blocks.vocab_splits, 20);
+        assert_eq!(
+            fused
+                .split_vocab(24, 768, 32_000, false)
+                .blocks
+                .vocab_splits,
+            20
+        );
         let unfused = HeadPlan::new(false, 32_000, 700, 0);
-        assert_eq!(unfused.split_vocab(8, 768, 32_000, true).blocks.vocab_splits, 1);
+        assert_eq!(
+            unfused
+                .split_vocab(8, 768, 32_000, true)
+                .blocks
+                .vocab_splits,
+            1
+        );
     }
 }

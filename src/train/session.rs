@@ -275,8 +275,7 @@ impl Session {
         // skip. Stopping here keeps a diverged model out of every later checkpoint.
         self.check_finite(self.step + 1, &[("loss", step.loss)])?;
         let grad_norm = optim::clip(&self.model, &mut step.grads, config.optim.max_grad_norm);
-        let applied =
-            self.scaler.update(self.step + 1, grad_norm.is_finite())?;
+        let applied = self.scaler.update(self.step + 1, grad_norm.is_finite())?;
         let lr = optim::learning_rate(&config.optim, self.warmup, self.step, self.steps);
         let mean_eps = totals.mean_eps();
         if applied {

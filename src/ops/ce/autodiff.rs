@@ -98,14 +98,8 @@ fn linear_ce_sum<B: UalLossBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (sum, grad_hidden, grad_head) = B::ual_linear_ce_grads(
-                hidden,
-                head,
-                labels,
-                blocks,
-                want_hidden,
-                want_head,
-            );
+            let (sum, grad_hidden, grad_head) =
+                B::ual_linear_ce_grads(hidden, head, labels, blocks, want_hidden, want_head);
             prep.finish((grad_hidden, grad_head), sum)
         }
         OpsKind::UnTracked(prep) => {

@@ -84,8 +84,14 @@ impl UalLossBackend for Flex {
         Option<FloatTensor<Self>>,
     ) {
         if blocks.vocab_splits == 1
-            && let Some(parts) =
-                fused_head(&hidden, &head, &labels, blocks.block_rows, want_hidden, want_head)
+            && let Some(parts) = fused_head(
+                &hidden,
+                &head,
+                &labels,
+                blocks.block_rows,
+                want_hidden,
+                want_head,
+            )
         {
             return parts;
         }
