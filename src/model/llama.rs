@@ -66,8 +66,7 @@ impl Attention {
             start..start + n,
             0..self.head_dim,
         ];
-        cache.keys = cache.keys.clone().slice_assign(slots.clone(), k);
-        cache.values = cache.values.clone().slice_assign(slots, v);
+        cache.write(slots, k, v);
         let k = self.repeat_kv(cache.keys.clone().narrow(2, 0, start + n));
         let v = self.repeat_kv(cache.values.clone().narrow(2, 0, start + n));
         self.attend(
@@ -149,6 +148,18 @@ pub struct LayerCache {
     pub keys: Tensor<4>,
     /// Cached values.
     pub values: Tensor<4>,
+}
+
+impl LayerCache {
+    /// Writes `k` and `v` at `slots`. Each tensor is taken out of the cache first, so that its
+    /// buffer has one owner and the backend writes the slots in place: a clone would make it
+    /// copy the whole cache, every layer, every token.
+    fn write(&mut self, slots: [std::ops::Range<usize>; 4], k: Tensor<4>, v: Tensor<4>) {
+        let device = k.device();
+        let take = |t: &mut Tensor<4>| std::mem::replace(t, Tensor::empty([0; 4], &device));
+        self.keys = take(&mut self.keys).slice_assign(slots.clone(), k);
+        self.values = take(&mut self.values).slice_assign(slots, v);
+    }
 }
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
