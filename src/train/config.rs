@@ -539,9 +539,9 @@ impl TrainConfig {
                 dir.display()
             );
         }
-        if self.early_stop_patience > 0 && self.eval_data.is_none() {
+        if self.early_stop_patience > 0 && (self.eval_data.is_none() || self.eval_every == 0) {
             bail!(
-                "`early_stop_patience` = {} needs held-out data: set eval_data",
+                "`early_stop_patience` = {} counts evaluations during the run: set eval_data and eval_every > 0",
                 self.early_stop_patience
             );
         }
@@ -807,6 +807,18 @@ mod tests {
         );
         let err = TrainConfig::resolve(None, &["smoothing.eps_max=1.5".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("eps_max"));
+    }
+
+    #[test]
+    fn early_stopping_needs_evaluations_during_the_run() {
+        let refused = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let err = TrainConfig::resolve(None, &sets).unwrap_err();
+            assert!(format!("{err:#}").contains("eval_every > 0"), "{err:#}");
+        };
+        refused(&["early_stop_patience=2", "eval_every=0"]);
+        refused(&["early_stop_patience=2", "eval_data=\"\""]);
+        assert!(TrainConfig::resolve(None, &["early_stop_patience=2".into()]).is_ok());
     }
 
     /// The bundled run's learning rate stays with the bundled model; another model gets
