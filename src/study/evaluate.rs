@@ -275,7 +275,9 @@ fn calibration(
     Ok(expected_calibration_error(&predictions, bins))
 }
 
-/// `samples` sampled answers per high-entropy prompt, each with its own seed.
+/// `samples` sampled answers per high-entropy prompt, decoded in batches: sample `j` of prompt
+/// `i` is item `i·k + j` of the repeated prompts, so it draws from stream `seed + i·k + j`
+/// ([`GenerationConfig::stream`]), as it did one at a time.
 fn sample_answers(
     pretrained: &Pretrained,
     template: &Template,
@@ -283,32 +285,47 @@ fn sample_answers(
     tick: &mut dyn FnMut(),
 ) -> Result<Vec<(GenerationConfig, Answer)>> {
     let k = run.eval.samples;
-    let mut out = Vec::with_capacity(run.splits.high.len() * k);
-    for (i, example) in run.splits.high.iter().enumerate() {
-        for j in 0..k {
-            let config = GenerationConfig {
-                max_new_tokens: run.eval.max_new_tokens,
-                temperature: run.eval.temperature,
-                top_p: run.eval.top_p,
-                seed: run.eval.seed + (i * k + j) as u64,
-                ..Default::default()
-            };
-            let one = std::slice::from_ref(example);
-            let mut answer = answers::answer_all(
-                pretrained,
-                template,
-                one,
-                &config,
-                Default::default(),
-                1,
-                |_| Ok(()),
-            )?
-            .remove(0);
-            answer.index = i;
-            out.push((config, answer));
-        }
-        tick();
-    }
+    let config = GenerationConfig {
+        max_new_tokens: run.eval.max_new_tokens,
+        temperature: run.eval.temperature,
+        top_p: run.eval.top_p,
+        seed: run.eval.seed,
+        ..Default::default()
+    };
+    let repeated: Vec<Example> = run
+        .splits
+        .high
+        .iter()
+        .flat_map(|example| std::iter::repeat_n(example.clone(), k))
+        .collect();
+    let answers = answers::answer_all(
+        pretrained,
+        template,
+        &repeated,
+        &config,
+        Default::default(),
+        answers::BATCH,
+        |answer| {
+            if (answer.index + 1).is_multiple_of(k) {
+                tick();
+            }
+            Ok(())
+        },
+    )?;
+    let out = answers
+        .into_iter()
+        .map(|mut answer| {
+            let seed = config.seed + answer.index as u64;
+            answer.index /= k;
+            (
+                GenerationConfig {
+                    seed,
+                    ..config.clone()
+                },
+                answer,
+            )
+        })
+        .collect();
     Ok(out)
 }
 
