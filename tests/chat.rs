@@ -165,7 +165,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
     let adapter = adapter.to_str().unwrap();
     let prompts = runs.join("prompts.json");
     std::fs::write(&prompts, r#"["What is the capital of France?"]"#).unwrap();
-    let prompt_with = |extra: &[&str]| {
+    let generate = |extra: &[&str]| {
         let mut args = vec![
             "generate",
             "--device",
@@ -180,7 +180,10 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
             "2",
         ];
         args.extend_from_slice(extra);
-        let (out, said) = common::ual_run(&args);
+        common::ual_run(&args)
+    };
+    let prompt_with = |extra: &[&str]| {
+        let (out, said) = generate(extra);
         let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         (line["prompt"].as_str().unwrap().to_string(), said)
     };
@@ -197,21 +200,7 @@ fn the_model_s_own_chat_format_is_used_without_a_flag() {
         warned.contains("differs from the chat_template"),
         "{warned}"
     );
-    let (eval, _) = common::ual_run(&[
-        "generate",
-        "--device",
-        "cpu",
-        "--model",
-        model,
-        "--adapter",
-        adapter,
-        "--input",
-        prompts.to_str().unwrap(),
-        "--format",
-        "alpaca-eval",
-        "--max-new-tokens",
-        "4",
-    ]);
+    let (eval, _) = generate(&["--format", "alpaca-eval"]);
     let eval: serde_json::Value = serde_json::from_str(&eval).unwrap();
     assert_eq!(
         eval[0]["generator"], "auto",

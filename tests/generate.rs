@@ -29,6 +29,25 @@ fn fixture(model: &str) -> Fixture {
     .unwrap()
 }
 
+/// `prompts` decoded together, prompt `i` drawing from stream `i`.
+fn generate_batch(
+    p: &Pretrained,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Vec<ual::model::generate::Generation> {
+    let streams: Vec<usize> = (0..prompts.len()).collect();
+    generate(
+        &p.model,
+        &p.tokenizer,
+        &[],
+        prompts,
+        &streams,
+        config,
+        |_, _| {},
+    )
+    .unwrap()
+}
+
 fn greedy(tokens: usize) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: tokens,
@@ -61,17 +80,7 @@ fn greedy_decoding_matches_transformers_alone_and_batched() {
             // Prompts of different lengths in one left-padded batch decode as they do alone.
             let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
             assert_ne!(prompts[0].len(), prompts[1].len());
-            let streams: Vec<usize> = (0..prompts.len()).collect();
-            let out = generate(
-                &p.model,
-                &p.tokenizer,
-                &[],
-                &prompts,
-                &streams,
-                &config,
-                |_, _| {},
-            )
-            .unwrap();
+            let out = generate_batch(&p, &prompts, &config);
             for (got, case) in out.iter().zip(&cases) {
                 assert_eq!(got.ids, case.greedy_ids, "{device_name} {name}: batched");
             }
@@ -190,17 +199,7 @@ fn seeded_sampling_is_the_same_at_batch_1_and_8() {
                     .clone()
             })
             .collect();
-        let streams: Vec<usize> = (0..8).collect();
-        let batched = generate(
-            &p.model,
-            &p.tokenizer,
-            &[],
-            &prompts,
-            &streams,
-            &config,
-            |_, _| {},
-        )
-        .unwrap();
+        let batched = generate_batch(&p, &prompts, &config);
         let batched: Vec<Vec<u32>> = batched.into_iter().map(|g| g.ids).collect();
         assert_eq!(batched, alone, "{device_name}");
         assert!(
@@ -342,12 +341,7 @@ fn prompt_only_input_in_every_shape_and_batched_as_alone() {
             .arg(input)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::ok(&out)
     };
     let generations = |text: &str| -> Vec<String> {
         text.lines()
