@@ -3,7 +3,7 @@
 //! ordering under concurrency, and a key that never leaks.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ fn expected_score(item: usize) -> f64 {
 }
 
 fn annotate(mock: &Mock, input: &Path, output: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ual"))
+    common::ual()
         .args([
             "annotate",
             "--endpoint",
@@ -309,7 +309,7 @@ fn a_killed_run_resumes_without_asking_twice_or_losing_lines() {
         serve(|_, item| Reply::Slow(Duration::from_millis(40), expected_score(item).to_string()));
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (input(tmp.path(), 30), tmp.path().join("out.jsonl"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let mut child = common::ual()
         .args([
             "annotate",
             "--endpoint",
@@ -382,7 +382,7 @@ fn local_mode_scores_with_a_model_entropy() {
     let tmp = tempfile::tempdir().unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let output = tmp.path().join("out.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["annotate", "--device", "cpu", "--from-model"])
         .arg(root.join("tests/fixtures/models/llama-gqa"))
         .arg("--input")
@@ -507,7 +507,7 @@ fn local_mode_follows_the_template() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let scores = |template: &str| {
         let output = tmp.path().join(format!("{template}.jsonl"));
-        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        let out = common::ual()
             .args([
                 "annotate",
                 "--device",
@@ -714,7 +714,7 @@ fn settings_that_cannot_be_meant_are_refused_at_once() {
     let output = tmp.path().join("out.jsonl");
     let run = |endpoint: &str, output: &Path, extra: &[&str]| {
         let started = std::time::Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+        let out = common::ual()
             .args(["annotate", "--endpoint", endpoint, "--model", "m"])
             .arg("--input")
             .arg(&input)

@@ -4,17 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use serde_json::Value;
 
 fn ual(args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::ual().args(args).output().unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     if !out.status.success() {
         return Err(format!("{}\n{stderr}", out.status));

@@ -4,17 +4,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 /// The bar: the held-out NLL falls by at least this many nats over the bundled run.
 const MIN_HELD_OUT_DROP: f64 = 0.3;
 
 #[test]
 fn the_bundled_run_learns_and_says_so_without_an_error_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    let out = common::ual()
         .env_remove("XDG_RUNTIME_DIR")
         .args(["train", "--set"])
         .arg(format!("output_dir={:?}", tmp.path().display().to_string()))
@@ -72,7 +68,7 @@ fn the_bundled_run_learns_and_says_so_without_an_error_line() {
 #[cfg(all(target_os = "linux", not(feature = "mpi")))]
 #[test]
 fn the_default_build_needs_no_mpi() {
-    let ldd = Command::new("ldd")
+    let ldd = std::process::Command::new("ldd")
         .arg(env!("CARGO_BIN_EXE_ual"))
         .output()
         .expect("ldd (Debian: libc-bin)");
@@ -84,11 +80,10 @@ fn the_default_build_needs_no_mpi() {
     );
     assert!(!linked.contains("libmpi"), "{linked}");
     // As if mpirun had started it: without the feature, ual is one process on its own.
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .env("XDG_RUNTIME_DIR", "/tmp")
-        .args(["score", "--model"])
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny"))
+        .args(["score", "--model", "models/tiny"])
         .args(["--text", "one two", "--json", "--device", "cpu"])
         .output()
         .unwrap();
@@ -104,10 +99,7 @@ fn the_default_build_needs_no_mpi() {
 /// `UAL_REQUIRE_WGPU=1` (CI) it must list one.
 #[test]
 fn devices_name_each_adapters_compiler() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(["devices", "--json"])
-        .output()
-        .unwrap();
+    let out = common::ual().args(["devices", "--json"]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -209,7 +201,7 @@ fn print_config_lists_every_key_and_outside_a_clone_the_defaults_ask_for_flags()
     assert!(text.lines().count() >= 40, "every key: {text}");
 
     let elsewhere = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .current_dir(elsewhere.path())
         .args(["train", "--device", "cpu"])
         .output()

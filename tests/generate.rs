@@ -280,8 +280,7 @@ fn file_mode_renders_lines_as_training_does() {
             + "\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = common::ual()
         .args([
             "generate",
             "--model",
@@ -325,8 +324,7 @@ fn prompt_only_input_in_every_shape_and_batched_as_alone() {
     let array = tmp.path().join("alpaca_eval.json");
     std::fs::write(&array, format!("[{}]", lines.join(",\n"))).unwrap();
     let run = |input: &std::path::Path, extra: &[&str]| -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        let out = common::ual()
             .args([
                 "generate",
                 "--model",

@@ -60,7 +60,7 @@ fn judge(mock: &Mock, a: &Path, b: &Path, out: &Path, extra: &[&str]) -> Output 
 }
 
 fn judge_command(mock: &Mock, a: &Path, b: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+    let mut command = common::ual();
     command
         .args([
             "eval",

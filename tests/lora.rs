@@ -111,7 +111,7 @@ fn merged_model_gives_the_adapters_logprobs() {
             .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("merged");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let status = common::ual()
         .args(["merge", "--device", "cpu", "--model"])
         .arg(fixture_model("llama-gqa"))
         .arg("--adapter")
@@ -154,7 +154,7 @@ fn merge_keeps_the_base_dtype() {
     let adapter = tmp.path().join("adapter");
     peft::save_peft(&mut model, &config, "llama-tied-bf16", &adapter).unwrap();
     let output = tmp.path().join("merged");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let status = common::ual()
         .args(["merge", "--device", "cpu", "--model"])
         .arg(&dir)
         .args([

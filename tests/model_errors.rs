@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::tensor::Device;
 use common::fixture_model;
@@ -100,7 +99,7 @@ fn missing_shard_is_named() {
 fn cli_reports_one_line_and_fails() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
     edit_config(&dir, |c| c["model_type"] = "falcon".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["score", "--device", "cpu", "--text", "hi", "--model"])
         .arg(&dir)
         .output()
@@ -118,7 +117,7 @@ fn cli_reports_one_line_and_fails() {
 
 #[test]
 fn cli_scores_json() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args([
             "score",
             "--device",

@@ -6,6 +6,8 @@
 //! on PATH (Debian: openmpi-bin). A missing `mpirun` fails these tests: it does not skip them.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -54,7 +56,7 @@ fn train_args(dir: &Path, name: &str, batch: usize, extra: &[&str]) -> Vec<Strin
 
 /// One process, no MPI launcher: the job of one rank.
 fn solo(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ual"))
+    common::ual()
         .args(args)
         .env("XDG_RUNTIME_DIR", "/tmp")
         .output()

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{devices, fixture_model, fixtures};
 use serde::Deserialize;
@@ -239,8 +238,7 @@ fn the_paper_protocol_is_reproducible_by_seed() {
 
 /// `ual train` with a shipped config on the bundled tiny model, steps shortened.
 fn train_recipe(config: &str, dir: &Path, extra: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(root())
+    let out = common::ual()
         .args(["train", "--config", config])
         .args(["--set", "model=\"models/tiny\""])
         .args(["--set", "train_data=\"tests/fixtures/paper/data.jsonl\""])
@@ -317,8 +315,7 @@ fn both_shipped_configs_and_their_baselines_train_end_to_end() {
 #[test]
 fn score_with_the_mistral_config_prints_the_ports_lines() {
     // The command the issue names, end to end.
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(root())
+    let out = common::ual()
         .args(["score", "--model", "tests/fixtures/models/mistral-f16"])
         .args(["--data", "tests/fixtures/paper/data.jsonl"])
         // The flags given fill the file's `model` and `train_data`: no --set is needed.
@@ -356,8 +353,7 @@ fn features_paper_protocol_reports_every_pair_per_model() {
         &["name=\"f\""],
     );
     let adapter = PathBuf::from(summary["run_dir"].as_str().unwrap()).join("adapter");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(root())
+    let out = common::ual()
         .args(["analyze", "features", "--protocol", "paper", "--json"])
         .args(["--model", "models/tiny", "--device", "cpu"])
         .args(["--data", "tests/fixtures/paper/prompts.jsonl"])

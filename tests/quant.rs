@@ -16,7 +16,7 @@ use ual::eval::score::token_logprobs;
 use ual::model::Pretrained;
 use ual::model::load::{SafetensorsFile, Weights, load_llama};
 use ual::model::lora::{self, LoraConfig, Weight, for_each_named};
-use ual::model::precision::{BaseDtype, Dtypes, Frozen, Precision, Resolved};
+use ual::model::precision::{BaseDtype, Dtypes, Precision, Resolved};
 use ual::ops::quant::{self, BLOCK, Block, BlockFormat, PackedWeight, blocks};
 
 const FORMATS: [(BlockFormat, &str); 2] =
@@ -257,12 +257,18 @@ fn a_q8_0_step_has_the_gradients_of_the_round_tripped_model() {
             },
             &device,
         );
-        let q8 = load_llama(&config, &checkpoint, &device, types.frozen).unwrap();
+        let q8 = load_llama(&config, &checkpoint, &device, types).unwrap();
+        let embedding = q8.embed_tokens.weight.val().dtype();
+        assert_eq!(
+            embedding,
+            DType::F16,
+            "{device_name}: the f16 embedding stays f16"
+        );
         let round = RoundTripped {
             checkpoint: &checkpoint,
             format: BlockFormat::Q8_0,
         };
-        let reference = load_llama(&config, &round, &device, Frozen::Dense(DType::F32)).unwrap();
+        let reference = load_llama(&config, &round, &device, Resolved::F32).unwrap();
         let (ours, ours_loss) = lora_grads(&lora_on(q8, &device), &samples, &device);
         let (theirs, their_loss) = lora_grads(&lora_on(reference, &device), &samples, &device);
         assert!(
@@ -290,6 +296,56 @@ fn a_q8_0_step_has_the_gradients_of_the_round_tripped_model() {
             );
         }
         eprintln!("{device_name}: q8_0 vs round-tripped f32, worst gradient gap {worst:.2e}");
+    }
+}
+
+/// Under a quantized base an f16 checkpoint's embedding and head stay f16 (half a 7B model's
+/// 1 GB of them in f32), and nothing moves: each product widens them to the f32 they were read
+/// as, so the logits equal those of the same model holding them in f32, bit for bit, for a
+/// tied head (llama-q32) and an untied one (mistral-f16).
+#[test]
+fn an_f16_checkpoints_embedding_and_head_stay_f16_and_score_the_same() {
+    let device = Device::flex();
+    for name in ["llama-q32", "mistral-f16"] {
+        let dir = fixture_model(name);
+        let types = packed(
+            Dtypes {
+                base: BaseDtype::Q4_0,
+                precision: Precision::F32,
+            },
+            &device,
+        );
+        let kept = Pretrained::load_as(&dir, &device, types).unwrap().model;
+        let widened = Resolved {
+            kept_halves: &[],
+            ..types
+        };
+        let plain = Pretrained::load_as(&dir, &device, widened).unwrap().model;
+        assert_eq!(kept.embed_tokens.weight.val().dtype(), DType::F16, "{name}");
+        assert_eq!(
+            plain.embed_tokens.weight.val().dtype(),
+            DType::F32,
+            "{name}"
+        );
+        if let Some(head) = &kept.lm_head {
+            assert_eq!(head.weight.val().dtype(), DType::F16, "{name}: the head");
+        }
+        let ids = Tensor::<2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![1i64, 5, 9, 13, 2, 7], [2, 3]),
+            &device,
+        );
+        let logits = |m: &ual::model::Llama| {
+            let values = m.forward(ids.clone()).into_data();
+            values.convert::<f32>().try_to_vec::<f32>().unwrap()
+        };
+        assert_eq!(logits(&kept), logits(&plain), "{name}: the logits moved");
+        // The fused loss reads the head as stored, and widens it a slice at a time.
+        assert_eq!(kept.head_weight().unwrap().dtype(), DType::F16, "{name}");
+        let head = |m: &ual::model::Llama| {
+            let values = m.head_weight().unwrap().cast(DType::F32).into_data();
+            values.try_to_vec::<f32>().unwrap()
+        };
+        assert_eq!(head(&kept), head(&plain), "{name}: the head moved");
     }
 }
 
@@ -337,7 +393,7 @@ fn rows_that_are_not_whole_blocks_stay_dense() {
 
 /// One LoRA step's peak memory (`ual bench step`): heap on the CPU, the device's pool on wgpu.
 fn step_peak(device: &str, base: &str) -> (u64, u64) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args([
             "bench",
             "step",

@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::fixture_model;
 use ual::model::Pretrained;
@@ -153,8 +152,7 @@ fn a_resume_without_the_held_out_set_reports_no_held_out_loss() {
     );
     assert!(ok, "{stderr}");
     let run = tmp.path().join("tiny-ual");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = common::ual()
         .args([
             "train",
             "--device",
@@ -193,7 +191,7 @@ fn resume_refuses_a_batch_size_that_changes_the_global_batch() {
     );
     assert!(ok, "{stderr}");
     let run = tmp.path().join("tiny-ual");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args([
             "train",
             "--device",
@@ -256,7 +254,7 @@ fn generation_is_capped_at_the_models_positions() {
 /// `ual merge` with the fixture model and its PEFT adapter into `output`.
 fn merge(model: &Path, output: &Path, extra: &[&str]) -> (bool, String) {
     let adapter = common::fixtures().join("adapters/llama-gqa-peft");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["merge", "--device", "cpu", "--model"])
         .arg(model)
         .arg("--adapter")
@@ -461,7 +459,7 @@ fn json_line(output: &str) -> String {
 /// `ual train` into `dir` with `sets` (or `--resume` of its run), with `UAL_TEST_ABORT_AT` set
 /// when `abort_at` is given.
 fn train_env(dir: &Path, sets: &[&str], abort_at: Option<&str>, resume: bool) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+    let mut command = common::ual();
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["train", "--device", "cpu"]);
@@ -558,8 +556,7 @@ fn an_f16_run_keeps_its_loss_scale_across_a_resume() {
         "bit-identical losses"
     );
     if common::wgpu_spec() == "wgpu" {
-        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        let out = common::ual()
             .args(["train", "--device", "wgpu", "--set", "precision=bf16"])
             .arg("--set")
             .arg(format!(
@@ -615,8 +612,7 @@ fn a_run_directory_is_claimed_once() {
     assert!(ok, "{stderr}");
     let (ok, stderr) = train(tmp.path(), &sets);
     assert!(!ok && stderr.contains("holds a run already"), "{stderr}");
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = common::ual()
         .args(["train", "--device", "cpu", "--overwrite", "--set"])
         .arg(format!("output_dir={:?}", tmp.path().display().to_string()))
         .args(sets.iter().flat_map(|s| ["--set", s]))
@@ -640,8 +636,7 @@ fn a_run_directory_is_claimed_once() {
 
 /// A run long enough to be interrupted, its stderr kept.
 fn long_run(dir: &Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    common::ual()
         .args(["train", "--device", "cpu", "--set"])
         .arg(format!("output_dir={:?}", dir.display().to_string()))
         .args([
@@ -700,7 +695,7 @@ fn ctrl_c_checkpoints_then_a_second_stops_at_once() {
         step,
         "the checkpoint is of the last logged step"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["train", "--device", "cpu", "--resume"])
         .arg(&run)
         .args(["--set", &format!("steps={}", step + 1)])
@@ -733,8 +728,7 @@ fn empty_or_impossible_work_does_not_report_success() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = common::ual()
         .args([
             "eval",
             "loss",
@@ -753,8 +747,7 @@ fn empty_or_impossible_work_does_not_report_success() {
         "{stderr}"
     );
     for value in ["NaN", "inf", "-1"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        let out = common::ual()
             .args(["generate", "--model", "models/tiny", "--prompt", "x"])
             // `=` so that clap reads "-1" as the value, not as a flag.
             .arg(format!("--temperature={value}"))
@@ -795,8 +788,7 @@ fn a_resume_on_changed_data_is_refused_by_name() {
     let run = tmp.path().join("tiny-ual");
     let lines: Vec<&str> = original.lines().collect();
     let resume = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_ual"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        let out = common::ual()
             .args(["train", "--device", "cpu", "--set", "steps=6", "--resume"])
             .arg(&run)
             .args(extra)
@@ -840,7 +832,7 @@ fn a_prompt_too_long_for_the_model_is_named_or_handled_as_asked() {
     ];
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let run = |policy: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+        let mut command = common::ual();
         command
             .args([
                 "generate",

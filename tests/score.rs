@@ -75,7 +75,7 @@ fn data_scores_match_pytorch_label_smoothing() {
 
 #[test]
 fn score_data_cli_prints_one_json_line_per_data_line() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["score", "--device", "cpu", "--model"])
         .arg(fixture_model("llama-gqa"))
         .arg("--data")

@@ -68,7 +68,7 @@ samples = 2
 }
 
 fn study(config: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ual"));
+    let mut command = common::ual();
     command.arg("study").arg("--config").arg(config);
     command
 }

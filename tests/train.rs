@@ -185,7 +185,7 @@ fn one_step(
             model,
             Resolved {
                 frozen: Frozen::Dense(dtype),
-                compute: burn::tensor::DType::F32,
+                ..Resolved::F32
             },
         );
     }
@@ -260,6 +260,7 @@ fn step_in(
         Resolved {
             frozen: Frozen::Dense(dtype),
             compute: dtype,
+            ..Resolved::F32
         },
     );
     let batch: Vec<&Sample> = samples.iter().collect();
@@ -650,11 +651,7 @@ fn resume_reproduces_the_uninterrupted_run() {
         let (run, written) = stopped_after_step_2(&config, tmp.path());
         let kept: Vec<&str> = written.lines().take(2).collect();
         let args = ["train", "--device", device, "--resume"];
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-            .args(args)
-            .arg(&run)
-            .output()
-            .unwrap();
+        let out = common::ual().args(args).arg(&run).output().unwrap();
         assert!(
             out.status.success(),
             "{device} {mode}: {}",
@@ -923,34 +920,18 @@ fn a_q4_0_base_trains_and_resumes_with_its_base_type() {
         let uninterrupted = losses(&run);
 
         let (run, _) = stopped_after_step_2(&config, tmp.path());
-        let ual = env!("CARGO_BIN_EXE_ual");
-        let refused = std::process::Command::new(ual)
-            .args([
-                "train",
-                "--device",
-                device,
-                "--base-dtype",
-                "f32",
-                "--resume",
-            ])
-            .arg(&run)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&refused.stderr);
-        assert!(
-            !refused.status.success() && err.contains("base_dtype"),
-            "{device}: {err}"
-        );
-        let out = std::process::Command::new(ual)
-            .args(["train", "--device", device, "--resume"])
-            .arg(&run)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{device}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let run_arg = run.to_str().unwrap();
+        let err = common::ual_err(&[
+            "train",
+            "--device",
+            device,
+            "--base-dtype",
+            "f32",
+            "--resume",
+            run_arg,
+        ]);
+        assert!(err.contains("base_dtype"), "{device}: {err}");
+        common::ual_run(&["train", "--device", device, "--resume", run_arg]);
         let resumed = losses(&run);
         assert_eq!(resumed.len(), 4, "{device}");
         for ((s1, a), (_, b)) in uninterrupted.iter().zip(&resumed) {
@@ -974,7 +955,7 @@ fn a_finished_run_extends_from_its_last_step() {
     let summary = ual::train::run(&config, false).unwrap();
     let run = std::path::PathBuf::from(&summary.run_dir);
     let before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
+    let out = common::ual()
         .args(["train", "--device", "cpu", "--set", "steps=4", "--resume"])
         .arg(&run)
         .output()

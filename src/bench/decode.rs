@@ -123,7 +123,11 @@ pub fn random_model(
     use crate::model::load::{RandomWeights, load_llama};
     use crate::model::precision::Resolved;
     let config = ModelConfig::from_json(&shape.config_json().to_string())?;
-    let weights = RandomWeights { seed: 0, std: 0.02 };
-    let model = load_llama(&config, &weights, device, Resolved::F32.frozen)?;
+    let weights = RandomWeights {
+        seed: 0,
+        std: 0.02,
+        half: None,
+    };
+    let model = load_llama(&config, &weights, device, Resolved::F32)?;
     Ok((model, Tokenizer::numbered(config.vocab_size)?))
 }

@@ -337,11 +337,12 @@ fn parts(shape: &PresetShape, config: &TrainConfig, selected: &Selected) -> Resu
     let model = match &config_model(config) {
         Some(path) => crate::model::Pretrained::load_as(path, &device, types)?.model,
         None => {
-            let weights = RandomWeights { seed: 0, std: 0.02 };
-            precision::prepare(
-                load_llama(&model_config, &weights, &device, types.frozen)?,
-                types,
-            )
+            let weights = RandomWeights {
+                seed: 0,
+                std: 0.02,
+                half: Some(burn::tensor::DType::F16),
+            };
+            precision::prepare(load_llama(&model_config, &weights, &device, types)?, types)
         }
     };
     let model = match config.mode {

@@ -30,8 +30,8 @@ pub fn ual_linear_loss_sum(
             count: 0,
         });
     }
-    // Frozen weights may be stored in half precision; the loss is always computed in f32.
-    let head = head.cast(hidden.dtype());
+    // A frozen head kept in a half type stays so: the kernels widen it a slice at a time, and
+    // the loss is always computed in f32.
     let blocks = HeadBlocks {
         block_rows: blocks.block_rows.max(1),
         vocab_splits: divisor_at_most(vocab, blocks.vocab_splits),

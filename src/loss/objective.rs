@@ -101,16 +101,11 @@ fn smoothing_gap(model: &Llama, response: &Tensor<2>, labels: &RowLabels) -> Ten
     let targets: Vec<i64> = labels.targets().iter().map(|&t| t as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
     let c = Tensor::<2>::from_data(TensorData::new(coefficients, [n, 1]), &device);
-    let (mean_logit, target_logit) = match model.head_weight() {
-        Some(weight) => {
-            let weight = weight.detach().cast(response.dtype());
-            let mean_column = weight.clone().mean_dim(1);
-            let target_rows = weight.transpose().select(0, targets);
-            (
-                response.clone().matmul(mean_column),
-                (response * target_rows).sum_dim(1),
-            )
-        }
+    let (mean_logit, target_logit) = match model.head_mean_and_columns(targets.clone()) {
+        Some((mean_column, target_rows)) => (
+            response.clone().matmul(mean_column),
+            (response * target_rows).sum_dim(1),
+        ),
         None => {
             let logits = model.logits(response).detach();
             (

@@ -183,6 +183,15 @@ impl Weights for GgufWeights<'_> {
         })
     }
 
+    fn half_type(&self, name: &str) -> Option<burn::tensor::DType> {
+        let info = self.file.tensor(&names::to_gguf(name)?)?;
+        match info.ggml_type {
+            GgmlType::F16 => Some(burn::tensor::DType::F16),
+            GgmlType::BF16 => Some(burn::tensor::DType::BF16),
+            _ => None,
+        }
+    }
+
     fn blocks(
         &self,
         name: &str,

@@ -271,6 +271,39 @@ pub struct Llama {
     pub activations: DType,
 }
 
+/// A frozen embedding or head kept in its checkpoint's half type (`precision::Resolved`),
+/// widened to f32 for one product: the head's products and the loss read f32. The copy lives
+/// for the call only, so the model holds half the bytes between calls.
+fn widened(weight: Tensor<2>) -> Tensor<2> {
+    match weight.dtype() {
+        DType::F32 => weight,
+        _ => weight.cast(DType::F32),
+    }
+}
+
+/// The mean of `t` along `dim` (kept as a size-1 dimension) in f32. A half tensor is widened a
+/// block of rows at a time (32 MiB of f32), so that no f32 copy of it exists whole.
+fn mean_f32(t: Tensor<2>, dim: usize) -> Tensor<2> {
+    if t.dtype() == DType::F32 {
+        return t.mean_dim(dim);
+    }
+    let [rows, cols] = t.dims();
+    let block = ((1 << 23) / cols.max(1)).clamp(1, rows.max(1));
+    let blocks = (0..rows).step_by(block).map(|start| {
+        let len = block.min(rows - start);
+        t.clone().narrow(0, start, len).cast(DType::F32)
+    });
+    match dim {
+        // Row means: each block's rows are whole.
+        1 => Tensor::cat(blocks.map(|b| b.mean_dim(1)).collect(), 0),
+        // Column means: the blocks' column sums, added.
+        _ => {
+            let sum = blocks.map(|b| b.sum_dim(0)).reduce(|a, b| a + b);
+            sum.expect("a tensor with rows").div_scalar(rows as f64)
+        }
+    }
+}
+
 /// RMSNorm with its statistics in f32 (a sum of squares over the hidden width overflows f16),
 /// returned in the input's type.
 fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
@@ -309,7 +342,7 @@ impl Llama {
         mut layer: impl FnMut(usize, &DecoderLayer, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(ids);
-        if self.activations != DType::F32 {
+        if x.dtype() != self.activations {
             x = x.cast(self.activations);
         }
         self.layers
@@ -353,7 +386,11 @@ impl Llama {
     /// The LM head applied to hidden states of any leading shape `[.., hidden]`.
     pub fn logits<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => burn::tensor::module::linear(
+                hidden,
+                widened(head.weight.val()),
+                head.bias.as_ref().map(|b| b.val()),
+            ),
             None => self.tied_logits(hidden),
         }
     }
@@ -367,7 +404,7 @@ impl Llama {
         let h = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
         let flat: Tensor<2> = hidden.reshape([rows, h]);
-        let embedding = self.embed_tokens.weight.val();
+        let embedding = widened(self.embed_tokens.weight.val());
         let vocab = embedding.dims()[0];
         let logits = embedding.matmul(flat.transpose()).transpose();
         let mut shape = dims;
@@ -375,7 +412,8 @@ impl Llama {
         logits.reshape(shape)
     }
 
-    /// The head as one `[hidden, vocab]` matrix (the embedding transposed when tied), or `None`
+    /// The head as one `[hidden, vocab]` matrix (the embedding transposed when tied), in the
+    /// type it is stored in (the fused loss widens a half head a slice at a time), or `None`
     /// when the head has a bias, which the fused linear loss does not take.
     pub fn head_weight(&self) -> Option<Tensor<2>> {
         match &self.lm_head {
@@ -383,6 +421,25 @@ impl Llama {
             Some(head) => Some(head.weight.val()),
             None => Some(self.embed_tokens.weight.val().transpose()),
         }
+    }
+
+    /// What the NLL's smoothing gap reads of the head (`loss::objective`), in f32, detached,
+    /// and without a copy of the whole head: its mean over the vocabulary `[hidden, 1]` and
+    /// its columns for `targets`, `[n, hidden]`. `None` when the head has a bias. (flex's
+    /// `select` copies a strided tensor whole: each is read in its stored layout.)
+    pub fn head_mean_and_columns(&self, targets: Tensor<1, Int>) -> Option<(Tensor<2>, Tensor<2>)> {
+        let (mean, columns) = match &self.lm_head {
+            Some(head) if head.bias.is_some() => return None,
+            Some(head) => {
+                let w = head.weight.val().detach();
+                (mean_f32(w.clone(), 1), w.select(1, targets).transpose())
+            }
+            None => {
+                let e = self.embed_tokens.weight.val().detach();
+                (mean_f32(e.clone(), 0).transpose(), e.select(0, targets))
+            }
+        };
+        Some((mean, widened(columns)))
     }
 
     /// Stores an untied head vocabulary-major (`[V, H]` memory seen as `[H, V]`), as a tied head
@@ -393,8 +450,9 @@ impl Llama {
         if let Some(head) = self.lm_head.take() {
             let weight = head.weight.map(|w| {
                 let (device, tracked) = (w.device(), w.is_require_grad());
+                let dtype = w.dtype();
                 let vocab_major = w.transpose().into_data();
-                Tensor::from_data(vocab_major, &device)
+                Tensor::from_data(vocab_major, (&device, dtype))
                     .transpose()
                     .set_require_grad(tracked)
             });

@@ -19,7 +19,7 @@ use super::llama::{Attention, DecoderLayer, Llama, Mlp};
 use super::lora::{LoraLinear, Weight};
 use super::names::{self, PROJECTIONS};
 use super::param::param;
-use super::precision::Frozen;
+use super::precision::{Frozen, Resolved};
 use super::rope::RotaryHalf;
 use crate::ops::quant::blocks::{Block, BlockFormat};
 use crate::ops::quant::{BLOCK, PackedWeight, blocks};
@@ -203,6 +203,12 @@ pub trait Weights {
     /// Tensor `name` as f32, which must have `shape`.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
 
+    /// The half type (f16 or bf16) tensor `name` is stored in, if it is stored in one: the
+    /// type its f32 values convert back to without loss.
+    fn half_type(&self, _name: &str) -> Option<DType> {
+        None
+    }
+
     /// Tensor `name` as `format` blocks, row by row, if it is stored in exactly that format
     /// (a GGUF file's Q8_0 projection read for a `q8_0` base), so that it is not requantized.
     fn blocks(
@@ -218,6 +224,14 @@ pub trait Weights {
 impl Weights for SafetensorsFile {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         SafetensorsFile::read(self, name, shape)
+    }
+
+    fn half_type(&self, name: &str) -> Option<DType> {
+        match self.dtype(name).ok()? {
+            Dtype::F16 => Some(DType::F16),
+            Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
     }
 }
 
@@ -267,6 +281,10 @@ impl Weights for Recorded<'_> {
         self.read.borrow_mut().insert(name.to_string());
         self.checkpoint.read(name, shape)
     }
+
+    fn half_type(&self, name: &str) -> Option<DType> {
+        self.checkpoint.half_type(name)
+    }
 }
 
 /// Seeded random weights for benchmarks: HF's initialisation scale (uniform with standard
@@ -276,6 +294,9 @@ pub struct RandomWeights {
     pub seed: u64,
     /// The standard deviation of the weights.
     pub std: f32,
+    /// The half type the checkpoint is taken to store its tensors in (the Hub's LLaMA
+    /// checkpoints are f16 or bf16), or `None` for f32.
+    pub half: Option<DType>,
 }
 
 impl Weights for RandomWeights {
@@ -298,6 +319,10 @@ impl Weights for RandomWeights {
             })
             .collect())
     }
+
+    fn half_type(&self, _name: &str) -> Option<DType> {
+        self.half
+    }
 }
 
 fn splitmix64(x: u64) -> u64 {
@@ -308,18 +333,19 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// Builds the decoder of `config` from `weights` on `device`, the projections stored as
-/// `frozen` says and everything else in f32. Each projection is converted (or quantized) as
-/// it is read, so a checkpoint never exists in f32 as a whole.
+/// `types.frozen` says, the embeddings and head as `types.kept_halves` allows, and everything
+/// else in f32. Each tensor is converted (or quantized) as it is read, so a checkpoint never
+/// exists in f32 as a whole.
 pub fn load_llama(
     config: &ModelConfig,
     weights: &dyn Weights,
     device: &Device,
-    frozen: Frozen,
+    types: Resolved,
 ) -> Result<Llama> {
     let loader = Loader {
         checkpoint: weights,
         device,
-        frozen,
+        types,
         unpacked: Default::default(),
     };
     let c = config;
@@ -329,7 +355,8 @@ pub fn load_llama(
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(loader.linear(names::HEAD, c.hidden_size, c.vocab_size, false)?)
+        let kept = loader.kept(&format!("{}.weight", names::HEAD));
+        Some(loader.linear(names::HEAD, c.hidden_size, c.vocab_size, false, kept)?)
     };
     loader.say_unpacked();
     let embed = format!("{}.weight", names::EMBED);
@@ -337,7 +364,7 @@ pub fn load_llama(
         embed_tokens: Embedding {
             weight: param(
                 &embed,
-                loader.tensor2(&embed, [c.vocab_size, c.hidden_size])?,
+                loader.tensor2(&embed, [c.vocab_size, c.hidden_size], loader.kept(&embed))?,
             ),
         },
         layers,
@@ -352,7 +379,7 @@ pub fn load_llama(
 struct Loader<'a> {
     checkpoint: &'a dyn Weights,
     device: &'a Device,
-    frozen: Frozen,
+    types: Resolved,
     /// Projections that were to be packed but whose rows are not whole blocks.
     unpacked: std::cell::RefCell<Vec<String>>,
 }
@@ -361,7 +388,7 @@ impl Loader<'_> {
     /// One line for the projections kept dense under a quantized base.
     fn say_unpacked(&self) {
         let names = self.unpacked.borrow();
-        if let (Some(first), Frozen::Packed(format, dense)) = (names.first(), self.frozen) {
+        if let (Some(first), Frozen::Packed(format, dense)) = (names.first(), self.types.frozen) {
             eprintln!(
                 "note: {} projection(s), {first} first, have rows that are not whole {BLOCK}-value blocks; they stay {dense:?} instead of {} (as llama.cpp's quantizer falls back)",
                 names.len(),
@@ -370,12 +397,27 @@ impl Loader<'_> {
         }
     }
 
-    fn tensor2(&self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>> {
+    /// The type the embedding or head `name` is kept in: the half type the checkpoint stores
+    /// it in where `self.types` keeps that type, else f32.
+    fn kept(&self, name: &str) -> DType {
+        self.types.embedding_dtype(self.checkpoint.half_type(name))
+    }
+
+    /// `values` on the device in `dtype`, converted on the host, so that a half tensor never
+    /// exists on the device in f32 (a 7B head would be 0.5 GB more at load).
+    fn upload<const D: usize>(
+        &self,
+        values: Vec<f32>,
+        shape: [usize; D],
+        dtype: DType,
+    ) -> Tensor<D> {
+        let data = TensorData::new(values, shape).convert_dtype(dtype);
+        Tensor::from_data(data, (self.device, dtype))
+    }
+
+    fn tensor2(&self, name: &str, shape: [usize; 2], dtype: DType) -> Result<Tensor<2>> {
         let values = self.checkpoint.read(name, &shape)?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape),
-            self.device,
-        ))
+        Ok(self.upload(values, shape, dtype))
     }
 
     fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>> {
@@ -386,8 +428,16 @@ impl Loader<'_> {
         ))
     }
 
-    /// A Hugging Face `[out, in]` projection, stored in burn's `[in, out]` layout.
-    fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+    /// A Hugging Face `[out, in]` projection, stored in burn's `[in, out]` layout, its weight
+    /// in `dtype`.
+    fn linear(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let hf = self.checkpoint.read(&name, &[d_out, d_in])?;
         let mut transposed = vec![0f32; hf.len()];
@@ -397,7 +447,7 @@ impl Loader<'_> {
             }
         }
         drop(hf);
-        let weight = Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), self.device);
+        let weight = self.upload(transposed, [d_in, d_out], dtype);
         let bias = if bias {
             let name = format!("{prefix}.bias");
             Some(param(&name, self.tensor1(&name, d_out)?))
@@ -410,7 +460,7 @@ impl Loader<'_> {
         })
     }
 
-    /// A decoder projection, its weight stored as `self.frozen` says: quantized block by
+    /// A decoder projection, its weight stored as `self.types.frozen` says: quantized block by
     /// block as it is read, or dense.
     fn projection(
         &self,
@@ -420,7 +470,7 @@ impl Loader<'_> {
         bias: bool,
     ) -> Result<LoraLinear> {
         let name = format!("{prefix}.weight");
-        let (format, scales) = match self.frozen {
+        let (format, scales) = match self.types.frozen {
             Frozen::Packed(format, scales) if d_in.is_multiple_of(BLOCK) => (format, scales),
             Frozen::Packed(_, dense) => {
                 // As llama.cpp's quantizer does with such a tensor: another type, said aloud.
@@ -458,7 +508,7 @@ impl Loader<'_> {
         bias: bool,
         dtype: DType,
     ) -> Result<LoraLinear> {
-        let mut proj = LoraLinear::from(self.linear(prefix, d_in, d_out, bias)?);
+        let mut proj = LoraLinear::from(self.linear(prefix, d_in, d_out, bias, DType::F32)?);
         proj.store_frozen_in(dtype);
         Ok(proj)
     }

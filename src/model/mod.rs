@@ -68,7 +68,7 @@ impl Pretrained {
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), config.vocab_size)?;
         let checkpoint = load::SafetensorsFile::open(dir)?;
         let reading = load::Recorded::new(&checkpoint);
-        let model = load::load_llama(&config, &reading, device, types.frozen)?;
+        let model = load::load_llama(&config, &reading, device, types)?;
         reading.check_all_used(dir, &config)?;
         let model = precision::prepare(model, types);
         Ok(Self {
@@ -86,7 +86,7 @@ impl Pretrained {
         let config = gguf::model_config(&file)?;
         let tokenizer = Tokenizer::from_gguf(&file, config.vocab_size)?;
         let reading = gguf::GgufWeights::new(&file, &config);
-        let model = load::load_llama(&config, &reading, device, types.frozen)?;
+        let model = load::load_llama(&config, &reading, device, types)?;
         reading.check_all_used()?;
         Ok(Self {
             dir: path.to_path_buf(),

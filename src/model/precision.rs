@@ -6,9 +6,16 @@
 //!
 //! What stays f32 in every setting: the LoRA factors, their gradients and AdamW's moments
 //! (f16 steps of size lr·g would round away), RMSNorm's statistics (a sum of squares over the
-//! hidden width overflows f16), the embeddings, the LM head and the loss, which accumulates
-//! in f32 over the vocabulary. The decoder's projections (almost all of a model's weights and
-//! FLOPs), attention and the residual stream run in the compute type.
+//! hidden width overflows f16), and the head's products and the loss, which accumulates in f32
+//! over the vocabulary. The decoder's projections (almost all of a model's weights and FLOPs),
+//! attention and the residual stream run in the compute type.
+//!
+//! The frozen embeddings and head are *stored* in f32, except under a frozen base of less
+//! than f32 (`base_dtype` f16, q8_0 or q4_0, or a half `precision`): there they keep the half
+//! type the checkpoint stores them in, where the device stores that type
+//! ([`Resolved::kept_halves`]). That is lossless, and it is a 7B model's 0.5 GB: an f32
+//! embedding and head are 1 GB of Llama-2-7B's 4.4 GB at Q4_0. Each product widens its
+//! operand to f32 for the call.
 
 use anyhow::{Result, bail};
 use burn::tensor::DType;
@@ -148,6 +155,9 @@ pub struct Resolved {
     pub frozen: Frozen,
     /// The residual stream, attention and the projections' products.
     pub compute: DType,
+    /// The half types a checkpoint's embeddings and head are kept in when it stores them in
+    /// one (else f32): none unless the frozen base is reduced, then those the device stores.
+    pub kept_halves: &'static [DType],
 }
 
 impl Resolved {
@@ -155,7 +165,17 @@ impl Resolved {
     pub const F32: Self = Self {
         frozen: Frozen::Dense(DType::F32),
         compute: DType::F32,
+        kept_halves: &[],
     };
+
+    /// What a tensor the checkpoint stores as `stored` is kept in: its own half type if that
+    /// is one of [`Self::kept_halves`], else f32.
+    pub fn embedding_dtype(&self, stored: Option<DType>) -> DType {
+        match stored {
+            Some(half) if self.kept_halves.contains(&half) => half,
+            _ => DType::F32,
+        }
+    }
 }
 
 impl Dtypes {
@@ -178,7 +198,18 @@ impl Dtypes {
                 Frozen::Packed(format, scales)
             }
         };
-        Ok(Resolved { frozen, compute })
+        let kept_halves: &'static [DType] = match frozen {
+            Frozen::Dense(DType::F32) => &[],
+            _ if !device.is_wgpu => &[DType::F16, DType::BF16],
+            _ if device.shader_f16 && device.bf16_arithmetic => &[DType::F16, DType::BF16],
+            _ if device.shader_f16 => &[DType::F16],
+            _ => &[],
+        };
+        Ok(Resolved {
+            frozen,
+            compute,
+            kept_halves,
+        })
     }
 
     fn compute(self, device: DeviceTypes) -> Result<DType> {
@@ -262,6 +293,29 @@ mod tests {
             .resolve(WGSL)
             .unwrap();
         assert_eq!(half.compute, DType::F16);
+    }
+
+    #[test]
+    fn a_reduced_base_keeps_the_checkpoints_half_embeddings() {
+        let q4 = types(BaseDtype::Q4_0, Precision::F32);
+        let on_cpu = q4.resolve(CPU).unwrap();
+        assert_eq!(on_cpu.embedding_dtype(Some(DType::F16)), DType::F16);
+        assert_eq!(on_cpu.embedding_dtype(Some(DType::BF16)), DType::BF16);
+        assert_eq!(on_cpu.embedding_dtype(None), DType::F32);
+        // WGSL has f16 (with SHADER_F16) but no bf16: a bf16 embedding is widened.
+        let on_wgsl = q4.resolve(WGSL).unwrap();
+        assert_eq!(on_wgsl.embedding_dtype(Some(DType::F16)), DType::F16);
+        assert_eq!(on_wgsl.embedding_dtype(Some(DType::BF16)), DType::F32);
+        let no_f16 = DeviceTypes {
+            shader_f16: false,
+            ..WGSL
+        };
+        let plain = q4.resolve(no_f16).unwrap();
+        assert_eq!(plain.embedding_dtype(Some(DType::F16)), DType::F32);
+        // An f32 base (and a full fine-tune, which loads everything in f32) widens them.
+        let f32 = types(BaseDtype::F32, Precision::F32).resolve(CPU).unwrap();
+        assert_eq!(f32.embedding_dtype(Some(DType::F16)), DType::F32);
+        assert_eq!(Resolved::F32.embedding_dtype(Some(DType::BF16)), DType::F32);
     }
 
     #[test]

@@ -105,14 +105,18 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
+/// The `ual` binary as a command, run in the repository root (where `cargo test` runs the
+/// tests themselves), so that the bundled model and data resolve as they do for a user.
+pub fn ual() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ual"));
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
 /// Runs the `ual` binary, failing the test with its stderr unless it succeeds: (stdout,
 /// stderr).
 pub fn ual_run(args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .expect("ual runs");
+    let out = ual().args(args).output().expect("ual runs");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "ual {}: {stderr}", args.join(" "));
     (String::from_utf8(out.stdout).expect("UTF-8 output"), stderr)
@@ -132,10 +136,7 @@ pub fn ual_ok(args: &[&str]) -> String {
 
 /// Runs the `ual` binary, which must fail; its stderr.
 pub fn ual_err(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ual"))
-        .args(args)
-        .output()
-        .expect("ual runs");
+    let out = ual().args(args).output().expect("ual runs");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !out.status.success(),

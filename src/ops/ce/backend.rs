@@ -29,7 +29,7 @@ use std::ops::Range;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
-use burn::tensor::{DType, Shape, Slice};
+use burn::tensor::{DType, FloatDType, Shape, Slice};
 
 use super::host;
 
@@ -156,15 +156,27 @@ pub fn chunked<B: UalLossBackend>(
 ) {
     let rows = hidden.shape()[0];
     let device = hidden.device();
-    let splits = blocks.vocab_splits;
-    let head_t = want_hidden.then(|| vocab_sliced::<B>(B::float_transpose(head.clone()), splits));
+    // A frozen head kept in a half type is widened a slice at a time (`HalfHead`), its hidden
+    // gradient summed over those slices: no split-K there.
+    let half =
+        (head.dtype() != DType::F32).then(|| HalfHead::<B>::new(head.clone(), WIDENED_VALUES));
+    let splits = if half.is_some() {
+        1
+    } else {
+        blocks.vocab_splits
+    };
+    let head_t = (want_hidden && half.is_none())
+        .then(|| vocab_sliced::<B>(B::float_transpose(head.clone()), splits));
     let mut sum: Option<FloatTensor<B>> = None;
     let mut grad_hidden = Vec::new();
     let mut grad_head: Option<FloatTensor<B>> = None;
     for range in chunks(rows, blocks.block_rows) {
         let h = rows_of::<B>(hidden.clone(), range.clone());
         let labels = rows_of::<B>(labels.clone(), range.clone());
-        let logits = B::float_matmul(h.clone(), head.clone());
+        let logits = match &half {
+            Some(half) => half.logits(h.clone()),
+            None => B::float_matmul(h.clone(), head.clone()),
+        };
         let stats = B::ual_ce_forward(logits.clone(), labels.clone());
         // Each row's loss weighs what its label's third column says (0 on masked rows).
         let weight = column::<B>(labels.clone(), 2);
@@ -187,6 +199,8 @@ pub fn chunked<B: UalLossBackend>(
         if let Some(head_t) = &head_t {
             let g = hidden_gradient::<B>(grad_logits.clone(), head_t.clone(), splits);
             grad_hidden.push(g);
+        } else if let (true, Some(half)) = (want_hidden, &half) {
+            grad_hidden.push(half.hidden_gradient(grad_logits.clone()));
         }
         if want_head {
             let g = B::float_matmul(B::float_transpose(h), grad_logits);
@@ -198,6 +212,53 @@ pub fn chunked<B: UalLossBackend>(
         (!grad_hidden.is_empty()).then(|| B::float_cat(grad_hidden, 0)),
         grad_head,
     )
+}
+
+/// Head values widened to f32 at once under a half head (`HalfHead`): 32 MiB.
+const WIDENED_VALUES: usize = 1 << 23;
+
+/// A frozen `[H, V]` head kept in a half type (`model::precision`), multiplied in f32 one
+/// slice of the vocabulary at a time: the products of [`chunked`] with at most `budget` head
+/// values in f32 at once, never the whole head (0.5 GB for a 7B model). Only a frozen head is
+/// kept in a half type, so no head gradient is formed here.
+struct HalfHead<B: Backend> {
+    head: FloatTensor<B>,
+    slices: Vec<Range<usize>>,
+}
+
+impl<B: Backend> HalfHead<B> {
+    fn new(head: FloatTensor<B>, budget: usize) -> Self {
+        let [hidden, vocab] = [head.shape()[0], head.shape()[1]];
+        let slices = chunks(vocab, (budget / hidden.max(1)).max(1)).collect();
+        Self { head, slices }
+    }
+
+    /// Columns `cols` of the head in f32, `[H, cols]`.
+    fn widened(&self, cols: Range<usize>) -> FloatTensor<B> {
+        let columns = B::float_slice(self.head.clone(), &[Slice::from(..), Slice::from(cols)]);
+        B::float_cast(columns, FloatDType::F32)
+    }
+
+    /// `h @ head`, `[r, V]`: each slice's columns, side by side.
+    fn logits(&self, h: FloatTensor<B>) -> FloatTensor<B> {
+        let parts = self.slices.iter().cloned();
+        let parts = parts.map(|cols| B::float_matmul(h.clone(), self.widened(cols)));
+        B::float_cat(parts.collect(), 1)
+    }
+
+    /// `grad_logits @ headᵀ`, `[r, H]`: the sum of each slice's product.
+    fn hidden_gradient(&self, grad_logits: FloatTensor<B>) -> FloatTensor<B> {
+        let mut sum = None;
+        for cols in self.slices.iter().cloned() {
+            let g = B::float_slice(
+                grad_logits.clone(),
+                &[Slice::from(..), Slice::from(cols.clone())],
+            );
+            let part = B::float_matmul(g, B::float_transpose(self.widened(cols)));
+            sum = Some(accumulate::<B>(sum, part));
+        }
+        sum.expect("a head has at least one column")
+    }
 }
 
 /// The transposed head `[V, H]` as `[S, V/S, H]` slices of the vocabulary. Free when the head is
@@ -260,4 +321,56 @@ fn loss_only<B: Backend>(weight: FloatTensor<B>, device: &B::Device) -> FloatTen
 /// Column `c` of a `[rows, k]` tensor as `[rows, 1]`.
 fn column<B: Backend>(t: FloatTensor<B>, c: usize) -> FloatTensor<B> {
     B::float_slice(t, &[Slice::from(..), Slice::from(c..c + 1)])
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::TensorData;
+
+    use super::*;
+
+    fn values(t: FlexTensor) -> Vec<f32> {
+        let data = TensorData::from_bytes_vec(t.bytes().to_vec(), t.shape(), t.dtype());
+        data.convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    /// `a @ b` and `a @ bᵀ` through the backend, as `chunked` multiplies.
+    fn products<B: Backend>(
+        a: FloatTensor<B>,
+        b: FloatTensor<B>,
+        g: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let b = B::float_cast(b, FloatDType::F32);
+        (
+            B::float_matmul(a, b.clone()),
+            B::float_matmul(g, B::float_transpose(b)),
+        )
+    }
+
+    /// A half head over 8 slices of 5 columns (the last of 2) multiplies as its f32 copy does:
+    /// the same products, only the hidden gradient's sum over the slices reordered.
+    #[test]
+    fn a_half_head_multiplies_slice_by_slice_as_its_f32_copy() {
+        let (rows, hidden, vocab) = (3, 8, 37);
+        let seq = |n: usize, k: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * k) % 17) as f32 / 8.0 - 1.0).collect()
+        };
+        let f16s: Vec<half::f16> = seq(hidden * vocab, 7)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let head = FlexTensor::from_data(TensorData::new(f16s, [hidden, vocab]));
+        let h = FlexTensor::from_data(TensorData::new(seq(rows * hidden, 5), [rows, hidden]));
+        let g = FlexTensor::from_data(TensorData::new(seq(rows * vocab, 3), [rows, vocab]));
+        let half = HalfHead::<Flex>::new(head.clone(), 5 * hidden);
+        assert_eq!(half.slices.len(), 8);
+        let (logits, grad) = products::<Flex>(h.clone(), head, g.clone());
+        assert_eq!(values(half.logits(h)), values(logits));
+        let ours = values(half.hidden_gradient(g));
+        for (a, b) in ours.iter().zip(&values(grad)) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
 }
