@@ -20,6 +20,8 @@ for part in ${1:-cpu1b lavapipe cpu7b}; do
     # On lavapipe an f16 base fails (the 1b step cannot allocate a 250 MB buffer; the 125m
     # step at 512 tokens gets a NaN gradient norm, BENCHMARKS.md): f32 is the baseline there.
     lavapipe) for b in f32 q8_0 q4_0; do step wgpu 125m 256 $b 1; done ;;
-    cpu7b) for b in f16 q4_0; do step cpu 7b 512 $b 0; done ;;
+    # Warmup 1: the second step's peak, AdamW's moments included; warmup 0: the first step's.
+    cpu7b) step cpu 7b 512 f16 0; step cpu 7b 512 q4_0 1
+           [ -n "${LONG:-}" ] && { step cpu 7b 2048 q4_0 0; step cpu 7b 2048 q4_0 1; } ;;
   esac
 done

@@ -157,11 +157,7 @@ pub struct JudgeSummary {
 pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
     let started = Instant::now();
     let pairs = read_pairs(options)?;
-    let template = match &options.prompt {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?,
-        None => LIMA_PROMPT.to_string(),
-    };
+    let template = judge_prompt(options)?;
     std::fs::create_dir_all(&options.output)
         .with_context(|| format!("cannot create {}", options.output.display()))?;
     let connection = &options.connection;
@@ -178,15 +174,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
         .map(|p| cache::key(&connection.model, p))
         .collect();
     let cache = Cache::open(&options.output.join("judge.cache.jsonl"))?;
-    let mut asked: Vec<Option<Asked>> = keys
-        .iter()
-        .map(|k| {
-            cache
-                .get(k)
-                .filter(|a| a.score.is_some() || !options.retry_failed)
-                .map(|a| llm::outcome_of(&a))
-        })
-        .collect();
+    let mut asked = cached_answers(&cache, &keys, options.retry_failed);
     let cached = asked.iter().filter(|o| o.is_some()).count();
     let parse = |reply: &str| verdict::parse_verdict(reply).map(Verdict::score);
     let work = Work {
@@ -204,14 +192,7 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
             connection.endpoint
         );
     }
-    let reasons: Vec<Option<String>> = asked
-        .iter()
-        .map(|a| match a {
-            Some(Asked::Failed(reason)) => Some(reason.clone()),
-            Some(_) => None,
-            None => Some("not asked (the run stopped first)".into()),
-        })
-        .collect();
+    let reasons = failure_reasons(&asked);
     let mut judgments = judgments(&pairs, &keys, &cache);
     for j in &mut judgments {
         let orders = ["a first", "b first"].iter();
@@ -246,6 +227,41 @@ pub fn run(options: &JudgeOptions) -> Result<JudgeSummary> {
     };
     write_outputs(&options.output, &judgments, &summary)?;
     Ok(summary)
+}
+
+/// The judge's prompt: the file `--prompt` names, or LIMA's.
+fn judge_prompt(options: &JudgeOptions) -> Result<String> {
+    match &options.prompt {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        }
+        None => Ok(LIMA_PROMPT.to_string()),
+    }
+}
+
+/// The cached answer of each request, if any; a failed one counts as unasked under
+/// `--retry-failed`.
+fn cached_answers(cache: &Cache, keys: &[String], retry_failed: bool) -> Vec<Option<Asked>> {
+    keys.iter()
+        .map(|k| {
+            cache
+                .get(k)
+                .filter(|a| a.score.is_some() || !retry_failed)
+                .map(|a| llm::outcome_of(&a))
+        })
+        .collect()
+}
+
+/// Why each request got no verdict, in request order; `None` where it got one.
+fn failure_reasons(asked: &[Option<Asked>]) -> Vec<Option<String>> {
+    asked
+        .iter()
+        .map(|a| match a {
+            Some(Asked::Failed(reason)) => Some(reason.clone()),
+            Some(_) => None,
+            None => Some("not asked (the run stopped first)".into()),
+        })
+        .collect()
 }
 
 /// The two answer sets, paired prompt by prompt; they must ask the same questions in the same

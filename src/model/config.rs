@@ -117,24 +117,7 @@ impl ModelConfig {
     /// Parses a `config.json`; errors name the field.
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).context("invalid JSON")?;
-        let model_type = raw.model_type.context("missing field `model_type`")?;
-        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
-            bail!(
-                "field `model_type`: unsupported model type {model_type:?}; supported: {}",
-                SUPPORTED_MODEL_TYPES.join(", ")
-            );
-        }
-        if let Some(other) = raw
-            .architectures
-            .iter()
-            .flatten()
-            .find(|a| !SUPPORTED_ARCHITECTURES.contains(&a.as_str()))
-        {
-            bail!(
-                "field `architectures`: {other:?} is not a network ual implements; supported: {}",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            );
-        }
+        let model_type = supported_model_type(&raw)?;
         let require = |v: Option<usize>, name: &str| -> Result<usize> {
             match v {
                 Some(0) => bail!("field `{name}` must be positive"),
@@ -176,15 +159,7 @@ impl ModelConfig {
             bail!("field `mlp_bias`: MLP biases are not supported");
         }
         let is_qwen2 = model_type == "qwen2";
-        // Qwen2 declares a window but only uses it when `use_sliding_window` is set.
-        let sliding_window = match (model_type.as_str(), raw.use_sliding_window) {
-            ("qwen2", Some(true)) => raw.sliding_window,
-            ("qwen2", _) => None,
-            _ => raw.sliding_window,
-        };
-        if sliding_window == Some(0) {
-            bail!("field `sliding_window` must be positive");
-        }
+        let sliding_window = sliding_window(&model_type, &raw)?;
         Ok(Self {
             vocab_size: require(raw.vocab_size, "vocab_size")?,
             hidden_size,
@@ -211,6 +186,46 @@ impl ModelConfig {
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }
+}
+
+/// `model_type`, checked with `architectures` against the networks ual implements.
+fn supported_model_type(raw: &RawConfig) -> Result<String> {
+    let model_type = raw
+        .model_type
+        .clone()
+        .context("missing field `model_type`")?;
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+        bail!(
+            "field `model_type`: unsupported model type {model_type:?}; supported: {}",
+            SUPPORTED_MODEL_TYPES.join(", ")
+        );
+    }
+    if let Some(other) = raw
+        .architectures
+        .iter()
+        .flatten()
+        .find(|a| !SUPPORTED_ARCHITECTURES.contains(&a.as_str()))
+    {
+        bail!(
+            "field `architectures`: {other:?} is not a network ual implements; supported: {}",
+            SUPPORTED_ARCHITECTURES.join(", ")
+        );
+    }
+    Ok(model_type)
+}
+
+/// The attention window, if any. Qwen2 declares one but only uses it when
+/// `use_sliding_window` is set.
+fn sliding_window(model_type: &str, raw: &RawConfig) -> Result<Option<usize>> {
+    let window = match (model_type, raw.use_sliding_window) {
+        ("qwen2", Some(true)) => raw.sliding_window,
+        ("qwen2", _) => None,
+        _ => raw.sliding_window,
+    };
+    if window == Some(0) {
+        bail!("field `sliding_window` must be positive");
+    }
+    Ok(window)
 }
 
 fn parse_rope_scaling(value: Option<serde_json::Value>) -> Result<Option<Llama3RopeScaling>> {

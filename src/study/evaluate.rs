@@ -202,12 +202,9 @@ pub fn evaluate_run(
     let sampled = sample_answers(pretrained, &template, run, tick)?;
     let texts: Vec<String> = sampled.iter().map(|(_, a)| a.generation.clone()).collect();
     let silhouette = match run.eval.clustering {
-        true => Some(silhouette(pretrained, &template, run.splits)?),
+        true => Some(silhouette(pretrained, &template, run.splits)?).inspect(|_| tick()),
         false => None,
     };
-    if run.eval.clustering {
-        tick();
-    }
     let lines: String = sampled
         .iter()
         .map(|(config, a)| answers::answer_line(a, &provenance(config)) + "\n")
