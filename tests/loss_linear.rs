@@ -217,6 +217,40 @@ fn tied_head_matches_unfused_reference_autodiff() {
     }
 }
 
+/// A frozen head kept in f16 (a reduced base keeps an f16 checkpoint's head so) gives the loss
+/// and hidden gradient of the same head widened to f32. Its 256 × 40,000 values are more than
+/// the 2²³ the loss widens at once, so it is multiplied in two vocabulary slices: the logits
+/// are the same products, and only the hidden gradient's sum is split in two (1e-5).
+#[test]
+fn a_half_head_gives_the_loss_of_its_f32_values() {
+    use burn::tensor::DType;
+    for (device_name, device) in devices() {
+        let (rows, h, vocab) = (6, 256, 40_000);
+        let blocks = HeadBlocks::unsplit(4);
+        let labels = labels(rows, vocab);
+        let ad = device.clone().autodiff();
+        let half = hashed(5, h, vocab, 0.5, &ad).cast(DType::F16);
+        let widened = half.clone().cast(DType::F32);
+        let run = |head: Tensor<2>| {
+            let hidden = hashed(6, rows, h, 1.0, &ad).require_grad();
+            let loss = ual_linear_loss_sum(hidden.clone(), head, &labels, blocks).unwrap();
+            let value = to_vec(loss.sum.clone())[0];
+            let grads = loss.sum.backward();
+            (value, to_vec(hidden.grad(&grads).unwrap()))
+        };
+        let ((ours, g1), (theirs, g2)) = (run(half), run(widened));
+        assert_close(
+            &format!("{device_name}: loss"),
+            ours as f64,
+            theirs as f64,
+            1e-5 * (theirs as f64).abs().max(1.0),
+        );
+        for (i, (p, q)) in g1.iter().zip(&g2).enumerate() {
+            assert!((p - q).abs() <= 1e-5, "{device_name}: grad[{i}] {p} vs {q}");
+        }
+    }
+}
+
 /// LoRA freezes the head: only the hidden states' gradient is formed, and it is unchanged.
 /// Without autodiff (evaluation) the same sum comes back.
 #[test]
