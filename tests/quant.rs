@@ -339,6 +339,11 @@ fn an_f16_checkpoints_embedding_and_head_stay_f16_and_score_the_same() {
             values.convert::<f32>().try_to_vec::<f32>().unwrap()
         };
         assert_eq!(logits(&kept), logits(&plain), "{name}: the logits moved");
+        // Decoding widens the head once, not on every token, and nothing moves either.
+        let decoding = kept.with_f32_head();
+        let head_dtype = decoding.head_weight().unwrap().dtype();
+        assert_eq!(head_dtype, DType::F32, "{name}: the decoding head");
+        assert_eq!(logits(&decoding), logits(&plain), "{name}: decoding moved");
         // The fused loss reads the head as stored, and widens it a slice at a time.
         assert_eq!(kept.head_weight().unwrap().dtype(), DType::F16, "{name}");
         let head = |m: &ual::model::Llama| {

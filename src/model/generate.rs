@@ -113,6 +113,7 @@ pub fn generate(
         bail!("cannot generate from an empty prompt");
     }
     assert_eq!(prompts.len(), streams.len(), "one stream per prompt");
+    let model = &model.with_f32_head();
     let max_new_tokens = new_token_budget(model, prompts, config.max_new_tokens)?;
     let mut rngs: Vec<StdRng> = streams.iter().map(|&i| config.stream(i)).collect();
     let mut decoder = Decoder::new(model, prompts, max_new_tokens);

@@ -423,6 +423,25 @@ impl Llama {
         }
     }
 
+    /// This model with its head in f32, for decoding. A head kept in a half type (see
+    /// `precision::Resolved::kept_halves`) would otherwise be widened whole for every token:
+    /// SmolLM2 from its f16 weights on a Q4_0 base decoded 16 tokens/s that way, against 37 from
+    /// f32 weights. The f32 copy lives as long as the decoding does.
+    pub fn with_f32_head(&self) -> Llama {
+        let mut model = self.clone();
+        match model.lm_head.take() {
+            Some(head) => {
+                let weight = head.weight.map(widened);
+                model.lm_head = Some(Linear { weight, ..head });
+            }
+            None => {
+                let weight = model.embed_tokens.weight.map(widened);
+                model.embed_tokens = Embedding { weight };
+            }
+        }
+        model
+    }
+
     /// What the NLL's smoothing gap reads of the head (`loss::objective`), in f32, detached,
     /// and without a copy of the whole head: its mean over the vocabulary `[hidden, 1]` and
     /// its columns for `targets`, `[n, hidden]`. `None` when the head has a bias. (flex's
