@@ -8,6 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use memmap2::Mmap;
@@ -448,16 +449,19 @@ impl Loader<'_> {
         }
         drop(hf);
         let weight = self.upload(transposed, [d_in, d_out], dtype);
-        let bias = if bias {
-            let name = format!("{prefix}.bias");
-            Some(param(&name, self.tensor1(&name, d_out)?))
-        } else {
-            None
-        };
         Ok(Linear {
             weight: param(&name, weight),
-            bias,
+            bias: self.bias(prefix, d_out, bias)?,
         })
+    }
+
+    /// `{prefix}.bias`, of `d_out` values, when the projection has one.
+    fn bias(&self, prefix: &str, d_out: usize, present: bool) -> Result<Option<Param<Tensor<1>>>> {
+        if !present {
+            return Ok(None);
+        }
+        let name = format!("{prefix}.bias");
+        Ok(Some(param(&name, self.tensor1(&name, d_out)?)))
     }
 
     /// A decoder projection, its weight stored as `self.types.frozen` says: quantized block by
@@ -486,16 +490,9 @@ impl Loader<'_> {
             }
         };
         let weight = PackedWeight::new(format, &packed, [d_out, d_in], scales, self.device);
-        let bias = match bias {
-            true => {
-                let name = format!("{prefix}.bias");
-                Some(param(&name, self.tensor1(&name, d_out)?))
-            }
-            false => None,
-        };
         Ok(LoraLinear {
             weight: Weight::Packed(weight),
-            bias,
+            bias: self.bias(prefix, d_out, bias)?,
             lora: None,
         })
     }
