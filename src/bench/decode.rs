@@ -114,20 +114,22 @@ pub fn random_prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(3..vocab as u32)).collect()
 }
 
-/// `shape`'s model on random weights in f32, and a tokenizer of numbered words to go with it.
+/// `shape`'s model on random weights stored and computed as `types` says (the presets stand
+/// for f16 checkpoints, as `bench step`'s do), and a tokenizer of numbered words to go with it.
 pub fn random_model(
     shape: &super::step::PresetShape,
     device: &burn::tensor::Device,
+    types: crate::model::precision::Resolved,
 ) -> Result<(Llama, Tokenizer)> {
     use crate::model::config::ModelConfig;
     use crate::model::load::{RandomWeights, load_llama};
-    use crate::model::precision::Resolved;
     let config = ModelConfig::from_json(&shape.config_json().to_string())?;
     let weights = RandomWeights {
         seed: 0,
         std: 0.02,
-        half: None,
+        half: Some(burn::tensor::DType::F16),
     };
-    let model = load_llama(&config, &weights, device, Resolved::F32)?;
+    let model = load_llama(&config, &weights, device, types)?;
+    let model = crate::model::precision::prepare(model, types);
     Ok((model, Tokenizer::numbered(config.vocab_size)?))
 }

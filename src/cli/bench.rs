@@ -206,9 +206,11 @@ pub fn main(command: Command) -> Result<()> {
 fn decode(a: DecodeArgs) -> Result<()> {
     use ual::bench::decode::{self, DecodeOptions};
     let selected = a.device.select()?;
+    let types = a.dtypes.resolve(&selected)?;
     let (name, model, tokenizer, prompt) = match a.preset {
         Some(preset) => {
-            let (model, tokenizer) = decode::random_model(&preset.shape(), &selected.device)?;
+            let (model, tokenizer) =
+                decode::random_model(&preset.shape(), &selected.device, types)?;
             let prompt = decode::random_prompt(a.prompt_tokens, model.config.vocab_size);
             let name = clap::ValueEnum::to_possible_value(&preset)
                 .map_or_else(|| format!("{preset:?}"), |v| v.get_name().to_string());
@@ -216,7 +218,6 @@ fn decode(a: DecodeArgs) -> Result<()> {
         }
         None => {
             let dir = a.model.unwrap_or_else(|| PathBuf::from("models/tiny"));
-            let types = a.dtypes.resolve(&selected)?;
             let pretrained = Pretrained::load_as(&dir, &selected.device, types)?;
             let prompt = pretrained.tokenizer.encode(&a.prompt)?;
             let name = dir.display().to_string();
