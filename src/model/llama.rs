@@ -203,16 +203,34 @@ impl DecoderLayer {
         x: Tensor<3>,
         attend: impl FnOnce(&Attention, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
-        let h = x.clone() + attend(&self.self_attn, rms_norm(&self.input_layernorm, x));
-        h.clone()
-            + self
-                .mlp
-                .forward(rms_norm(&self.post_attention_layernorm, h))
+        self.feed_forward(self.attention_residual_with(x, attend))
     }
 
     /// The layer over a whole sequence: causal attention within the `window`, if any.
     pub fn forward(&self, x: Tensor<3>, context: &LayerContext) -> Tensor<3> {
-        self.forward_with(x, |attention, h| attention.forward(h, context))
+        self.feed_forward(self.attention_residual(x, context))
+    }
+
+    /// The layer's first half over a whole sequence: `h = x + attention(norm(x))`.
+    pub fn attention_residual(&self, x: Tensor<3>, context: &LayerContext) -> Tensor<3> {
+        self.attention_residual_with(x, |attention, h| attention.forward(h, context))
+    }
+
+    fn attention_residual_with(
+        &self,
+        x: Tensor<3>,
+        attend: impl FnOnce(&Attention, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        x.clone() + attend(&self.self_attn, rms_norm(&self.input_layernorm, x))
+    }
+
+    /// The layer's second half, `h + mlp(norm(h))`. It acts on each position alone, so it may
+    /// be run over any slice of the positions.
+    pub fn feed_forward(&self, h: Tensor<3>) -> Tensor<3> {
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h))
     }
 
     /// The projections with their names in [`PROJECTIONS`] order.

@@ -12,6 +12,7 @@ use burn::backend::{Backend, Flex, TensorMetadata};
 use burn::tensor::{DType, FloatDType, Shape, TensorData};
 use rayon::prelude::*;
 
+use super::PANEL;
 use super::QuantLinearBackend;
 use super::blocks::BLOCK;
 use crate::ops::gemm::{Matrix, contiguous, matmul};
@@ -69,12 +70,8 @@ fn linear(
     let y = if rows <= DIRECT_ROWS && !input_grad {
         direct(x_data, rows, words, scales, bits)
     } else {
-        let w = dequantize(words, scales, bits);
-        let w = Matrix::dense(&w, out, d_in);
-        let w = if input_grad { w } else { w.t() };
-        let mut y = vec![0f32; rows * width];
-        matmul(&mut y, Matrix::dense(x_data, rows, k), w, false);
-        y
+        let x = Matrix::dense(x_data, rows, k);
+        by_panels(x, &Packed::of(words, scales, bits), input_grad, PANEL)
     };
     let mut out_shape = shape.clone();
     out_shape[dims - 1] = width;
@@ -107,14 +104,37 @@ fn direct(
         .collect()
 }
 
-/// `[out, in]` row-major f32: `f32(d)·q` per value, as llama.cpp dequantizes.
-fn dequantize(words: &FlexTensor, scales: &FlexTensor, bits: usize) -> Vec<f32> {
-    let weight = Packed::of(words, scales, bits);
-    let mut w = vec![0f32; weight.out * weight.d_in];
-    w.par_chunks_mut(weight.d_in)
-        .enumerate()
-        .for_each(|(o, row)| weight.dequantize_row(o, row));
-    w
+/// `x · Wᵀ` (`[rows, out]`), or `x · W` (`[rows, in]`) for the input's gradient, a panel of
+/// weight rows at a time: each panel is dequantized (`f32(d)·q` per value, as llama.cpp does)
+/// into one scratch buffer of about `values` and multiplied into its columns of the result, or
+/// added into it.
+fn by_panels(x: Matrix, weight: &Packed, input_grad: bool, values: usize) -> Vec<f32> {
+    let (out, d_in, rows) = (weight.out, weight.d_in, x.rows);
+    let panel = (values / d_in).clamp(1, out);
+    let width = if input_grad { d_in } else { out };
+    let mut y = vec![0f32; rows * width];
+    let mut scratch = vec![0f32; panel * d_in];
+    let mut columns = vec![0f32; if panel < out { rows * panel } else { 0 }];
+    for start in (0..out).step_by(panel) {
+        let n = panel.min(out - start);
+        let w = &mut scratch[..n * d_in];
+        w.par_chunks_mut(d_in)
+            .enumerate()
+            .for_each(|(i, row)| weight.dequantize_row(start + i, row));
+        let w = Matrix::dense(w, n, d_in);
+        if input_grad {
+            matmul(&mut y, x.col_range(start..start + n), w, start > 0);
+        } else if n == out {
+            matmul(&mut y, x, w.t(), false);
+        } else {
+            let part = &mut columns[..rows * n];
+            matmul(part, x, w.t(), false);
+            for (y_row, part_row) in y.chunks_exact_mut(out).zip(part.chunks_exact(n)) {
+                y_row[start..start + n].copy_from_slice(part_row);
+            }
+        }
+    }
+    y
 }
 
 /// A packed `[out, in]` weight read from flex's buffers, its scales widened to f32.
@@ -195,4 +215,50 @@ fn cast(t: FlexTensor, dtype: FloatDType) -> FlexTensor {
 
 fn generic_cast<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
     B::float_cast(t, dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Panels of 3 weight rows (the last one short) give the products of the whole weight,
+    /// against f64 sums of the dequantized rows.
+    #[test]
+    fn panels_multiply_as_the_whole_weight() {
+        let (out, d_in, rows, bits) = (40, 64, 5, 4);
+        let mut rng = StdRng::seed_from_u64(7);
+        let words: Vec<i32> = (0..out * d_in * bits / 32).map(|_| rng.random()).collect();
+        let scales: Vec<f32> = (0..out * d_in / BLOCK).map(|_| rng.random()).collect();
+        let words = FlexTensor::from_data(TensorData::new(words, [out, d_in * bits / 32]));
+        let scales = FlexTensor::from_data(TensorData::new(scales, [out, d_in / BLOCK]));
+        let weight = Packed::of(&words, &scales, bits);
+        let mut w = vec![0f32; out * d_in];
+        for (o, row) in w.chunks_exact_mut(d_in).enumerate() {
+            weight.dequantize_row(o, row);
+        }
+        for input_grad in [false, true] {
+            let (k, width) = if input_grad { (out, d_in) } else { (d_in, out) };
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let ours = by_panels(Matrix::dense(&x, rows, k), &weight, input_grad, 3 * d_in);
+            for (i, &y) in ours.iter().enumerate() {
+                let (r, c) = (i / width, i % width);
+                let expected: f64 = (0..k)
+                    .map(|j| {
+                        let w = if input_grad {
+                            w[j * d_in + c]
+                        } else {
+                            w[c * d_in + j]
+                        };
+                        x[r * k + j] as f64 * w as f64
+                    })
+                    .sum();
+                let tol = 1e-5 * (1.0 + expected.abs());
+                assert!(
+                    (y as f64 - expected).abs() <= tol,
+                    "{input_grad}: {y} against {expected}"
+                );
+            }
+        }
+    }
 }

@@ -25,6 +25,11 @@ use burn::tensor::Tensor;
 pub use blocks::{BLOCK, Block, BlockFormat};
 pub use packed::PackedWeight;
 
+/// Weight values dequantized at once for a product: 16 MiB in f32, a tenth of a 7B MLP
+/// projection, which whole (with its unpacking's temporaries on wgpu) would be the largest
+/// transient of a quantized step.
+const PANEL: usize = 1 << 22;
+
 /// `x: [.., in]` times the transpose of a packed `[out, in]` weight → `[.., out]`, in x's type.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: &PackedWeight) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as QuantLinearBackend>::ual_qlinear(

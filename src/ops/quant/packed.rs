@@ -9,7 +9,7 @@
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Scalar, TensorMetadata};
 use burn::module::Module;
-use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Shape, Slice, Tensor, TensorData};
 
 use super::blocks::{BLOCK, Block, BlockFormat};
 
@@ -107,7 +107,8 @@ pub(super) fn dequantize<B: Backend>(
 }
 
 /// `x: [.., in]` · Wᵀ → `[.., out]`, or with `input_grad` `x: [.., out]` · W → `[.., in]`, in
-/// x's type; the dequantized W is dropped on return.
+/// x's type. The weight is dequantized a panel of [`super::PANEL`] values at a time, each panel
+/// multiplied into its columns of the result (or added into it) and dropped.
 pub(super) fn linear<B: Backend>(
     x: FloatTensor<B>,
     words: IntTensor<B>,
@@ -115,18 +116,42 @@ pub(super) fn linear<B: Backend>(
     bits: usize,
     input_grad: bool,
 ) -> FloatTensor<B> {
-    let w = dequantize::<B>(words, scales, bits, x.dtype());
-    let w_shape = w.shape();
-    let (w, width) = match input_grad {
-        false => (B::float_transpose(w), w_shape[0]),
-        true => (w, w_shape[1]),
-    };
     let shape = x.shape();
     let dims = shape.num_dims();
     let rows = shape.num_elements() / shape[dims - 1];
     let x = B::float_reshape(x, Shape::new([rows, shape[dims - 1]]));
-    let y = B::float_matmul(x, w);
-    let mut out = shape.clone();
-    out[dims - 1] = width;
-    B::float_reshape(y, out)
+    let w_shape = words.shape();
+    let (out, d_in) = (w_shape[0], w_shape[1] * 32 / bits);
+    let panel = (super::PANEL / d_in).clamp(1, out);
+    let dtype = x.dtype();
+    let products = (0..out).step_by(panel).map(|start| {
+        let n = panel.min(out - start);
+        let w_rows = [Slice::from(start..start + n)];
+        let (words, scales) = match n < out {
+            true => (
+                B::int_slice(words.clone(), &w_rows),
+                B::float_slice(scales.clone(), &w_rows),
+            ),
+            false => (words.clone(), scales.clone()),
+        };
+        let w = dequantize::<B>(words, scales, bits, dtype);
+        match input_grad {
+            false => B::float_matmul(x.clone(), B::float_transpose(w)),
+            true if n < out => {
+                let g = B::float_slice(
+                    x.clone(),
+                    &[Slice::from(0..rows), Slice::from(start..start + n)],
+                );
+                B::float_matmul(g, w)
+            }
+            true => B::float_matmul(x.clone(), w),
+        }
+    });
+    let y = match input_grad {
+        false => B::float_cat(products.collect(), 1),
+        true => products.reduce(B::float_add).expect("a weight with rows"),
+    };
+    let mut out_shape = shape.clone();
+    out_shape[dims - 1] = if input_grad { d_in } else { out };
+    B::float_reshape(y, out_shape)
 }
