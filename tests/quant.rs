@@ -468,11 +468,11 @@ fn a_q4_0_step_never_holds_the_dequantized_base() {
     }
 }
 
-/// A weight larger than one dequantization panel (4 Mi values: here 1024 rows and a short
-/// panel of 16) gives the products of its dequantized copy, forward and for the input's
-/// gradient, on the CPU and wgpu: to 1e-5 of the largest product, the gemm's rounding over
-/// 4096 terms (the panels change only which columns one gemm writes, or the order of the
-/// input gradient's sums across panels).
+/// A weight larger than one dequantization panel (4 Mi values: here 1024 of its rows and then
+/// 16, or 4032 of its columns and then 64) gives the products of its dequantized copy, forward
+/// and for the input's gradient, on the CPU and wgpu: to 1e-5 of the largest product, the
+/// products' rounding over 4096 or 1040 terms (a panel changes which columns one product
+/// writes, not its sums).
 #[test]
 fn products_a_panel_at_a_time_equal_the_whole_weight() {
     let (out, d_in, rows) = (1040, 4096, 20);

@@ -8,7 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use super::config::ModelConfig;
-use super::lora::LoraLinear;
+use super::lora::{LoraLinear, SharedInput};
 use super::names::{self, PROJECTIONS};
 use super::rope::RotaryHalf;
 use crate::ops::attention;
@@ -79,9 +79,10 @@ impl Attention {
 
     /// The query, key and value heads of `x`, `[batch, heads, len, head_dim]`, before RoPE.
     fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let q = self.heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = self.heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = self.heads(self.v_proj.forward(x), self.num_kv_heads);
+        let x = SharedInput::new(x, &[&self.q_proj, &self.k_proj, &self.v_proj]);
+        let q = self.heads(self.q_proj.forward_shared(&x), self.num_heads);
+        let k = self.heads(self.k_proj.forward_shared(&x), self.num_kv_heads);
+        let v = self.heads(self.v_proj.forward_shared(&x), self.num_kv_heads);
         (q, k, v)
     }
 
@@ -176,8 +177,10 @@ pub struct Mlp {
 impl Mlp {
     /// `x: [batch, len, hidden]` → `[batch, len, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let x = SharedInput::new(x, &[&self.gate_proj, &self.up_proj]);
+        let gate = silu(self.gate_proj.forward_shared(&x));
+        self.down_proj
+            .forward(gate * self.up_proj.forward_shared(&x))
     }
 }
 

@@ -6,6 +6,8 @@
 //! into a per-thread scratch row and dotted with the inputs at once, so the weight is read once
 //! and no `[out, in]` matrix is written for a product that is a handful of dot products.
 
+use std::ops::Range;
+
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Flex, TensorMetadata};
@@ -105,33 +107,37 @@ fn direct(
 }
 
 /// `x · Wᵀ` (`[rows, out]`), or `x · W` (`[rows, in]`) for the input's gradient, a panel of
-/// weight rows at a time: each panel is dequantized (`f32(d)·q` per value, as llama.cpp does)
-/// into one scratch buffer of about `values` and multiplied into its columns of the result, or
-/// added into it.
+/// the result's columns at a time: their part of the weight (rows of W for `x · Wᵀ`, whole
+/// blocks of W's columns for `x · W`), about `values` values, is dequantized (`f32(d)·q` per
+/// value, as llama.cpp does) into one scratch buffer and multiplied into them. Each column is
+/// one gemm's, so the panels change no sum.
 fn by_panels(x: Matrix, weight: &Packed, input_grad: bool, values: usize) -> Vec<f32> {
     let (out, d_in, rows) = (weight.out, weight.d_in, x.rows);
-    let panel = (values / d_in).clamp(1, out);
-    let width = if input_grad { d_in } else { out };
+    let (width, panel) = super::panels(out, d_in, input_grad, values);
     let mut y = vec![0f32; rows * width];
-    let mut scratch = vec![0f32; panel * d_in];
-    let mut columns = vec![0f32; if panel < out { rows * panel } else { 0 }];
-    for start in (0..out).step_by(panel) {
-        let n = panel.min(out - start);
-        let w = &mut scratch[..n * d_in];
-        w.par_chunks_mut(d_in)
-            .enumerate()
-            .for_each(|(i, row)| weight.dequantize_row(start + i, row));
-        let w = Matrix::dense(w, n, d_in);
-        if input_grad {
-            matmul(&mut y, x.col_range(start..start + n), w, start > 0);
-        } else if n == out {
-            matmul(&mut y, x, w.t(), false);
-        } else {
-            let part = &mut columns[..rows * n];
-            matmul(part, x, w.t(), false);
-            for (y_row, part_row) in y.chunks_exact_mut(out).zip(part.chunks_exact(n)) {
-                y_row[start..start + n].copy_from_slice(part_row);
+    let mut scratch = vec![0f32; panel * x.cols];
+    let mut columns = vec![0f32; if panel < width { rows * panel } else { 0 }];
+    for start in (0..width).step_by(panel) {
+        let n = panel.min(width - start);
+        let w = &mut scratch[..n * x.cols];
+        let w = match input_grad {
+            false => {
+                weight.dequantize(start..start + n, 0..d_in, w);
+                Matrix::dense(w, n, d_in).t()
             }
+            true => {
+                weight.dequantize(0..out, start..start + n, w);
+                Matrix::dense(w, out, n)
+            }
+        };
+        if n == width {
+            matmul(&mut y, x, w, false);
+            continue;
+        }
+        let part = &mut columns[..rows * n];
+        matmul(part, x, w, false);
+        for (y_row, part_row) in y.chunks_exact_mut(width).zip(part.chunks_exact(n)) {
+            y_row[start..start + n].copy_from_slice(part_row);
         }
     }
     y
@@ -163,23 +169,36 @@ impl Packed {
 
     /// Weight row `o` into `row`.
     fn dequantize_row(&self, o: usize, row: &mut [f32]) {
+        self.dequantize_part(o, 0..self.d_in, row);
+    }
+
+    /// Rows `rows` and columns `cols` (whole blocks) of the weight into `into`, row-major,
+    /// rows in parallel.
+    fn dequantize(&self, rows: Range<usize>, cols: Range<usize>, into: &mut [f32]) {
+        into.par_chunks_mut(cols.len())
+            .zip(rows)
+            .for_each(|(row, o)| self.dequantize_part(o, cols.clone(), row));
+    }
+
+    /// Columns `cols` (whole blocks) of weight row `o` into `row`.
+    fn dequantize_part(&self, o: usize, cols: Range<usize>, row: &mut [f32]) {
         match self.bits {
-            4 => self.unpack::<4>(o, row),
-            8 => self.unpack::<8>(o, row),
+            4 => self.unpack::<4>(o, cols, row),
+            8 => self.unpack::<8>(o, cols, row),
             bits => unreachable!("{bits}-bit values are not a block format"),
         }
     }
 
-    /// [`Self::dequantize_row`] with the width known to the compiler: a block at a time, a word
-    /// at a time, so that no value costs a division and the unpacking vectorises.
-    fn unpack<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
+    /// [`Self::dequantize_part`] with the width known to the compiler: a block at a time, a
+    /// word at a time, so that no value costs a division and the unpacking vectorises.
+    fn unpack<const BITS: usize>(&self, o: usize, cols: Range<usize>, row: &mut [f32]) {
         let per_word = 32 / BITS;
-        let n_words = self.d_in / per_word;
+        let n_words = cols.len() / per_word;
         let (mask, offset) = ((1u32 << BITS) - 1, 1i32 << (BITS - 1));
-        let start = self.words.layout().start_offset() + o * n_words;
+        let start = self.words.layout().start_offset() + (o * self.d_in + cols.start) / per_word;
         let row_words = &self.words.storage::<i32>()[start..][..n_words];
-        let blocks = self.d_in / BLOCK;
-        let row_scales = &self.scales[o * blocks..(o + 1) * blocks];
+        let first = (o * self.d_in + cols.start) / BLOCK;
+        let row_scales = &self.scales[first..first + cols.len() / BLOCK];
         let block_words = row_words.chunks_exact(BLOCK / per_word);
         for ((values, words), &d) in row.chunks_exact_mut(BLOCK).zip(block_words).zip(row_scales) {
             for (values, &word) in values.chunks_exact_mut(per_word).zip(words) {
@@ -222,8 +241,8 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    /// Panels of 3 weight rows (the last one short) give the products of the whole weight,
-    /// against f64 sums of the dequantized rows.
+    /// Panels of 3 weight rows (the last one short) and of one block of its columns give the
+    /// products of the whole weight, against f64 sums of the dequantized rows.
     #[test]
     fn panels_multiply_as_the_whole_weight() {
         let (out, d_in, rows, bits) = (40, 64, 5, 4);

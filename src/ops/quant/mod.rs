@@ -30,6 +30,16 @@ pub use packed::PackedWeight;
 /// transient of a quantized step.
 const PANEL: usize = 1 << 22;
 
+/// The width of the product of `x` with a packed `[out, in]` weight (`out` for `x · Wᵀ`, `in`
+/// for the input's gradient `x · W`) and how many of its columns one panel of about `values`
+/// dequantized weight values computes: rows of W, or whole blocks of W's columns.
+fn panels(out: usize, d_in: usize, input_grad: bool, values: usize) -> (usize, usize) {
+    match input_grad {
+        false => (out, (values / d_in).clamp(1, out)),
+        true => (d_in, (values / out / BLOCK * BLOCK).clamp(BLOCK, d_in)),
+    }
+}
+
 /// `x: [.., in]` times the transpose of a packed `[out, in]` weight → `[.., out]`, in x's type.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: &PackedWeight) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as QuantLinearBackend>::ual_qlinear(

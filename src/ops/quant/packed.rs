@@ -6,6 +6,8 @@
 //! by 128), so that a shift and a mask recover it on every backend and every shader compiler.
 //! A Q4_0 weight is thus 0.5 byte per value plus its scales, as in llama.cpp's file.
 
+use std::ops::Range;
+
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Scalar, TensorMetadata};
 use burn::module::Module;
@@ -107,8 +109,9 @@ pub(super) fn dequantize<B: Backend>(
 }
 
 /// `x: [.., in]` · Wᵀ → `[.., out]`, or with `input_grad` `x: [.., out]` · W → `[.., in]`, in
-/// x's type. The weight is dequantized a panel of [`super::PANEL`] values at a time, each panel
-/// multiplied into its columns of the result (or added into it) and dropped.
+/// x's type, a panel of the result's columns at a time: their part of the weight (rows of W,
+/// or whole blocks of its columns), about [`super::PANEL`] values, is dequantized, multiplied
+/// and dropped. Each column is one product's, so the panels change no sum.
 pub(super) fn linear<B: Backend>(
     x: FloatTensor<B>,
     words: IntTensor<B>,
@@ -122,36 +125,43 @@ pub(super) fn linear<B: Backend>(
     let x = B::float_reshape(x, Shape::new([rows, shape[dims - 1]]));
     let w_shape = words.shape();
     let (out, d_in) = (w_shape[0], w_shape[1] * 32 / bits);
-    let panel = (super::PANEL / d_in).clamp(1, out);
+    let (width, panel) = super::panels(out, d_in, input_grad, super::PANEL);
+    let per_word = 32 / bits;
     let dtype = x.dtype();
-    let products = (0..out).step_by(panel).map(|start| {
-        let n = panel.min(out - start);
-        let w_rows = [Slice::from(start..start + n)];
-        let (words, scales) = match n < out {
-            true => (
-                B::int_slice(words.clone(), &w_rows),
-                B::float_slice(scales.clone(), &w_rows),
-            ),
+    let products = (0..width).step_by(panel).map(|start| {
+        let n = panel.min(width - start);
+        let (words, scales) = match n < width {
             false => (words.clone(), scales.clone()),
+            true => {
+                let range = start..start + n;
+                let words_part = part(out, range.clone(), input_grad, per_word);
+                let scales_part = part(out, range, input_grad, BLOCK);
+                (
+                    B::int_slice(words.clone(), &words_part),
+                    B::float_slice(scales.clone(), &scales_part),
+                )
+            }
         };
         let w = dequantize::<B>(words, scales, bits, dtype);
         match input_grad {
             false => B::float_matmul(x.clone(), B::float_transpose(w)),
-            true if n < out => {
-                let g = B::float_slice(
-                    x.clone(),
-                    &[Slice::from(0..rows), Slice::from(start..start + n)],
-                );
-                B::float_matmul(g, w)
-            }
             true => B::float_matmul(x.clone(), w),
         }
     });
-    let y = match input_grad {
-        false => B::float_cat(products.collect(), 1),
-        true => products.reduce(B::float_add).expect("a weight with rows"),
-    };
+    let y = B::float_cat(products.collect(), 1);
     let mut out_shape = shape.clone();
-    out_shape[dims - 1] = if input_grad { d_in } else { out };
+    out_shape[dims - 1] = width;
     B::float_reshape(y, out_shape)
+}
+
+/// Weight rows `range` (`columns = false`), or its columns `range` (whole blocks), as slices of
+/// a `[out, ..]` tensor holding `per` weight values an entry.
+fn part(out: usize, range: Range<usize>, columns: bool, per: usize) -> [Slice; 2] {
+    match columns {
+        false => [Slice::from(range), Slice::full()],
+        true => [
+            Slice::from(0..out),
+            Slice::from(range.start / per..range.end / per),
+        ],
+    }
 }
