@@ -5,7 +5,9 @@
 //! the head and the loss on the last layer's output; then each layer, recomputed with a graph
 //! from its saved input and differentiated against the gradient that came down from the segment
 //! above. At most one layer's activations are alive at once, for the price of one more forward
-//! pass: the scheme of Hugging Face's `gradient_checkpointing_enable()`.
+//! pass: the scheme of Hugging Face's `gradient_checkpointing_enable()`. Within a layer, the
+//! feed-forward half (position-wise, and the widest) is differentiated a block of positions at
+//! a time, so a long sequence never holds its MLP's activations whole.
 //!
 //! Each segment is its own graph and its own backward; the parameters are the same leaves in
 //! all of them (burn allows a leaf in many graphs), so their gradients simply add up.
@@ -93,8 +95,9 @@ fn backward_layer(
 }
 
 /// The gradient of the feed-forward half's input `h`, given its output's `grad`, formed a
-/// block of positions at a time. The half acts on each position alone, so the blocks' gradients
-/// are exactly the whole one's; but only one block's activations (the MLP's are the widest of
+/// block of positions at a time. The half acts on each position alone, so the blocks' input
+/// gradients are exactly the whole one's and its parameters' gradients add up over the blocks;
+/// but only one block's activations (the MLP's are the widest of
 /// the layer, `intermediate_size` values a position in five tensors) are alive at once. A block
 /// holds about `values` intermediate values a tensor, so short sequences take one.
 fn feed_forward_grad(
