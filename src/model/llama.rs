@@ -219,6 +219,7 @@ impl DecoderLayer {
         self.attention_residual_with(x, |attention, h| attention.forward(h, context))
     }
 
+    /// `x + attend(norm(x))`, attending as `attend` does.
     fn attention_residual_with(
         &self,
         x: Tensor<3>,
