@@ -87,15 +87,6 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    /// Columns `range` (a view).
-    pub fn col_range(self, range: Range<usize>) -> Self {
-        Self {
-            offset: self.offset + range.start * self.cs as usize,
-            cols: range.len(),
-            ..self
-        }
-    }
-
     /// Whether the last element lies inside the buffer (strides are non-negative).
     fn in_bounds(&self) -> bool {
         if self.rows == 0 || self.cols == 0 {

@@ -134,8 +134,8 @@ pub(super) fn linear<B: Backend>(
             false => (words.clone(), scales.clone()),
             true => {
                 let range = start..start + n;
-                let words_part = part(out, range.clone(), input_grad, per_word);
-                let scales_part = part(out, range, input_grad, BLOCK);
+                let words_part = part(range.clone(), input_grad, per_word);
+                let scales_part = part(range, input_grad, BLOCK);
                 (
                     B::int_slice(words.clone(), &words_part),
                     B::float_slice(scales.clone(), &scales_part),
@@ -156,11 +156,11 @@ pub(super) fn linear<B: Backend>(
 
 /// Weight rows `range` (`columns = false`), or its columns `range` (whole blocks), as slices of
 /// a `[out, ..]` tensor holding `per` weight values an entry.
-fn part(out: usize, range: Range<usize>, columns: bool, per: usize) -> [Slice; 2] {
+fn part(range: Range<usize>, columns: bool, per: usize) -> [Slice; 2] {
     match columns {
         false => [Slice::from(range), Slice::full()],
         true => [
-            Slice::from(0..out),
+            Slice::full(),
             Slice::from(range.start / per..range.end / per),
         ],
     }
